@@ -1,0 +1,49 @@
+"""Fill the pretrained-weights cache on a machine with internet (e.g. a login node).
+
+Compute nodes without internet then find the files in the same cache (shared ``$TORCH_HOME`` /
+``$HF_HOME``), see ``trainer/weights.py``. Each file is verified (hash or load) after download.
+
+    python launch/prefetch_weights.py resnet50 timm:convnext_tiny
+    TORCH_HOME=/shared/cache/torch HF_HOME=/shared/cache/hf python launch/prefetch_weights.py vit_b_16
+
+Prints one ``<backbone>\t<path>`` line per backbone; exits non-zero naming the backbone on failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import fire
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from trainer.weights import fetch_weights  # noqa: E402
+
+
+def prefetch(*backbones: str) -> None:
+    """Download (if not cached) and verify the default pretrained weights of each backbone.
+
+    Args:
+        backbones: ``resnet50`` / ``torchvision:resnet50`` or ``timm:<model>[.<tag>]``.
+
+    Raises:
+        SystemExit(1): after trying all, if any failed (each failure printed to stderr).
+    """
+    if not backbones:
+        raise SystemExit("usage: python launch/prefetch_weights.py BACKBONE [BACKBONE ...]")
+    failed = 0
+    for backbone in backbones:
+        try:
+            path = fetch_weights(str(backbone), offline=False)
+        except Exception as e:  # report every backbone, then fail
+            print(f"{backbone}\tFAILED: {e}", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{backbone}\t{path}")
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    fire.Fire(prefetch)

@@ -1,0 +1,44 @@
+"""Entry point: ``accelerate launch trainer/main.py --config configs/x.yaml [--section.key=value ...]``.
+
+The same command without ``accelerate launch`` (``python trainer/main.py ...``) is a single-process
+run, for debugging. ``--dry_run`` prints the parameter-group table of the unfreeze timetable and
+exits without training. Every option is documented in ``trainer/config.py``; a YAML file holds only
+what differs from those defaults, and ``--section.key=value`` overrides win over the file.
+
+Examples::
+
+    python trainer/main.py --config configs/ants_bees_lite0.yaml
+    accelerate launch --multi_gpu --num_processes 2 trainer/main.py --config configs/ants_bees_lite0.yaml
+    python trainer/main.py --config configs/ants_bees_lite0_finetune.yaml --optim.lr=3e-4 --train.epochs=5
+    python trainer/main.py --config configs/ants_bees_lite0_gradual.yaml --dry_run
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from trainer.config import ConfigError, load_config
+
+
+def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
+    """Train (or, with ``dry_run``, print the parameter-group table) for ``config`` + overrides.
+
+    Exits with status 2 and one line naming the field or file on a configuration error.
+    """
+    try:
+        cfg = load_config(config, overrides)
+        if dry_run:
+            from trainer.inspect import print_group_table
+            print_group_table(cfg)
+            return
+        from trainer.run import run
+        run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
