@@ -23,7 +23,7 @@ import fire
 import torch
 
 from trainer.checkpoint import load_for_inference
-from trainer.transforms import build_transforms, decode_image, normalize
+from trainer.transforms import build_transforms, decode_image_bytes, normalize
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -86,7 +86,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
     batch_paths, batch_imgs = [], []
     for path in paths:
         try:
-            img = tf(decode_image(path.read_bytes()))
+            img = tf(decode_image_bytes(path.read_bytes()))
         except Exception as e:  # unreadable image: report, keep going
             print(f"warning: cannot read {path}: {e}", file=sys.stderr)
             rows.append([str(path), path.parent.name if path.parent.name in classes else "", "", ""]

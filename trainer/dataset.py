@@ -146,14 +146,11 @@ def prepare_dataset(cfg: DataConfig, accelerator) -> PreparedDataset:
     if not meta_path.is_file():
         raise ConfigError(f"data.meta: dataset metadata not found: {meta_path}")
     meta = read_meta(meta_path)
-    base = meta_path.parent
     try:
-        train = resolve_shards(cfg.train_shards) if explicit else \
-            [str(base / s) for s in meta.splits["train"].shards]
-        val = resolve_shards(cfg.val_shards) if cfg.val_shards else \
-            [str(base / s) for s in meta.splits["val"].shards]
+        train = resolve_shards(cfg.train_shards) if explicit else meta.shard_urls("train")
+        val = resolve_shards(cfg.val_shards) if cfg.val_shards else meta.shard_urls("val")
     except KeyError as e:
-        raise ConfigError(f"{meta_path}: no split {e} in the metadata") from None
+        raise ConfigError(f"data.meta: {e.args[0]}") from None
     return PreparedDataset(meta=meta, train_shards=train, val_shards=val,
                            num_train_samples=meta.splits["train"].num_samples,
                            num_val_samples=meta.splits["val"].num_samples)

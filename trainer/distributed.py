@@ -14,6 +14,7 @@ different gradients and no error).
 
 from __future__ import annotations
 
+import inspect
 import os
 from datetime import timedelta
 
@@ -77,8 +78,11 @@ def wrap_ddp(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Modul
     if not any(p.requires_grad for p in model.parameters()):
         raise DistributedSetupError("no trainable parameter: nothing for DDP to synchronise")
     device_ids = [accelerator.local_process_index] if accelerator.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=device_ids, broadcast_buffers=True, gradient_as_bucket_view=True)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # newer torch renamed broadcast_buffers to forward_sync_buffers (same meaning when True)
+    sync = ({"forward_sync_buffers": True} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+            else {"broadcast_buffers": True})
+    return ddp(model, device_ids=device_ids, gradient_as_bucket_view=True, **sync)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -15,11 +15,17 @@ Examples::
 
 from __future__ import annotations
 
+import os
 import sys
 
-import fire
+# `python trainer/main.py` puts trainer/ first on sys.path, where our module names could shadow the
+# standard library; the package is imported as `trainer.*` instead.
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
-from trainer.config import ConfigError, load_config
+import fire  # noqa: E402
+
+from trainer.config import ConfigError, load_config  # noqa: E402
 
 
 def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
@@ -30,7 +36,7 @@ def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
     try:
         cfg = load_config(config, overrides)
         if dry_run:
-            from trainer.inspect import print_group_table
+            from trainer.dryrun import print_group_table
             print_group_table(cfg)
             return
         from trainer.run import run

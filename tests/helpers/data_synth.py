@@ -1,0 +1,50 @@
+"""Tiny synthetic images and shards for the data-layer tests (CPU, milliseconds)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (12, 10)) -> bytes:
+    """A small RGB JPEG whose mean colour depends on ``seed``."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3, dtype=np.uint8)
+    arr = np.broadcast_to(base, (size[1], size[0], 3)).copy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_tar_shards(out: Path, sizes: list[int], prefix: str = "train", num_classes: int = 3) -> tuple[list[str], list[str]]:
+    """Shards ``prefix-00000i.tar`` with ``sizes[i]`` samples each; keys ``s{i}-{j:04d}``.
+
+    Returns:
+        (shard paths, all keys in order).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    paths, keys = [], []
+    n = 0
+    for i, size in enumerate(sizes):
+        path = out / f"{prefix}-{i:06d}.tar"
+        with wds.TarWriter(str(path), encoder=False) as w:
+            for j in range(size):
+                key = f"s{i}-{j:04d}"
+                w.write({"__key__": key, "jpg": jpeg_bytes(n), "cls": str(n % num_classes).encode()})
+                keys.append(key)
+                n += 1
+        paths.append(str(path))
+    return paths, keys
+
+
+def write_samples(path: Path, samples: list[dict]) -> str:
+    """One shard from raw sample dicts (bytes values, ``__key__``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path), encoder=False) as w:
+        for s in samples:
+            w.write(s)
+    return str(path)
