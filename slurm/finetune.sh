@@ -27,7 +27,8 @@
 # Env knobs: FINETUNE_CPU=1 (gloo on CPUs; automatic when nvidia-smi finds no GPU),
 # FINETUNE_PROCS_PER_NODE (default: GPUs on the node; 1 in CPU mode), FINETUNE_PORT,
 # FINETUNE_ENTRY (default trainer/main.py), FINETUNE_ACCELERATE_CONFIG (accelerate --config_file),
-# FINETUNE_SHUTDOWN_TIMEOUT (s a worker gets after the signal; default 100 < the 120 s lead).
+# FINETUNE_SHUTDOWN_TIMEOUT (s a worker gets after the signal; default 100 < the 120 s lead),
+# FINETUNE_RDZV_TIMEOUT (s a node waits for the others at start-up, multi-node; default 180).
 #
 #SBATCH --job-name=finetune
 #SBATCH --nodes=1
@@ -97,6 +98,7 @@ PORT=${FINETUNE_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export FINETUNE_NNODES=$NNODES FINETUNE_NUM_PROCESSES=$NUM_PROCESSES FINETUNE_MAIN_IP=$MAIN_IP
 export FINETUNE_PORT_USED=$PORT FINETUNE_ENTRY_USED=$ENTRY FINETUNE_CPU_MODE=$CPU
 export FINETUNE_ACCELERATE_CONFIG=${FINETUNE_ACCELERATE_CONFIG:-}
+export FINETUNE_RDZV_TIMEOUT=${FINETUNE_RDZV_TIMEOUT:-180}
 # torchrun/accelerate agents: forward USR1 too, and wait this long for workers to checkpoint
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${FINETUNE_SHUTDOWN_TIMEOUT:-100}
@@ -117,6 +119,8 @@ fi
 args=(--num_machines "$FINETUNE_NNODES" --machine_rank "$SLURM_NODEID"
       --num_processes "$FINETUNE_NUM_PROCESSES" --multi_gpu
       --main_process_ip "$FINETUNE_MAIN_IP" --main_process_port "$FINETUNE_PORT_USED")
+# a node that cannot reach the main node fails after this many s instead of the 600 s default
+[ "$FINETUNE_NNODES" -gt 1 ] && args+=(--rdzv_conf "timeout=$FINETUNE_RDZV_TIMEOUT")
 [ -n "$FINETUNE_ACCELERATE_CONFIG" ] && args+=(--config_file "$FINETUNE_ACCELERATE_CONFIG")
 exec accelerate launch "${args[@]}" "$FINETUNE_ENTRY_USED" "$@"
 '

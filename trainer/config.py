@@ -142,6 +142,29 @@ class OptimConfig:
     """Label smoothing of the cross-entropy loss (Szegedy et al. 2016)."""
     grad_clip: Optional[float] = None
     """Clip the global gradient norm to this value (None: no clipping)."""
+    class_weights: Literal["none", "inverse", "effective"] = "none"
+    """Per-class weights of the training loss, from the training split's class counts in ``dataset.json``
+    (against class imbalance; see ``trainer/losses.py``): ``none``; ``inverse``: ``w_c = N / (C n_c)``
+    (inverse frequency); ``effective``: ``w_c`` proportional to ``(1 - beta) / (1 - beta ** n_c)``, the
+    inverse effective number of samples (Cui et al. 2019), scaled to sum to C. Validation loss stays unweighted."""
+    class_weights_beta: float = 0.999
+    """``beta`` in [0, 1) of ``class_weights: effective`` (0: no re-weighting; towards 1: inverse frequency)."""
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Which validation metric selects ``best.pt``, and when training stops early (``trainer/early_stopping.py``)."""
+
+    monitor: str = "val/top1"
+    """Metric compared after every evaluation: a ``val/...`` key of metrics.jsonl (``val/top1``,
+    ``val/loss``, ``val/balanced_acc``, ``val/top5``). ``best.pt`` is written whenever it improves."""
+    mode: Literal["auto", "max", "min"] = "auto"
+    """``max``: higher is better; ``min``: lower is better; ``auto``: ``min`` for a name containing
+    ``loss``, else ``max``."""
+    patience: Optional[int] = None
+    """Stop after this many evaluations in a row without improvement (None: never stop early)."""
+    min_delta: float = 0.0
+    """An evaluation improves only if it beats the best so far by more than this (metric units)."""
 
 
 @dataclass
@@ -174,6 +197,9 @@ class TrainConfig:
     """Stop after this many optimizer steps in total (debugging, tests)."""
     dist_timeout_s: int = 600
     """Timeout of collective operations (seconds)."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Monitored metric (selects ``best.pt``) and early stopping, e.g.
+    ``{monitor: val/top1, mode: max, patience: 3, min_delta: 0.0}``."""
 
 
 @dataclass
@@ -378,6 +404,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("finetune.layer_decay and finetune.layer_lr_scale are mutually exclusive")
     if f.layer_decay is not None and not 0.0 < f.layer_decay <= 1.0:
         raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
+    es = t.early_stopping
+    if not es.monitor.startswith("val/"):
+        raise ConfigError(f"train.early_stopping.monitor must be a validation metric 'val/...', got {es.monitor!r}")
+    if es.patience is not None and es.patience < 1:
+        raise ConfigError(f"train.early_stopping.patience must be >= 1 or null, got {es.patience}")
+    if es.min_delta < 0:
+        raise ConfigError(f"train.early_stopping.min_delta must be >= 0, got {es.min_delta}")
+    if not 0.0 <= cfg.optim.class_weights_beta < 1.0:
+        raise ConfigError(f"optim.class_weights_beta must be in [0, 1), got {cfg.optim.class_weights_beta}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
 

@@ -385,6 +385,15 @@ class _StreamBase(IterableDataset):
             state.skipped = []
 
     @staticmethod
+    def _guard(batches: Iterator[dict]) -> Iterator[dict]:
+        """Turn a worker-side error into an ``{"error": ...}`` item that the main process raises
+        (an exception escaping a persistent DataLoader worker stalls its shutdown for 5 s)."""
+        try:
+            yield from batches
+        except (BadSampleError, RuntimeError) as exn:
+            yield {"error": exn}
+
+    @staticmethod
     def _collate(images, labels, keys, state: _WorkerState) -> dict:
         skipped, state.skipped = state.skipped, []
         return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64),
@@ -448,8 +457,8 @@ class _TrainStream(_StreamBase):
             n = state.samples_per_pass
             return None if n is None else n * (3 if self.resampled else 1) + margin
 
-        return self._batches(items, state, _ScopedTorchRNG(_seed_int(f"augment/{reader}")), limit,
-                             f"TrainLoader rank {self.rank} worker {worker}")
+        return self._guard(self._batches(items, state, _ScopedTorchRNG(_seed_int(f"augment/{reader}")), limit,
+                                         f"TrainLoader rank {self.rank} worker {worker}"))
 
 
 class _EvalStream(_StreamBase):
@@ -479,8 +488,9 @@ class _EvalStream(_StreamBase):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = self.rank * num_workers + worker
         state = _WorkerState()
-        return self._batches(self._raw(reader, state), state, _ScopedTorchRNG(_seed_int(f"eval/{reader}")),
-                             lambda: None, f"EvalLoader rank {self.rank} worker {worker}")
+        return self._guard(self._batches(self._raw(reader, state), state,
+                                         _ScopedTorchRNG(_seed_int(f"eval/{reader}")), lambda: None,
+                                         f"EvalLoader rank {self.rank} worker {worker}"))
 
 
 def _check_common(name: str, shards: list[str], rank: int, world_size: int, micro_batch_size: int,
@@ -570,9 +580,12 @@ class TrainLoader:
         it = iter(self._loader)
         for _ in range(num_batches):
             try:
-                yield next(it)
+                batch = next(it)
             except StopIteration:  # cannot happen: the stream is endless
                 raise RuntimeError("TrainLoader: the training stream ended early (bug)") from None
+            if "error" in batch:
+                raise batch["error"]
+            yield batch
 
     def close(self) -> None:
         """Stop the persistent workers (a later :meth:`epoch` starts new ones)."""
@@ -608,6 +621,8 @@ class EvalLoader:
         self.last_skipped = []
         held, pending = None, []
         for batch in self._loader:
+            if "error" in batch:
+                raise batch["error"]
             self.last_skipped += batch["skipped"]
             if batch["image"] is None:  # reports after a worker's last batch
                 if held is not None:

@@ -85,7 +85,9 @@ def run(cfg: Config) -> RunResult:
     num_classes = len(class_names)
     n_train = ds.num_train_samples
     steps_epoch = steps_per_epoch(n_train, cfg.train.global_batch_size)
-    total_steps = steps_epoch * cfg.train.epochs
+    # the lr schedule always spans the configured epochs; max_steps only stops the run early, so a
+    # run stopped by max_steps and resumed follows the same lrs as an uninterrupted one
+    schedule_steps = total_steps = steps_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
@@ -211,7 +213,7 @@ def run(cfg: Config) -> RunResult:
             loss_n = 0
             t0, s0 = time.perf_counter(), samples_seen
             while step < epoch_start_step + steps_epoch and step < total_steps:
-                lrs = set_lrs(optimizer, groups, step=step, total_steps=total_steps, phases=phases,
+                lrs = set_lrs(optimizer, groups, step=step, total_steps=schedule_steps, phases=phases,
                               steps_per_epoch=steps_epoch, optim_cfg=cfg.optim,
                               head_layer_id=num_layers - 1)
                 loss_acc += train_step(ddp_model, stream, optimizer=optimizer, criterion=criterion,
@@ -262,6 +264,8 @@ def run(cfg: Config) -> RunResult:
             if epoch_done:
                 epoch += 1
             rec = {"epoch": epoch, "samples_seen": samples_seen, "data/skipped": n_skipped, **last_eval}
+            if world_size > 1:
+                rec["ddp/replica_max_abs_diff"] = check_replicas(unwrap(model), accelerator)
             tracker.log(rec, step=step)
             if is_main:
                 log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f", epoch, step, res.loss, res.top1)
@@ -285,6 +289,26 @@ def run(cfg: Config) -> RunResult:
     accelerator.wait_for_everyone()
     return RunResult(output_dir=out_dir, best_top1=best_top1, last_eval=last_eval, step=step, epoch=epoch,
                      preempted=preempted)
+
+
+def check_replicas(model: torch.nn.Module, accelerator) -> float:
+    """Largest difference between ranks of any parameter's fingerprint (sum and sum of squares).
+
+    DDP keeps replicas identical by construction; this is the run-time proof (0.0 expected). A
+    non-zero value means ranks trained different models (e.g. a phase change DDP did not see), and
+    the run stops with an error rather than silently saving rank 0's copy.
+
+    Raises:
+        RuntimeError: the replicas differ by more than 1e-6.
+    """
+    with torch.no_grad():
+        fp = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()])
+                          for p in model.parameters()]).flatten()
+    allfp = accelerator.gather(fp.to(accelerator.device)).view(accelerator.num_processes, -1)
+    diff = (allfp - allfp[0]).abs().max().item()
+    if diff > 1e-6:
+        raise RuntimeError(f"DDP replicas differ across ranks (max fingerprint difference {diff:g})")
+    return diff
 
 
 def load_run_config(output_dir: str | Path) -> Config:

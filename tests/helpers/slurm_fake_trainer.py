@@ -80,11 +80,13 @@ def main() -> int:
                 _event(out, event="stop", rank=rank, step=step, received=handler.received_signal,
                        agreed=handler.agreed_signal)
                 return PREEMPTED_EXIT_CODE
+        if world > 1:
+            dist.barrier()
         _event(out, event="finish", rank=rank, step=args.steps)
         return 0
     finally:
         handler.restore()
-        if world > 1 and accelerator is None:
+        if dist.is_initialized():  # without this gloo may abort at exit ("terminate called ...")
             dist.destroy_process_group()
 
 
