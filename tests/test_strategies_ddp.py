@@ -192,8 +192,8 @@ def test_case10_resume_across_unfreeze_is_identical(tmp_path, tiny_shards):
     opt_state = mid["optimizer"]["state"]
     assert "backbone.conv1.weight" in opt_state and "head.weight" in opt_state
     assert opt_state["backbone.conv1.weight"]["exp_avg"].shape == mid["model"]["backbone.conv1.weight"].shape
-    assert set(mid["optimizer"]["groups"]) == {g for g in mid["optimizer"]["groups"]}  # keyed by group name
-    assert all(name.startswith("layer") for name in mid["optimizer"]["groups"])
+    # state keyed by parameter name, hyper-parameters by group name (stem, layer1-4, head x decay class)
+    assert set(mid["optimizer"]["groups"]) == {f"layer{i:02d}_{k}" for i in range(6) for k in ("decay", "no_decay")}
     _, log = _train(tmp_path, tiny_shards, "part", cfg)  # same output_dir: resumes from last.pt
     assert "resumed from" in log
 

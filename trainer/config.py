@@ -197,6 +197,13 @@ class TrainConfig:
     """Stop after this many optimizer steps in total (debugging, tests)."""
     dist_timeout_s: int = 600
     """Timeout of collective operations (seconds)."""
+    feature_cache: bool = False
+    """Feature extraction speed-up (needs ``data.augment: none``): while the backbone is frozen entirely,
+    the first epoch stores each rank's backbone features (train and val, in memory) and later epochs
+    train and evaluate the head on them (``trainer.feature_cache``)."""
+    preempt_check_every_steps: int = 1
+    """Agree on preemption (and on ``checkpoint_every_minutes``) every this many optimizer steps: each
+    check is an all-reduce that waits for the device; a signal then stops the run up to N-1 steps later."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Monitored metric (selects ``best.pt``) and early stopping, e.g.
     ``{monitor: val/top1, mode: max, patience: 3, min_delta: 0.0}``."""
@@ -413,6 +420,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.early_stopping.min_delta must be >= 0, got {es.min_delta}")
     if not 0.0 <= cfg.optim.class_weights_beta < 1.0:
         raise ConfigError(f"optim.class_weights_beta must be in [0, 1), got {cfg.optim.class_weights_beta}")
+    if t.feature_cache and cfg.data.augment != "none":
+        raise ConfigError(f"train.feature_cache needs data.augment=none (random augmentation changes the "
+                          f"features every epoch), got data.augment={cfg.data.augment!r}")
+    if t.preempt_check_every_steps < 1:
+        raise ConfigError(f"train.preempt_check_every_steps must be >= 1, got {t.preempt_check_every_steps}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
 

@@ -220,7 +220,8 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         if not found:
             raise FileNotFoundError(f"resolve_shards: no shard matches spec {s!r}")
         out += found
-    log.info("resolve_shards: %d shard(s) from %s", len(out), spec)
+    shown = specs[0] if len(specs) == 1 else f"{os.fspath(specs[0])} ... ({len(specs)} specs)"
+    log.info("resolve_shards: %d shard(s) from %s", len(out), shown)
     return out
 
 
@@ -391,7 +392,8 @@ class _StreamBase(IterableDataset):
         try:
             yield from batches
         except (BadSampleError, RuntimeError) as exn:
-            yield {"error": exn}
+            while True:  # never end after an error: a persistent worker whose stream ended early
+                yield {"error": exn}  # (iteration_end before the main process noticed) stalls shutdown
 
     @staticmethod
     def _collate(images, labels, keys, state: _WorkerState) -> dict:
@@ -583,8 +585,10 @@ class TrainLoader:
                 batch = next(it)
             except StopIteration:  # cannot happen: the stream is endless
                 raise RuntimeError("TrainLoader: the training stream ended early (bug)") from None
-            if "error" in batch:
-                raise batch["error"]
+            if "error" in batch:  # a worker-side error (strict mode, nothing decodable)
+                it = None  # noqa: F841  stop the workers now, by refcount: no exception->frame->iterator
+                self.close()  # cycle, whose garbage collection stalls the DataLoader shutdown for 5 s
+                raise batch.pop("error")
             yield batch
 
     def close(self) -> None:
@@ -621,8 +625,8 @@ class EvalLoader:
         self.last_skipped = []
         held, pending = None, []
         for batch in self._loader:
-            if "error" in batch:
-                raise batch["error"]
+            if "error" in batch:  # pop: the raised exception must not be reachable from this frame
+                raise batch.pop("error")
             self.last_skipped += batch["skipped"]
             if batch["image"] is None:  # reports after a worker's last batch
                 if held is not None:

@@ -31,6 +31,16 @@ def to_device(batch: dict, device: torch.device, *, channels_last: bool, non_blo
     return images, batch["label"].to(device, non_blocking=non_blocking)
 
 
+def _forward(model: torch.nn.Module, batch: dict, device: torch.device, *, mean, std, channels_last: bool):
+    """Logits ``(B, C)`` and labels ``(B,)`` of one batch: images (normalised on the device), or cached
+    backbone features ``batch["features"]: (B, F) float32`` (``trainer.feature_cache``, head only)."""
+    if "features" in batch:
+        feats = batch["features"].to(device, non_blocking=True)
+        return model(feats, features=True), batch["label"].to(device, non_blocking=True)
+    images, labels = to_device(batch, device, channels_last=channels_last)
+    return model(normalize(images, mean, std)), labels
+
+
 def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimizer, criterion, accelerator,
                grad_accum_steps: int, mean, std, channels_last: bool, grad_clip: float | None) -> torch.Tensor:
     """One optimizer step: forward/backward over ``grad_accum_steps`` micro-batches, then ``optimizer.step()``.
@@ -40,7 +50,9 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
 
     Args:
         model: the (possibly DDP-wrapped) classifier, in train mode.
-        micro_batches: iterator yielding at least ``grad_accum_steps`` batches (see :func:`to_device`).
+        micro_batches: iterator yielding at least ``grad_accum_steps`` batches (see :func:`to_device`),
+            or feature batches ``{"features": (B, F) float32, "label": (B,) int64}`` from
+            ``trainer.feature_cache`` (then only the head runs).
         optimizer: an Accelerate-prepared optimizer (handles the fp16 grad scaler).
         criterion: loss(logits (B, C), labels (B,)) -> scalar mean over the micro-batch.
         mean, std: per-channel normalization of the backbone (3 floats each).
@@ -53,12 +65,12 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
     total = torch.zeros((), device=device)
     it = iter(micro_batches)
     for i in range(grad_accum_steps):
-        images, labels = to_device(next(it), device, channels_last=channels_last)
+        batch = next(it)
         last = i == grad_accum_steps - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with accelerator.autocast():
-                logits = model(normalize(images, mean, std))
+                logits, labels = _forward(model, batch, device, mean=mean, std=std, channels_last=channels_last)
                 loss = criterion(logits.float(), labels) / grad_accum_steps
             accelerator.backward(loss)
         total += loss.detach()
@@ -89,9 +101,10 @@ def evaluate(model: torch.nn.Module, batches: Iterator[dict], *, num_classes: in
     model.eval()
     acc = EvalAccumulator(num_classes, accelerator.device)
     for batch in batches:
-        images, labels = to_device(batch, accelerator.device, channels_last=channels_last)
         with accelerator.autocast():
-            logits = model(normalize(images, mean, std)).float()
+            logits, labels = _forward(model, batch, accelerator.device, mean=mean, std=std,
+                                      channels_last=channels_last)
+            logits = logits.float()
         acc.update(logits, labels)
         if on_batch is not None:
             on_batch(batch, logits.cpu())

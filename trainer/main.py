@@ -31,7 +31,10 @@ from trainer.config import ConfigError, load_config  # noqa: E402
 def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
     """Train (or, with ``dry_run``, print the parameter-group table) for ``config`` + overrides.
 
-    Exits with status 2 and one line naming the field or file on a configuration error.
+    Exits with status 2 and one line naming the field or file on a configuration error; with status 3
+    and one line on a launch/rendezvous error (``DistributedSetupError``) or unavailable / corrupt
+    pretrained weights (``trainer.weights``). A run stopped by SIGUSR1/SIGTERM exits 0 after its
+    checkpoint (``trainer/signals.py``).
     """
     try:
         cfg = load_config(config, overrides)
@@ -40,10 +43,25 @@ def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
             print_group_table(cfg)
             return
         from trainer.run import run
-        run(cfg)
+        try:
+            run(cfg)  # also returns normally after a preemption checkpoint: exit 0, the job requeues
+        finally:
+            # destroy the process group: without it gloo aborts at exit (SIGABRT) and the launcher
+            # reports the run as failed
+            from trainer.distributed import shutdown
+            shutdown()
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        # setup errors whose message says everything (launch variables, rendezvous, offline weights):
+        # one line instead of a traceback per rank
+        from trainer.distributed import DistributedSetupError
+        from trainer.weights import CorruptWeightsError, WeightsUnavailableError
+        if isinstance(e, (DistributedSetupError, WeightsUnavailableError, CorruptWeightsError)):
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(3)
+        raise
 
 
 if __name__ == "__main__":

@@ -104,9 +104,27 @@ class ImageClassifier(nn.Module):
             feats = feats.reshape(feats.shape[0], -1)
         return feats
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """``images: (B, 3, H, W) float32`` -> ``logits: (B, C) float32`` (unnormalised scores)."""
-        return self.head(self.head_drop(self.forward_features(images)))
+    def forward(self, images: torch.Tensor, *, features: bool = False) -> torch.Tensor:
+        """``images: (B, 3, H, W) float32`` -> ``logits: (B, C) float32`` (unnormalised scores).
+
+        Feature extraction does not pay for the backbone's backward: when no backbone parameter
+        requires grad (``trainer.freezing.frozen_entirely``) and the input does not either, the
+        backbone runs under ``torch.no_grad()`` (no autograd graph, no saved activations); only the
+        head is recorded for backward.
+
+        Args:
+            images: ``(B, 3, H, W) float32`` normalised images, or with ``features=True`` the
+                backbone's ``(B, F) float32`` features (``trainer.feature_cache``): only the head runs.
+        """
+        if features:
+            feats = images
+        elif (torch.is_grad_enabled() and not images.requires_grad
+              and not any(p.requires_grad for p in self.backbone.parameters())):
+            with torch.no_grad():
+                feats = self.forward_features(images)
+        else:
+            feats = self.forward_features(images)
+        return self.head(self.head_drop(feats))
 
 
 @dataclasses.dataclass(frozen=True)

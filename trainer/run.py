@@ -10,8 +10,8 @@ Order of events (every rank runs the same code; only the main process writes fil
    no gradient), so optimizer state survives phase changes and resumes.
 4. Resume from ``last.pt`` if present. Then epochs: at a phase change ``freezing.apply_phase`` sets
    ``requires_grad`` and the model is re-wrapped in DDP; each optimizer step sets every group's lr from
-   the pure schedule; ranks agree on preemption each step; ``last.pt`` is written at epoch ends, at
-   the configured interval and on preemption; ``best.pt`` when the monitored metric improves.
+   the pure schedule; ranks agree on preemption every ``train.preempt_check_every_steps`` steps;
+   ``last.pt`` is written at epoch ends, at the configured interval and on preemption; ``best.pt`` when the monitored metric improves.
 """
 
 from __future__ import annotations
@@ -30,11 +30,15 @@ from trainer.config import Config, ConfigError, config_from_dict, grad_accum_ste
 from trainer.data import EvalLoader, TrainLoader, steps_per_epoch
 from trainer.dataset import prepare_dataset
 from trainer.distributed import make_accelerator, unwrap, wrap_ddp
+from trainer.early_stopping import EarlyStopping
+from trainer.feature_cache import FeatureCache
 from trainer.freezing import apply_phase
 from trainer.loop import evaluate, train_step
+from trainer.losses import build_criterion
 from trainer.model import build_model, layer_ids
 from trainer.optim import build_optimizer, set_lrs
 from trainer.schedule import build_phases, phase_index_at
+from trainer.reports import Reporter
 from trainer.signals import PreemptionHandler
 from trainer.tracking import Tracker
 from trainer.transforms import build_transforms
@@ -52,6 +56,7 @@ class RunResult:
     step: int
     epoch: int
     preempted: bool
+    early_stopped: bool = False
 
 
 def build_phases_for(cfg: Config, num_layers: int):
@@ -92,17 +97,28 @@ def run(cfg: Config) -> RunResult:
         total_steps = min(total_steps, cfg.train.max_steps)
 
     # ---- model ------------------------------------------------------------------------------
+    if cfg.model.weights in ("default", "imagenet"):
+        # library weights: local rank 0 of each node fetches + verifies the cached file (fast failure
+        # offline, naming the file); the others wait, then find it in the cache (trainer/weights.py)
+        from trainer.weights import ensure_weights
+        ensure_weights(cfg.model.backbone, local_rank=accelerator.local_process_index,
+                       barrier=accelerator.wait_for_everyone)
     with accelerator.local_main_process_first():
         model, pre = build_model(cfg.model.backbone, num_classes, cfg.model.weights,
                                  drop_rate=cfg.model.drop_rate)
     model.to(accelerator.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:  # in place: parameter names / state_dict keys stay as they are
+        model.compile()
+    fcache = FeatureCache(seed=cfg.train.seed, rank=accelerator.process_index,
+                          micro_batch_size=cfg.train.micro_batch_size) if cfg.train.feature_cache else None
     layer_of, num_layers = layer_ids(model, cfg.model.backbone)
     phases = build_phases_for(cfg, num_layers)
     optimizer, groups, names = build_optimizer(model, layer_of, num_layers, cfg.optim, cfg.finetune)
     optimizer = accelerator.prepare_optimizer(optimizer)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    criterion = build_criterion(cfg.optim, ds.meta.splits["train"].class_counts, class_names=class_names,
+                                device=accelerator.device)
 
     train_tf = build_transforms(pre.input_size, train=True, crop_pct=pre.crop_pct,
                                 interpolation=pre.interpolation, augment=cfg.data.augment)
@@ -122,6 +138,7 @@ def run(cfg: Config) -> RunResult:
     # ---- state / resume --------------------------------------------------------------------
     step, epoch, samples_seen = 0, 0, 0
     best_top1, wandb_id, history_best = -1.0, None, {}
+    stopper = EarlyStopping.from_config(cfg.train.early_stopping)  # monitored metric: best.pt, early stop
     last_path = ckpt_lib.latest_checkpoint(out_dir) if cfg.train.resume else None
     if last_path is not None:
         state = ckpt_lib.load(last_path)
@@ -140,9 +157,20 @@ def run(cfg: Config) -> RunResult:
             accelerator.scaler.load_state_dict(state["scaler"])
         step, epoch, samples_seen = state["step"], state["epoch"], state["samples_seen"]
         best_top1, wandb_id = state["best_top1"], state.get("wandb_run_id")
+        if state.get("early_stopping"):
+            stopper.load_state_dict(state["early_stopping"])
+        saved_gbs = (state.get("config") or {}).get("train", {}).get("global_batch_size")
+        if saved_gbs is not None and saved_gbs != cfg.train.global_batch_size:
+            raise ConfigError(
+                f"checkpoint {last_path} was trained with train.global_batch_size={saved_gbs}, this run has "
+                f"{cfg.train.global_batch_size}: steps, epochs and the lr schedule would not line up "
+                "(keep train.global_batch_size; a different world size is fine)")
         rng = state.get("rng") or []
         if len(rng) == world_size:
             ckpt_lib.set_rng_state(rng[accelerator.process_index])
+        else:  # another world size: per-rank RNG streams do not map; seeds stay as set above
+            log.warning("resuming on %d processes from a checkpoint of %d: per-rank RNG states not restored, "
+                        "data order and augmentation differ from an uninterrupted run", world_size, len(rng))
         log.info("resumed from %s at epoch %d step %d (samples_seen %d)", last_path, epoch, step, samples_seen)
 
     tracker = Tracker.disabled()
@@ -151,7 +179,7 @@ def run(cfg: Config) -> RunResult:
         save_config(cfg, out_dir / "config.yaml")
         tracker = Tracker(out_dir, cfg.to_dict(), mode=cfg.logging.wandb, project=cfg.logging.project,
                           entity=cfg.logging.entity, run_name=cfg.logging.run_name or cfg.name,
-                          run_id=wandb_id)
+                          run_id=wandb_id, resume_step=step if last_path is not None else None)
         log.info("world_size=%d micro_batch_size=%d grad_accum_steps=%d global_batch_size=%d "
                  "steps/epoch=%d total_steps=%d classes=%d", world_size, cfg.train.micro_batch_size,
                  accum, cfg.train.global_batch_size, steps_epoch, total_steps, num_classes)
@@ -172,6 +200,7 @@ def run(cfg: Config) -> RunResult:
                 "phase_index": phase_index_at(phases, min(epoch, cfg.train.epochs - 1)),
                 "class_names": class_names, "backbone": cfg.model.backbone,
                 "preprocessing": pre.to_dict(), "config": cfg.to_dict(), "best_top1": best_top1,
+                "early_stopping": stopper.state_dict(),
                 "wandb_run_id": tracker.run_id, "world_size": world_size, "reason": reason,
             }
             ckpt_lib.atomic_save(state, ckpt_lib.checkpoint_dir(out_dir) / "last.pt")
@@ -188,7 +217,11 @@ def run(cfg: Config) -> RunResult:
         from tqdm.auto import tqdm
         progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
     try:
-        while epoch < cfg.train.epochs and step < total_steps:
+        reporter = Reporter(out_dir, class_names, accelerator, tracker)
+        if stopper.should_stop:
+            log.info("early stopping: stopped before (%s did not improve for %d evaluations); nothing to do",
+                     stopper.monitor, stopper.wait)
+        while epoch < cfg.train.epochs and step < total_steps and not stopper.should_stop:
             pidx = phase_index_at(phases, epoch)
             if pidx != current_phase:
                 summary = apply_phase(unwrap(model), layer_of, num_layers, phases[pidx],
@@ -200,6 +233,9 @@ def run(cfg: Config) -> RunResult:
             epoch_start_step = epoch * steps_epoch
             done_in_epoch = step - epoch_start_step
             batches = train_loader.epoch(epoch, steps_epoch * accum)
+            if fcache is not None:  # frozen backbone: record features in the first epoch, then reuse them
+                batches = fcache.train_batches(unwrap(model), batches, epoch=epoch, num_batches=steps_epoch * accum,
+                                               start_batch=done_in_epoch * accum)
             for _ in range(done_in_epoch * accum):  # resume mid-epoch: replay the same stream
                 next(batches)
             skipped: list[str] = []
@@ -236,15 +272,16 @@ def run(cfg: Config) -> RunResult:
                         progress.set_postfix(loss=f"{loss:.3f}", ips=f"{ips:.1f}")
                     loss_acc.zero_()
                     loss_n = 0
-                if handler.should_stop(accelerator):
+                check_now = step % cfg.train.preempt_check_every_steps == 0  # same steps on every rank
+                if check_now and handler.should_stop(accelerator):
                     preempted = True
                     break
                 interval_steps = cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0
                 interval_time = cfg.train.checkpoint_every_minutes and \
                     time.monotonic() - last_ckpt_time > 60 * cfg.train.checkpoint_every_minutes
-                if interval_time and world_size > 1:  # all ranks must agree to enter the collective save
+                if cfg.train.checkpoint_every_minutes and world_size > 1:  # a collective: all ranks or none
                     flag = torch.tensor(1.0 if interval_time else 0.0, device=accelerator.device)
-                    interval_time = accelerator.reduce(flag, reduction="sum").item() > 0
+                    interval_time = check_now and accelerator.reduce(flag, reduction="sum").item() > 0
                 if interval_steps or interval_time:
                     save_last("interval")
                     last_ckpt_time = time.monotonic()
@@ -256,8 +293,10 @@ def run(cfg: Config) -> RunResult:
                 save_last(f"preempted (signal {handler.agreed_signal})")
                 break
             # ---- end of epoch: evaluate, checkpoint -----------------------------------------
-            res = evaluate(unwrap(model), iter(eval_loader), num_classes=num_classes, accelerator=accelerator,
-                           mean=mean, std=std, channels_last=cfg.model.channels_last)
+            collector = reporter.collector()
+            val_batches = iter(eval_loader) if fcache is None else fcache.eval_batches(unwrap(model), eval_loader)
+            res = evaluate(unwrap(model), val_batches, num_classes=num_classes, accelerator=accelerator,
+                           mean=mean, std=std, channels_last=cfg.model.channels_last, on_batch=collector)
             last_eval = res.as_log(class_names)
             last_eval["val/confusion"] = res.confusion
             epoch_done = step >= epoch_start_step + steps_epoch
@@ -269,7 +308,8 @@ def run(cfg: Config) -> RunResult:
             tracker.log(rec, step=step)
             if is_main:
                 log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f", epoch, step, res.loss, res.top1)
-            if res.top1 > best_top1:
+            improved = stopper.update(last_eval, step=step, epoch=epoch)
+            if improved:  # best.pt follows train.early_stopping.monitor; best_top1 is top-1 of that model
                 best_top1 = res.top1
                 if is_main:
                     payload = ckpt_lib.inference_payload(
@@ -278,9 +318,15 @@ def run(cfg: Config) -> RunResult:
                         metrics={"epoch": epoch, "step": step, **{k: v for k, v in last_eval.items()
                                                                   if k != "val/confusion"}})
                     ckpt_lib.atomic_save(payload, ckpt_lib.checkpoint_dir(out_dir) / "best.pt")
-                tracker.summary({"best/val_top1": best_top1, "best/epoch": epoch})
+                tracker.summary({"best/val_top1": best_top1, "best/epoch": epoch, **stopper.summary()})
+            reporter.after_eval(res, collector, improved=improved, step=step, epoch=epoch)
             save_last("epoch")
+            if stopper.should_stop:
+                log.info("early stopping at epoch %d step %d: %s did not improve by more than %g for %d "
+                         "evaluations (best %.4f at epoch %s)", epoch, step, stopper.monitor, stopper.min_delta,
+                         stopper.wait, stopper.best, stopper.best_epoch)
             last_ckpt_time = time.monotonic()
+        reporter.finish(step)
     finally:
         handler.restore()
         if progress is not None:
@@ -288,7 +334,7 @@ def run(cfg: Config) -> RunResult:
         tracker.close()
     accelerator.wait_for_everyone()
     return RunResult(output_dir=out_dir, best_top1=best_top1, last_eval=last_eval, step=step, epoch=epoch,
-                     preempted=preempted)
+                     preempted=preempted, early_stopped=stopper.should_stop)
 
 
 def check_replicas(model: torch.nn.Module, accelerator) -> float:

@@ -7,18 +7,34 @@ Callers reduce metrics across ranks *before* logging.
 W&B mode (``logging.wandb``): ``auto`` is ``online`` when a login exists (``WANDB_API_KEY`` or an
 entry for api.wandb.ai in ``~/.netrc``) and ``offline`` otherwise - offline runs are kept under
 ``<output_dir>/wandb`` and can be uploaded later with ``wandb sync``. The run id is stored in every
-checkpoint and passed back on resume (``resume="allow"``), so a preempted job continues the same run.
+checkpoint and passed back on resume, so a preempted job continues the same run.
+
+Resume rewinds the history to the checkpoint's step ``S`` (``Tracker(..., resume_step=S)``): a job
+killed at step 12 after a checkpoint at step 10 logged steps 11-12 that the resumed job trains again.
+
+* ``metrics.jsonl``: records with ``step > S`` are moved to ``metrics.rewound.jsonl`` (kept, not
+  lost), so ``metrics.jsonl`` holds each step once.
+* W&B: the run is continued with ``resume_from="<id>?_step=S"`` (W&B's run rewind: the history after
+  ``S`` is dropped and logging continues from ``S``), because with ``resume="allow"`` W&B would ignore
+  every record whose step is below the run's last step (steps 11-12 of the new job silently lost).
+  Rewind is a W&B beta feature: in offline mode the rewind point is stored in the offline run and
+  applied by ``wandb sync``; an online server that refuses it makes the tracker fall back to
+  ``resume="allow"`` with a warning naming the steps W&B will drop. Offline runs of one job are
+  ``<output_dir>/wandb/offline-run-*-<id>`` (one per start, same id); sync them in order.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import netrc
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("trainer")
 
 
 def wandb_mode(requested: str) -> str:
@@ -44,6 +60,38 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def rewind_metrics(path: str | Path, step: int) -> int:
+    """Move records with ``step`` > ``step`` from ``path`` (metrics.jsonl) to ``metrics.rewound.jsonl``.
+
+    Rewrites ``path`` atomically (temp file + rename). Unparseable lines (a record cut by a kill)
+    are moved too.
+
+    Returns:
+        The number of records moved.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            ok = json.loads(line).get("step", 0) <= step
+        except (json.JSONDecodeError, AttributeError):
+            ok = False
+        (keep if ok else moved).append(line)
+    if moved:
+        with open(path.with_name("metrics.rewound.jsonl"), "a") as f:
+            f.write("".join(m + "\n" for m in moved))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        os.replace(tmp, path)
+        log.info("resume at step %d: moved %d records logged after it from %s to metrics.rewound.jsonl",
+                 step, len(moved), path.name)
+    return len(moved)
+
+
 class Tracker:
     """Writes metric records to ``metrics.jsonl`` and W&B (main process only).
 
@@ -53,13 +101,17 @@ class Tracker:
         mode: ``online`` / ``offline`` / ``disabled`` / ``auto``.
         project, entity, run_name: W&B run identity.
         run_id: W&B run id to continue (from a checkpoint), or None for a new run.
+        resume_step: the checkpoint's optimizer step when resuming (None: fresh run); history after
+            it is rewound (module docstring).
     """
 
     def __init__(self, run_dir: str | Path, config: dict, *, mode: str = "auto", project: str = "finetune",
-                 entity: str | None = None, run_name: str | None = None, run_id: str | None = None):
+                 entity: str | None = None, run_name: str | None = None, run_id: str | None = None,
+                 resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.rewound = rewind_metrics(self.metrics_path, resume_step) if resume_step is not None else 0
         self._file = open(self.metrics_path, "a", buffering=1)
         self.mode = wandb_mode(mode)
         self._wandb_run = None
@@ -69,11 +121,18 @@ class Tracker:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self._wandb = wandb
-            self._wandb_run = wandb.init(
-                project=project, entity=entity, name=run_name, id=run_id, resume="allow",
-                config=config, dir=str(self.run_dir), mode=self.mode,
-                settings=wandb.Settings(console="off", x_disable_stats=True),
-            )
+            common = dict(project=project, entity=entity, name=run_name, config=config, dir=str(self.run_dir),
+                          mode=self.mode, settings=wandb.Settings(console="off", x_disable_stats=True))
+            if run_id and resume_step is not None:
+                try:
+                    self._wandb_run = wandb.init(resume_from=f"{run_id}?_step={resume_step}", **common)
+                except Exception as e:  # rewind not supported by this server: continue, say what is lost
+                    log.warning("W&B refused to rewind run %s to step %d (%s: %s); continuing it with "
+                                "resume='allow': W&B ignores records of steps up to the run's last step "
+                                "(metrics.jsonl has them all)", run_id, resume_step, type(e).__name__, e)
+                    self._wandb_run = wandb.init(id=run_id, resume="allow", **common)
+            else:
+                self._wandb_run = wandb.init(id=run_id, resume="allow", **common)
             self.run_id = self._wandb_run.id
 
     @classmethod

@@ -23,6 +23,10 @@ Decoding (fast path first, PIL for the rest):
 * EXIF orientation is applied in both paths (``apply_exif_orientation`` / ``ImageOps.exif_transpose``)
   so a phone photo looks the same to the model as in an image viewer.
 
+torchvision 0.29 marks ``torchvision.io`` decoding as deprecated in favour of TorchCodec (each call
+emits a DeprecationWarning, hidden by default outside ``__main__``); it is still the fastest
+installed CPU decoder here. Swapping in TorchCodec later only touches :func:`decode_image_bytes`.
+
 Transparent pixels are composited over white, ``(255, 255, 255)``: the background most transparent
 product/logo images are designed for, and what a browser shows. It is fixed (not random) so the
 eval transform stays deterministic.
@@ -201,12 +205,14 @@ def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"normalize: images must be (B, 3, H, W) uint8, got {tuple(images.shape)} "
                          f"{images.dtype}")
-    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).reshape(-1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).reshape(-1)
+    # checked on the CPU, then copied: floats cause no host-device synchronisation per training step
+    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1).cpu()
+    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1).cpu()
     if m.numel() != 3 or s.numel() != 3:
         raise ValueError(f"normalize: mean and std need 3 values, got {m.numel()} and {s.numel()}")
     if bool((m > 1.0).any()) or bool((s > 1.0).any()) or bool((s <= 0).any()):
         raise ValueError(f"normalize: mean/std must be in 0-1 units with std > 0 (e.g. 0.485, 0.229), "
                          f"got mean={m.tolist()} std={s.tolist()}")
+    m, s = m.to(images.device, non_blocking=True), s.to(images.device, non_blocking=True)
     x = images.to(torch.float32).div_(255.0)
     return x.sub_(m.view(1, 3, 1, 1)).div_(s.view(1, 3, 1, 1))

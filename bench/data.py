@@ -1,0 +1,93 @@
+"""Loader throughput (decode + augment + collate, no model): WebDataset shards vs ImageFolder + PIL.
+
+    python bench/data.py [--root /work/shared/data/hymenoptera_data] [--images 1000] [--workers 1,2]
+
+Both pipelines do RandomResizedCrop(224) + RandomHorizontalFlip and yield uint8 (B, 3, 224, 224)
+batches of 32 through a torch DataLoader with the same worker count:
+
+* shards: ``trainer.data.TrainLoader`` over shards written by ``trainer.shards.write_shards``
+  (torchvision/libjpeg-turbo decode to a uint8 tensor, v2 transforms on the tensor);
+* ImageFolder: ``torchvision.datasets.ImageFolder`` (PIL open + convert('RGB')), v2 transforms on the
+  PIL image, ``PILToTensor`` at the end (no float conversion: same output as the shard loader).
+
+Prints images/s per pipeline and worker count (best of ``rounds`` alternating rounds, because
+shared machines are noisy), and the ratio. The first batches (worker start-up) are not timed.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import fire
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets
+from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.data import TrainLoader, read_meta  # noqa: E402
+from trainer.shards import write_shards  # noqa: E402
+from trainer.transforms import build_transforms  # noqa: E402
+
+BATCH = 32
+WARMUP_BATCHES = 2
+
+
+def _rate(batches, num_batches: int) -> float:
+    it = iter(batches)
+    for _ in range(WARMUP_BATCHES):
+        next(it)
+    start, n = time.perf_counter(), 0
+    for _ in range(num_batches):
+        batch = next(it)
+        n += (batch["image"] if isinstance(batch, dict) else batch[0]).shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def bench(root: str = "/work/shared/data/hymenoptera_data", images: int = 1000, workers: str | tuple = "1,2",
+          shard_dir: str | None = None, rounds: int = 3) -> dict:
+    """Print and return {pipeline/workers: images per second}."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision.io deprecation notice
+    worker_counts = [int(w) for w in (workers.split(",") if isinstance(workers, str) else workers)]
+    tmp = None
+    if shard_dir is None:
+        tmp = tempfile.TemporaryDirectory()
+        shard_dir = tmp.name
+        write_shards(root, shard_dir, splits="train", max_samples_per_shard=64)
+    shards = read_meta(shard_dir).shard_urls("train")
+    num_batches = max(1, images // BATCH)
+    pil_tf = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    folder = datasets.ImageFolder(str(Path(root) / "train"), transform=pil_tf)
+    results = {}
+    print(f"torch threads {torch.get_num_threads()}, batch {BATCH}, {num_batches} timed batches, "
+          f"{len(shards)} shards")
+    for w in worker_counts:
+        best = {"shards": 0.0, "imagefolder": 0.0}
+        for _ in range(rounds):  # alternate the two pipelines, keep the best round (noisy shared CPUs)
+            loader = TrainLoader(shards, rank=0, world_size=1, micro_batch_size=BATCH, num_workers=w,
+                                 transform=build_transforms(224, train=True), shuffle_buffer=100)
+            best["shards"] = max(best["shards"], _rate(loader.epoch(0, num_batches + WARMUP_BATCHES), num_batches))
+            loader.close()
+            dl = DataLoader(folder, batch_size=BATCH, shuffle=True, num_workers=w, persistent_workers=w > 0)
+            best["imagefolder"] = max(best["imagefolder"], _rate(_endless(dl), num_batches))
+            del dl
+        results[f"shards/{w}"], results[f"imagefolder/{w}"] = best["shards"], best["imagefolder"]
+        print(f"workers={w}: shards {best['shards']:.0f} img/s, ImageFolder+PIL {best['imagefolder']:.0f} img/s, "
+              f"ratio {best['shards'] / best['imagefolder']:.2f}x (best of {rounds})")
+    if tmp is not None:
+        tmp.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    fire.Fire(bench)
