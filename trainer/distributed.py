@@ -103,7 +103,7 @@ def check_launch_env(env: dict | None = None) -> None:
                                         f"({_LAUNCH_FLAGS['LOCAL_WORLD_SIZE']})")
         if not 0 <= local_rank < local_world:
             raise DistributedSetupError(f"LOCAL_RANK={local_rank} is outside 0..{local_world - 1} "
-                                        f"(LOCAL_WORLD_SIZE={local_world})")
+                                        f"(LOCAL_WORLD_SIZE={local_world}; {_LAUNCH_FLAGS['LOCAL_RANK']})")
     group_rank, group_world = _env_int(env, "GROUP_RANK"), _env_int(env, "GROUP_WORLD_SIZE")
     if group_rank is not None and group_world is not None:
         if not 0 <= group_rank < group_world:

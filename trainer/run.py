@@ -204,6 +204,7 @@ def run(cfg: Config) -> RunResult:
                 "wandb_run_id": tracker.run_id, "world_size": world_size, "reason": reason,
             }
             ckpt_lib.atomic_save(state, ckpt_lib.checkpoint_dir(out_dir) / "last.pt")
+            log.info("saved last.pt at step %d (%s)", step, reason)
         accelerator.wait_for_everyone()
 
     # ---- epochs -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def accelerate_cmd(script: str, *args: str, nproc: int, port: int, num_machines:
     return cmd + [script, *args]
 
 
-def test_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child run: one thread per process, no W&B network, repo importable."""
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
     env.pop("WANDB_API_KEY", None)
