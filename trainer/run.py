@@ -95,6 +95,9 @@ def run(cfg: Config) -> RunResult:
     schedule_steps = total_steps = steps_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
+    if cfg.optim.warmup_steps > schedule_steps:
+        raise ConfigError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) is longer than the whole run "
+                          f"({schedule_steps} steps = train.epochs x {steps_epoch} steps per epoch)")
 
     # ---- model ------------------------------------------------------------------------------
     if cfg.model.weights in ("default", "imagenet"):
