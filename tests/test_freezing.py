@@ -149,3 +149,27 @@ def test_errors(resnet):
         apply_phase(model, layer_of, n, Phase(0, "head"), frozen_bn="train")
     with pytest.raises(ValueError, match="head.bias"):
         apply_phase(model, {k: v for k, v in layer_of.items() if k != "head.bias"}, n, Phase(0, "head"))
+
+
+def test_bn_stats_frozen_keeps_running_stats_in_trainable_layers():
+    """finetune.bn_stats=frozen: every BN stays in eval mode, but the BN scale/shift of trainable layers learn."""
+    import torch
+    from trainer.model import build_model, layer_ids
+    from trainer.schedule import Phase
+
+    torch.manual_seed(0)
+    model, _ = build_model("resnet18", 3, "none")
+    layer_of, n = layer_ids(model, "resnet18")
+    apply_phase(model, layer_of, n, Phase(start_epoch=0, train="all"), bn_stats="frozen")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    gamma = model.backbone.layer4[1].bn2.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        loss = model(torch.randn(4, 3, 64, 64)).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not torch.equal(gamma, model.backbone.layer4[1].bn2.weight)

@@ -114,6 +114,10 @@ class FinetuneConfig:
     frozen_bn: Literal["eval", "affine"] = "eval"
     """BatchNorm in frozen layers: ``eval`` (fixed statistics and affine) or ``affine`` (statistics
     fixed, scale/shift train)."""
+    bn_stats: Literal["update", "frozen"] = "update"
+    """BatchNorm of *trainable* layers: ``update`` (batch statistics, running stats updated) or
+    ``frozen`` (pretrained running statistics kept, only scale/shift train; better with small
+    per-rank batches)."""
     unfreeze_warmup_steps: int = 0
     """Linear lr warmup of newly unfrozen layers after each unfreeze (optimizer steps)."""
     unfrozen_lr_scale: float = 1.0

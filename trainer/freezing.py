@@ -23,9 +23,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from trainer.schedule import Phase
 
-__all__ = ["trainable_layer_ids", "apply_phase", "frozen_entirely", "FROZEN_BN_POLICIES"]
+__all__ = ["trainable_layer_ids", "apply_phase", "frozen_entirely", "FROZEN_BN_POLICIES", "BN_STATS_POLICIES"]
 
 FROZEN_BN_POLICIES = ("eval", "affine")
+BN_STATS_POLICIES = ("update", "frozen")
 _MARK = "_trainer_bn_frozen"  # module attribute: True while the BN belongs to a frozen layer
 _HOOK = "_trainer_bn_hook"  # module attribute: handle of the forward-pre-hook (registered once)
 
@@ -81,7 +82,7 @@ def _module_layer(name: str, module: nn.Module, layer_of: dict[str, int]) -> int
 
 
 def apply_phase(model: nn.Module, layer_of: dict[str, int], num_layers: int, phase: Phase,
-                frozen_bn: str = "eval") -> dict[str, Any]:
+                frozen_bn: str = "eval", bn_stats: str = "update") -> dict[str, Any]:
     """Freeze / unfreeze ``model`` for ``phase``; call at every phase change (and after resume).
 
     Sets ``requires_grad`` on every parameter (trainable iff its layer id is in
@@ -98,6 +99,12 @@ def apply_phase(model: nn.Module, layer_of: dict[str, int], num_layers: int, pha
         frozen_bn: ``"eval"`` (default): BN of frozen layers fully frozen (weights and running
             stats). ``"affine"``: their weight/bias still train but running stats stay fixed (the
             modules stay in eval mode).
+        bn_stats: BatchNorm of *trainable* layers: ``"update"`` (default, the usual train-mode BN:
+            batch statistics, running stats updated) or ``"frozen"`` (eval mode everywhere: the
+            pretrained running statistics are kept, only scale/shift train). ``frozen`` is the
+            usual choice when fine-tuning with small per-rank batches, whose statistics are too noisy
+            to replace the pretrained ones (as detectron2's FrozenBatchNorm; Wu & Johnson 2021,
+            "Rethinking Batch in BatchNorm").
 
     Returns:
         Summary: ``trainable_layer_ids`` (sorted list), ``trainable_params`` / ``frozen_params``
@@ -105,11 +112,13 @@ def apply_phase(model: nn.Module, layer_of: dict[str, int], num_layers: int, pha
         ``frozen_bn`` (policy), ``backbone_frozen`` (:func:`frozen_entirely`).
 
     Raises:
-        ValueError: unknown ``frozen_bn`` (``finetune.frozen_bn``), or ``layer_of`` not matching the
-            model's parameters (names them).
+        ValueError: unknown ``frozen_bn`` (``finetune.frozen_bn``) or ``bn_stats``
+            (``finetune.bn_stats``), or ``layer_of`` not matching the model's parameters (names them).
     """
     if frozen_bn not in FROZEN_BN_POLICIES:
         raise ValueError(f"finetune.frozen_bn must be one of {FROZEN_BN_POLICIES}, got {frozen_bn!r}")
+    if bn_stats not in BN_STATS_POLICIES:
+        raise ValueError(f"finetune.bn_stats must be one of {BN_STATS_POLICIES}, got {bn_stats!r}")
     trainable = trainable_layer_ids(phase, num_layers)
     named = dict(model.named_parameters())
     missing = sorted(set(named) - set(layer_of))
@@ -135,14 +144,14 @@ def apply_phase(model: nn.Module, layer_of: dict[str, int], num_layers: int, pha
     for name, m in bn_modules:
         if getattr(m, _HOOK, None) is None:
             setattr(m, _HOOK, m.register_forward_pre_hook(_force_eval_pre_hook))
-        frozen = _module_layer(name, m, layer_of) not in trainable
+        frozen = bn_stats == "frozen" or _module_layer(name, m, layer_of) not in trainable
         setattr(m, _MARK, frozen)
         # take effect now, not only at the next forward: frozen -> eval; unfrozen -> follow model
         m.training = False if frozen else model.training
         n_frozen_bn += int(frozen)
 
     return {"trainable_layer_ids": sorted(trainable), **counts, "frozen_bn_modules": n_frozen_bn,
-            "frozen_bn": frozen_bn, "backbone_frozen": frozen_entirely(model)}
+            "frozen_bn": frozen_bn, "bn_stats": bn_stats, "backbone_frozen": frozen_entirely(model)}
 
 
 def frozen_entirely(model: nn.Module) -> bool:

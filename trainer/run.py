@@ -229,7 +229,7 @@ def run(cfg: Config) -> RunResult:
             pidx = phase_index_at(phases, epoch)
             if pidx != current_phase:
                 summary = apply_phase(unwrap(model), layer_of, num_layers, phases[pidx],
-                                      frozen_bn=cfg.finetune.frozen_bn)
+                                      frozen_bn=cfg.finetune.frozen_bn, bn_stats=cfg.finetune.bn_stats)
                 ddp_model = wrap_ddp(unwrap(model), accelerator)
                 current_phase = pidx
                 log.info("epoch %d: phase %d %s: %s", epoch, pidx, phases[pidx], summary)
