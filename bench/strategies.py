@@ -8,10 +8,10 @@ back from each run's ``metrics.jsonl``:
 scratch             EfficientNet-Lite0 from random weights (``model.weights=none``), all layers train
 feature_extraction  pretrained backbone frozen, only the new head trains (configs/ants_bees_lite0.yaml)
 full_finetune       pretrained, every layer trains from epoch 0 at lr 3e-4 (``finetune.freeze=none``)
-last_stages         head for 2 epochs, then the top 2 stages at 0.03x lr, then all at 0.01x
-                    (configs/ants_bees_lite0_partial.yaml)
-gradual             gradual unfreezing (one stage per epoch) with layer_decay
-                    (configs/ants_bees_lite0_gradual.yaml)
+last_stages         head for 2 epochs, then the top 2 stages at 0.03x lr, then all at 0.01x, BatchNorm
+                    statistics kept (configs/ants_bees_lite0_partial.yaml)
+gradual             gradual unfreezing (one stage per epoch from epoch 1) at 0.02x lr with layer_decay
+                    0.6, BatchNorm statistics kept (configs/ants_bees_lite0_gradual.yaml)
 ==================  ============================================================================
 
 Every strategy runs the same number of epochs (``--epochs``, default 4) with the same global batch

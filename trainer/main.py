@@ -28,6 +28,12 @@ import fire  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
 
 
+def _error_line(message: str) -> None:
+    """Write one line to stderr in a single write, so lines of several ranks never interleave."""
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (" ".join(message.splitlines()) + "\n").encode())
+
+
 def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
     """Train (or, with ``dry_run``, print the parameter-group table) for ``config`` + overrides.
 
@@ -51,7 +57,7 @@ def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
             from trainer.distributed import shutdown
             shutdown()
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        _error_line(f"config error: {e}")
         sys.exit(2)
     except Exception as e:
         # setup errors whose message says everything (launch variables, rendezvous, offline weights):
@@ -59,7 +65,7 @@ def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
         from trainer.distributed import DistributedSetupError
         from trainer.weights import CorruptWeightsError, WeightsUnavailableError
         if isinstance(e, (DistributedSetupError, WeightsUnavailableError, CorruptWeightsError)):
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            _error_line(f"error: {type(e).__name__}: {e}")
             sys.exit(3)
         raise
 
