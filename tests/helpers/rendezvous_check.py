@@ -25,7 +25,10 @@ def main() -> int:
     dist.all_reduce(value)
     info = {"rank": rank, "local_rank": int(os.environ["LOCAL_RANK"]), "world_size": world,
             "group_rank": int(os.environ.get("GROUP_RANK", -1)), "sum": int(value.item())}
-    print(json.dumps(info), flush=True)
+    # one write() per line: with PYTHONUNBUFFERED, print() writes text and newline separately and the
+    # lines of the processes sharing this pipe could interleave
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps(info) + "\n").encode())
     dist.destroy_process_group()
     return 0 if info["sum"] == world * (world - 1) // 2 else 2
 
