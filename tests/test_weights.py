@@ -194,7 +194,8 @@ WORKER = textwrap.dedent("""
     try:
         ensure_weights("resnet18", local_rank=int(os.environ["LOCAL_RANK"]), barrier=dist.barrier)
     except Exception as e:
-        print(f"rank{dist.get_rank()}: {type(e).__name__}: {e}", flush=True)
+        # one write() per line, so the two ranks' lines never interleave (PYTHONUNBUFFERED in CI)
+        os.write(1, f"rank{dist.get_rank()}: {type(e).__name__}: {e}\n".encode())
         sys.exit(3)
 """)
 
