@@ -195,7 +195,7 @@ WORKER = textwrap.dedent("""
         ensure_weights("resnet18", local_rank=int(os.environ["LOCAL_RANK"]), barrier=dist.barrier)
     except Exception as e:
         # one write() per line, so the two ranks' lines never interleave (PYTHONUNBUFFERED in CI)
-        os.write(1, f"rank{dist.get_rank()}: {type(e).__name__}: {e}\n".encode())
+        os.write(1, f"rank{dist.get_rank()}: {type(e).__name__}: {e}\\n".encode())
         sys.exit(3)
 """)
 
