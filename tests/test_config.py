@@ -13,10 +13,10 @@ def write(tmp_path, text):
 
 def test_yaml_and_overrides_layer_over_defaults(tmp_path):
     p = write(tmp_path, "optim:\n  lr: 0.01\ntrain:\n  epochs: 5\n")
-    cfg = load_config(p, {"optim.lr": "3e-4", "finetune.phases": "[{epoch: 0, train: head}]"})
+    cfg = load_config(p, {"optim.lr": "3e-4", "finetune.phases": "[{start_epoch: 0, train: head}]"})
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.train.epochs == 5
-    assert cfg.finetune.phases == [{"epoch": 0, "train": "head"}]
+    assert cfg.finetune.phases == [{"start_epoch": 0, "train": "head"}]
     assert cfg.train.micro_batch_size == Config().train.micro_batch_size
 
 

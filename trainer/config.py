@@ -12,7 +12,7 @@ A config is built in three layers, later ones winning:
          lr: 3.0e-3
 
 3. overrides ``--section.key=value`` from the command line (parsed by ``fire``, so ``--optim.lr=3e-4``,
-   ``--finetune.phases='[{epoch: 0, train: head}]'`` work).
+   ``--finetune.phases='[{start_epoch: 0, train: head}]'`` work).
 
 Unknown sections or keys, and values of the wrong type, raise :class:`ConfigError` naming the key
 (``optim.lr: expected float, got str 'fast'``). The resolved config is written into every run
@@ -101,8 +101,8 @@ class FinetuneConfig:
     """``backbone``: feature extraction (only the head trains); ``none``: fine-tune everything.
     Ignored when ``phases`` or ``gradual_every`` is set."""
     phases: Optional[list] = None
-    """Unfreeze timetable, e.g. ``[{epoch: 0, train: head}, {epoch: 2, train: 2, lr_scale: 0.1},
-    {epoch: 4, train: all}]``; ``train`` is ``head``, ``all`` or the number of top backbone layers."""
+    """Unfreeze timetable, e.g. ``[{start_epoch: 0, train: head}, {start_epoch: 2, train: 2, lr_scale: 0.1},
+    {start_epoch: 4, train: all}]``; ``train`` is ``head``, ``all`` or the number of top backbone layers."""
     gradual_every: int = 0
     """> 0: gradual unfreezing, one more backbone layer (top down) every this many epochs."""
     gradual_start_epoch: int = 1
