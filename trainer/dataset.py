@@ -21,6 +21,7 @@ from pathlib import Path
 
 from trainer.config import ConfigError, DataConfig
 from trainer.data import DatasetMeta, read_meta, resolve_shards
+from trainer.weights import sha256_file
 
 log = logging.getLogger("trainer")
 
@@ -53,14 +54,6 @@ def tree_sha256(root: str | Path, splits: tuple[str, ...] = ("train", "val")) ->
     return h.hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_image_folder(cfg: DataConfig) -> Path:
     """Fetch ``cfg.download_url`` (a zip holding ``<name>/{train,val}/...``) into ``cfg.download_dir``.
 
@@ -88,8 +81,8 @@ def download_image_folder(cfg: DataConfig) -> Path:
         except OSError as e:
             raise ConfigError(f"data.download_url: cannot download {cfg.download_url}: {e}") from e
         tmp.replace(archive)
-    if cfg.download_sha256 and _sha256_file(archive) != cfg.download_sha256:
-        raise ConfigError(f"data.download_sha256: {archive} has SHA-256 {_sha256_file(archive)}, "
+    if cfg.download_sha256 and sha256_file(archive) != cfg.download_sha256:
+        raise ConfigError(f"data.download_sha256: {archive} has SHA-256 {sha256_file(archive)}, "
                           f"expected {cfg.download_sha256} (delete it to download again)")
     staging = Path(cfg.download_dir) / f".{name}.unpack"
     shutil.rmtree(staging, ignore_errors=True)

@@ -192,7 +192,8 @@ def _cache_path(src: WeightsSource) -> Path:
     return _hf_cache_dir() / folder / "snapshots" / (src.hf_revision or "<revision>") / src.hf_filenames[0]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -217,7 +218,7 @@ def verify_weights_file(path: Path, hash_prefix: str | None = None) -> None:
         raise FileNotFoundError(f"weights file {path} does not exist")
     advice = f"delete {path} and run the prefetch command again"
     if hash_prefix:
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if not actual.startswith(hash_prefix):
             raise CorruptWeightsError(
                 f"weights file {path} is corrupt or truncated: sha256 {actual[:len(hash_prefix)]}... "
@@ -226,7 +227,7 @@ def verify_weights_file(path: Path, hash_prefix: str | None = None) -> None:
         return
     blob = path.resolve()
     if re.fullmatch(r"[0-9a-f]{64}", blob.name):
-        actual = _sha256(blob)
+        actual = sha256_file(blob)
         if actual != blob.name:
             raise CorruptWeightsError(
                 f"weights file {path} (blob {blob}) is corrupt or truncated: sha256 {actual} "
