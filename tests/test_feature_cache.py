@@ -13,6 +13,7 @@ from trainer.freezing import apply_phase
 from trainer.loop import evaluate, train_step
 from trainer.model import ImageClassifier
 from trainer.schedule import Phase
+from helpers.fake_accelerator import CpuAccelerator
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 
@@ -40,25 +41,8 @@ def _batches(n_batches: int, bs: int = 4, offset: int = 0, repeat_last: bool = F
     return out
 
 
-class _Acc:
-    device = torch.device("cpu")
-    num_processes = 1
-
-    @staticmethod
-    def autocast():
-        return torch.autocast("cpu", enabled=False)
-
-    @staticmethod
-    def backward(loss):
-        loss.backward()
-
-    @staticmethod
-    def reduce(t, reduction="sum"):
-        return t
-
-
 def _step(model, batch_iter, opt):
-    return train_step(model, batch_iter, optimizer=opt, criterion=nn.CrossEntropyLoss(), accelerator=_Acc(),
+    return train_step(model, batch_iter, optimizer=opt, criterion=nn.CrossEntropyLoss(), accelerator=CpuAccelerator(),
                       grad_accum_steps=1, mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=False, grad_clip=None)
 
 
@@ -127,12 +111,12 @@ def test_eval_cache_replays_same_result():
     cache = FeatureCache(seed=0, rank=0, micro_batch_size=4)
     val = _batches(2, offset=100)
     seen = []
-    r1 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=_Acc(), mean=(0.5,) * 3,
+    r1 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=CpuAccelerator(), mean=(0.5,) * 3,
                   std=(0.5,) * 3, channels_last=False, on_batch=lambda b, lg: seen.append(b["key"]))
     assert cache.val_batches is not None and len(cache.val_batches) == 2
     calls = []
     model.backbone.register_forward_pre_hook(lambda m, a: calls.append(1))
-    r2 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=_Acc(), mean=(0.5,) * 3,
+    r2 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=CpuAccelerator(), mean=(0.5,) * 3,
                   std=(0.5,) * 3, channels_last=False, on_batch=lambda b, lg: seen.append(b["key"]))
     assert calls == []  # served from the cache: no backbone forward
     assert seen[:2] == seen[2:]  # same keys, same order (the reports' collector still gets key/label/image)

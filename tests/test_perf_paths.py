@@ -15,6 +15,7 @@ from trainer.freezing import apply_phase, frozen_entirely
 from trainer.loop import train_step
 from trainer.model import ImageClassifier
 from trainer.schedule import Phase
+from helpers.fake_accelerator import CpuAccelerator
 
 
 def _tiny(num_classes: int = 3) -> tuple[ImageClassifier, dict[str, int]]:
@@ -40,20 +41,6 @@ def _saved_tensor_count(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return count
-
-
-class _Acc:
-    """The parts of an ``accelerate.Accelerator`` that ``train_step`` uses, for one CPU process."""
-
-    device = torch.device("cpu")
-
-    @staticmethod
-    def autocast():
-        return torch.autocast("cpu", enabled=False)
-
-    @staticmethod
-    def backward(loss):
-        loss.backward()
 
 
 def test_frozen_backbone_runs_without_autograd_graph():
@@ -106,7 +93,7 @@ def test_no_grad_path_gives_the_same_step_as_the_graph_path():
     y = torch.tensor([0, 1, 2, 0])
     opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
     loss = train_step(model, iter([{"image": x, "label": y}]), optimizer=opt, criterion=nn.CrossEntropyLoss(),
-                      accelerator=_Acc(), grad_accum_steps=1, mean=(0.5,) * 3, std=(0.5,) * 3,
+                      accelerator=CpuAccelerator(), grad_accum_steps=1, mean=(0.5,) * 3, std=(0.5,) * 3,
                       channels_last=False, grad_clip=None)
     # reference: the same step with an explicit graph through forward_features
     xf = (x.float() / 255 - 0.5) / 0.5
