@@ -1,14 +1,21 @@
 """Loader throughput (decode + augment + collate, no model): WebDataset shards vs ImageFolder + PIL.
 
     python bench/data.py [--root /work/shared/data/hymenoptera_data] [--images 1000] [--workers 1,2]
+                         [--upscale 4 --images 320]   # camera-sized photos (see below)
 
 Both pipelines do RandomResizedCrop(224) + RandomHorizontalFlip and yield uint8 (B, 3, 224, 224)
 batches of 32 through a torch DataLoader with the same worker count:
 
-* shards: ``trainer.data.TrainLoader`` over shards written by ``trainer.shards.write_shards``
-  (torchvision/libjpeg-turbo decode to a uint8 tensor, v2 transforms on the tensor);
+* shards: ``trainer.data.TrainLoader`` over shards written by ``trainer.shards.write_shards``, with
+  the trainer's training transform (``trainer.transforms.RandomResizedCropFlip.from_bytes``: the crop
+  box drawn from the JPEG header, libjpeg-turbo decode through simplejpeg, at 1/2-1/8 size when the
+  crop is at least twice the output, antialiased resize on the uint8 tensor);
 * ImageFolder: ``torchvision.datasets.ImageFolder`` (PIL open + convert('RGB')), v2 transforms on the
   PIL image, ``PILToTensor`` at the end (no float conversion: same output as the shard loader).
+
+``--upscale N`` first writes every training image N times larger (Lanczos, JPEG quality 90, 4:2:0
+chroma, like a camera) to a temporary folder and benchmarks both pipelines on those: the case of
+phone or camera photos, where reduced-size decoding pays most.
 
 Prints images/s per pipeline and worker count (best of ``rounds`` alternating rounds, because
 shared machines are noisy), and the ratio. The first batches (worker start-up) are not timed.
@@ -25,6 +32,7 @@ from pathlib import Path
 import fire
 import torch
 from torch.utils.data import DataLoader
+from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -54,15 +62,46 @@ def _endless(loader):
         yield from loader
 
 
-def bench(root: str = "/work/shared/data/hymenoptera_data", images: int = 1000, workers: str | tuple = "1,2",
-          shard_dir: str | None = None, rounds: int = 3) -> dict:
-    """Print and return {pipeline/workers: images per second}."""
+def _upscaled_copy(root: Path, dest: Path, factor: int) -> Path:
+    """``dest/train/<class>/*.jpg``: every decodable training image ``factor`` times larger (long side
+    capped at 4032 px)."""
+    for src in sorted((root / "train").glob("*/*")):
+        try:
+            with Image.open(src) as im:
+                f = min(factor, 4032 / max(im.size))  # at most a 12-megapixel phone photo's long side
+                big = im.convert("RGB").resize((round(im.width * f), round(im.height * f)), Image.LANCZOS)
+        except OSError:  # an unreadable file: left out of both pipelines
+            continue
+        out = dest / "train" / src.parent.name / (src.stem + ".jpg")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        big.save(out, "JPEG", quality=90, subsampling=2)
+    return dest
+
+
+def bench(root: str = "/work/shared/data/hymenoptera_data", images: int = 1000, workers: str | tuple | int = "1,2",
+          shard_dir: str | None = None, rounds: int = 3, upscale: int = 1) -> dict:
+    """Print and return {pipeline/workers: images per second}.
+
+    Args:
+        root: image folder with a ``train/<class>/`` split.
+        images: images timed per pipeline and round (after 2 warm-up batches).
+        workers: DataLoader worker counts to measure, e.g. "1,2".
+        shard_dir: existing shards of ``root`` (default: written to a temporary folder).
+        rounds: alternating rounds per worker count; the best round of each pipeline is kept.
+        upscale: > 1 benchmarks on a copy of the training images this many times larger.
+    """
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision.io deprecation notice
+    if isinstance(workers, int):  # fire turns "--workers 1" into an int
+        workers = (workers,)
     worker_counts = [int(w) for w in (workers.split(",") if isinstance(workers, str) else workers)]
-    tmp = None
+    tmp = tempfile.TemporaryDirectory()
+    if upscale > 1:
+        if shard_dir is not None:
+            raise ValueError("bench: --upscale writes its own images and shards; leave out --shard_dir")
+        root = str(_upscaled_copy(Path(root), Path(tmp.name) / "images", upscale))
+        print(f"upscaled x{upscale}: {root}")
     if shard_dir is None:
-        tmp = tempfile.TemporaryDirectory()
-        shard_dir = tmp.name
+        shard_dir = str(Path(tmp.name) / "shards")
         write_shards(root, shard_dir, splits="train", max_samples_per_shard=64)
     shards = read_meta(shard_dir).shard_urls("train")
     num_batches = max(1, images // BATCH)
@@ -84,8 +123,7 @@ def bench(root: str = "/work/shared/data/hymenoptera_data", images: int = 1000, 
         results[f"shards/{w}"], results[f"imagefolder/{w}"] = best["shards"], best["imagefolder"]
         print(f"workers={w}: shards {best['shards']:.0f} img/s, ImageFolder+PIL {best['imagefolder']:.0f} img/s, "
               f"ratio {best['shards'] / best['imagefolder']:.2f}x (best of {rounds})")
-    if tmp is not None:
-        tmp.cleanup()
+    tmp.cleanup()
     return results
 
 

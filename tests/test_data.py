@@ -281,6 +281,7 @@ def test_colour_modes_through_a_shard(tmp_path):
                               transform=EVAL_TF))
     assert len(batches) == 1 and batches[0]["image"].shape == (len(files), 3, S, S)
     assert batches[0]["skipped"] == []
+    assert batches[0]["image"].is_contiguous(memory_format=torch.channels_last)  # what the model takes
 
 
 def test_decode_errors():

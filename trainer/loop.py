@@ -20,14 +20,15 @@ def to_device(batch: dict, device: torch.device, *, channels_last: bool, non_blo
     """Move a loader batch to ``device``.
 
     Args:
-        batch: ``{"image": (B, 3, H, W) uint8, "label": (B,) int64, ...}``.
+        batch: ``{"image": (B, 3, H, W) uint8, "label": (B,) int64, ...}``; the loaders deliver the
+            images in channels_last memory already (then the conversion below is free).
+        channels_last: images in channels_last memory format (True) or contiguous NCHW (False).
 
     Returns:
         (images (B, 3, H, W) uint8 on device, labels (B,) int64 on device).
     """
     images = batch["image"].to(device, non_blocking=non_blocking)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return images, batch["label"].to(device, non_blocking=non_blocking)
 
 
