@@ -31,8 +31,8 @@ from pathlib import Path
 
 import fire
 import torch
-from torch.utils.data import DataLoader
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 

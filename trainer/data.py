@@ -355,35 +355,40 @@ class _StreamBase(IterableDataset):
         for sample in self._read_shard(url, state):
             yield url, sample
 
+    def _decode_or_report(self, url: str, sample: dict, state: _WorkerState) -> tuple[torch.Tensor, int, str] | None:
+        """(image, label, key) of one raw sample, or None after reporting it as bad."""
+        key = str(sample.get("__key__", "?"))
+        try:
+            image, label = _decode_sample(sample, self.transform, self.num_classes)
+        except _BadSample as exn:
+            self._report(state, url, key, str(exn))
+            return None
+        return image, label, key
+
     def _batches(self, items: Iterator[tuple[str, dict]], state: _WorkerState, rng: _ScopedTorchRNG,
                  bad_run_limit: Callable[[], int | None], describe: str) -> Iterator[dict]:
         bad_run = 0
         exhausted = False
         while not exhausted:
-            images, labels, keys = [], [], []
+            decoded = []
             with rng.active():  # one RNG swap per batch; restored before the yield below
-                while len(images) < self.micro_batch_size:
+                while len(decoded) < self.micro_batch_size:
                     item = next(items, None)
                     if item is None:
                         exhausted = True
                         break
-                    url, sample = item
-                    key = str(sample.get("__key__", "?"))
-                    try:
-                        image, label = _decode_sample(sample, self.transform, self.num_classes)
-                    except _BadSample as exn:
-                        self._report(state, url, key, str(exn))
-                        bad_run += 1
-                        limit = bad_run_limit()
-                        if limit is not None and bad_run > limit:
-                            raise RuntimeError(f"{describe}: no decodable sample in a full pass over its shards "
-                                               f"({bad_run} bad in a row); last: {state.skipped[-3:]}")
+                    one = self._decode_or_report(*item, state)
+                    if one is not None:
+                        bad_run = 0
+                        decoded.append(one)
                         continue
-                    bad_run = 0
-                    images.append(image)
-                    labels.append(label)
-                    keys.append(key)
-            if images:
+                    bad_run += 1
+                    limit = bad_run_limit()
+                    if limit is not None and bad_run > limit:
+                        raise RuntimeError(f"{describe}: no decodable sample in a full pass over its shards "
+                                           f"({bad_run} bad in a row); last: {state.skipped[-3:]}")
+            if decoded:
+                images, labels, keys = (list(column) for column in zip(*decoded))
                 yield self._collate(images, labels, keys, state)
         if state.skipped:  # marker carrying the last reports; EvalLoader folds it into a real batch
             yield {"image": None, "label": None, "key": [], "skipped": state.skipped}
@@ -405,8 +410,8 @@ class _StreamBase(IterableDataset):
         # (B, 3, S, S) in channels_last memory: the augmented images are HWC in memory already, so this
         # is a plain copy per image (about 8% more images/s than a contiguous NCHW batch), and the model
         # wants channels_last anyway; default_collate stacks straight into shared memory in a worker
-        return {"image": default_collate([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2), "label": torch.tensor(labels, dtype=torch.int64),
-                "key": keys, "skipped": skipped}
+        image = default_collate([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys, "skipped": skipped}
 
 
 class _TrainStream(_StreamBase):

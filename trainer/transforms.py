@@ -42,8 +42,8 @@ low-pass downscale, so only downscaling happens at every stage, as in Pillow's `
 photos this decodes up to 64x fewer pixels; on images under about twice the output size (most
 of ants/bees) it is the plain full-size decode. EXIF orientation is applied to the output
 crop: the crop is drawn in the stored orientation, and RandomResizedCrop's distribution (area
-uniform, log aspect ratio symmetric about 0, position uniform) is the same under a 90-degree turn. CMYK/YCCK
-JPEGs and non-JPEG files take the plain path (:func:`decode_image_bytes` + ``__call__``).
+uniform, log aspect ratio symmetric about 0, position uniform) is the same under a 90-degree turn.
+CMYK/YCCK JPEGs and non-JPEG files take the plain path (:func:`decode_image_bytes` + ``__call__``).
 
 Transparent pixels are composited over white, ``(255, 255, 255)``: the background most transparent
 product/logo images are designed for, and what a browser shows. It is fixed (not random) so the
@@ -160,6 +160,7 @@ def decode_image_bytes(data: bytes, *, background: Sequence[int] = TRANSPARENCY_
         if tv_error:
             reason = f"torchvision: {tv_error}; PIL: {reason}"
         raise ImageDecodeError(f"cannot decode {fmt} image ({len(data)} bytes): {reason}") from None
+
 
 _EXIF_ORIENTATION_TAG = 0x0112
 _DCT_SCALE_DENOMINATORS = (8, 4, 2)  # libjpeg-turbo's SIMD-accelerated reduced-size IDCTs (1/8, 1/4, 1/2)
