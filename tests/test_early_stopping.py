@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers.realdata import HYMENOPTERA, subset_folder
+from helpers.realdata import HYMENOPTERA, run_metrics, subset_folder
 from trainer.config import ConfigError, load_config
 from trainer.early_stopping import EarlyStopping
 
@@ -87,8 +87,7 @@ def tiny(tmp_path_factory):
 
 
 def val_records(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "val/top1" in r]
+    return [r for r in run_metrics(out) if "val/top1" in r]
 
 
 # min_delta 10 on the val loss: only the first evaluation can improve -> stops after 1 + patience epochs

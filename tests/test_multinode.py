@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers.launch_util import REPO, accelerate_cmd, child_env
-from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
+from helpers.realdata import HYMENOPTERA, free_port, run_metrics, subset_folder, tiny_overrides
 from trainer.distributed import DistributedSetupError, check_launch_env
 
 RENDEZVOUS = "tests/helpers/rendezvous_check.py"
@@ -93,8 +93,7 @@ def test_real_trainer_over_two_launchers(tmp_path):
     for rc, text, _ in results:
         assert rc == 0, text[-4000:]
     assert "world_size=2" in results[0][1]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ev = [r for r in rows if "val/top1" in r][-1]
+    ev = [r for r in run_metrics(out) if "val/top1" in r][-1]
     assert ev["val/num_samples"] == 4 and ev["step"] == 2
     assert ev["ddp/replica_max_abs_diff"] == 0.0
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
+from helpers.realdata import HYMENOPTERA, free_port, run_metrics, subset_folder, tiny_overrides
 from trainer import reports as R
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,8 +168,7 @@ def test_run_writes_reports_of_the_best_checkpoint(data):
     res = run_in_process(data / "images", data / "shards", out,
                          **{"train.epochs": 2, "train.early_stopping.monitor": "val/loss"})
     best = check_reports(out, val_keys(data))
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["val/loss"] for r in evals if "val/loss" in r]
+    losses = [r["val/loss"] for r in run_metrics(out) if "val/loss" in r]
     assert len(losses) == 2 and best["metrics"]["val/loss"] == min(losses)  # best follows the monitor
     assert res.best_top1 == best["metrics"]["val/top1"]
 

@@ -8,7 +8,6 @@ ants/bees folder.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -21,6 +20,7 @@ import torch
 import yaml
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from helpers.realdata import run_metrics
 from trainer.freezing import apply_phase, frozen_entirely
 from trainer.model import LITE0_BACKBONE, build_model, layer_ids
 from trainer.schedule import Phase
@@ -108,10 +108,6 @@ def _train(tmp: Path, shards: Path, name: str, cfg: dict, *, nproc: int = 2, **o
 
 def _last(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _bn_buffers(state: dict) -> dict:
@@ -207,7 +203,7 @@ def test_case10_resume_across_unfreeze_is_identical(tmp_path, tiny_shards):
         assert torch.allclose(s["exp_avg"], b["optimizer"]["state"][name]["exp_avg"], atol=1e-7), name
 
     def lrs(run_dir):
-        return {r["step"]: {k: v for k, v in r.items() if k.startswith("lr/")} for r in _metrics(run_dir)
+        return {r["step"]: {k: v for k, v in r.items() if k.startswith("lr/")} for r in run_metrics(run_dir)
                 if "lr/layer00_decay" in r}
     la, lb = lrs(full), lrs(part)
     assert la == {s: lb[s] for s in la}  # same schedule before and after the resume

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
+from helpers.realdata import HYMENOPTERA, free_port, run_metrics, subset_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -27,10 +26,6 @@ def run_cmd(args, timeout=420, check=True):
     return p
 
 
-def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ab")
@@ -43,7 +38,7 @@ def test_single_process_run_on_real_images_then_predict(data):
     out = data / "run1"
     run_cmd([PY, "trainer/main.py", "--config", "configs/ants_bees_lite0.yaml",
              *tiny_overrides(data / "images", data / "shards", out, **{"train.epochs": 2})])
-    rows = metrics(out)
+    rows = run_metrics(out)
     evals = [r for r in rows if "val/top1" in r]
     assert [r["epoch"] for r in evals] == [1, 2]
     assert all(r["val/num_samples"] == 24 for r in evals)
@@ -76,7 +71,7 @@ def test_two_process_ddp_run_keeps_replicas_identical(data):
                  *tiny_overrides(data / "images", data / "shards", out,
                                  **{"train.epochs": 1, "train.max_steps": 3})])
     assert "world_size=2" in p.stderr
-    rows = metrics(out)
+    rows = run_metrics(out)
     ev = [r for r in rows if "val/top1" in r][-1]
     assert ev["val/num_samples"] == 24  # every val sample counted exactly once across ranks
     assert ev["ddp/replica_max_abs_diff"] == 0.0
