@@ -6,8 +6,8 @@
 Both pipelines do RandomResizedCrop(224) + RandomHorizontalFlip and yield uint8 (B, 3, 224, 224)
 batches of 32 through a torch DataLoader with the same worker count:
 
-* shards: ``trainer.data.TrainLoader`` over shards written by ``trainer.shards.write_shards``, with
-  the trainer's training transform (``trainer.transforms.RandomResizedCropFlip.from_bytes``: the crop
+* shards: ``trainer.data.TrainLoader`` over shards written by ``trainer.data.shard_writer.write_shards``, with
+  the trainer's training transform (``trainer.data.transforms.RandomResizedCropFlip.from_bytes``: the crop
   box drawn from the JPEG header, libjpeg-turbo decode through simplejpeg, at 1/2-1/8 size when the
   crop is at least twice the output, antialiased resize on the uint8 tensor);
 * ImageFolder: ``torchvision.datasets.ImageFolder`` (PIL open + convert('RGB')), v2 transforms on the
@@ -38,9 +38,10 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.data import TrainLoader, read_meta  # noqa: E402
-from trainer.shards import write_shards  # noqa: E402
-from trainer.transforms import build_transforms  # noqa: E402
+from trainer.data.loader import TrainLoader  # noqa: E402
+from trainer.data.meta import read_meta
+from trainer.data.shard_writer import write_shards  # noqa: E402
+from trainer.data.transforms import build_transforms  # noqa: E402
 
 BATCH = 32
 WARMUP_BATCHES = 2

@@ -12,9 +12,9 @@ TFLOP/s:
 
 * ``synthetic``: one random uint8 batch kept on the device (upper bound: no input pipeline);
 * ``shards``: ``trainer.data.TrainLoader`` over the ants/bees shards (decode + RandomResizedCrop + flip
-  in ``--workers`` loader processes, pinned memory, non-blocking copies), as ``trainer.loop`` feeds it.
+  in ``--workers`` loader processes, pinned memory, non-blocking copies), as ``trainer.train.loop`` feeds it.
 
-The step is ``trainer.loop.train_step`` itself (uint8 batch normalised on the device, Accelerate
+The step is ``trainer.train.loop.train_step`` itself (uint8 batch normalised on the device, Accelerate
 autocast in bf16, channels_last). FLOPs per image come from ``torch.utils.flop_counter.FlopCounterMode``
 on one forward pass (it counts matmuls/convolutions as 2 FLOPs per multiply-add); a training step is
 counted as 3x the forward (backward = 2x forward, the usual estimate, e.g. Kaplan et al. 2020). Timing
@@ -57,10 +57,11 @@ def _sync(device: torch.device) -> None:
 
 def bench_one(name: str, source: str, args, accelerator) -> dict:
     """Time ``args.steps`` fine-tuning steps of model ``name`` on ``source`` ('synthetic' or 'shards')."""
-    from trainer.data import TrainLoader, read_meta
-    from trainer.loop import train_step
-    from trainer.model import build_model
-    from trainer.transforms import build_transforms
+    from trainer.data.loader import TrainLoader
+    from trainer.data.meta import read_meta
+    from trainer.data.transforms import build_transforms
+    from trainer.models.build import build_model
+    from trainer.train.loop import train_step
 
     device = accelerator.device
     backbone, weights = MODELS[name]
@@ -128,7 +129,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench/gpu.py: no CUDA device (use --device cpu --steps 3 for a smoke test)")
     if "shards" in args.sources and not (Path(args.shard_dir) / "dataset.json").is_file():
-        from trainer.shards import write_shards
+        from trainer.data.shard_writer import write_shards
         write_shards(REPO.parent / "shared" / "data" / "hymenoptera_data", args.shard_dir, max_samples_per_shard=64)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.precision)
     if accelerator.device.type == "cuda":

@@ -1,7 +1,7 @@
 """Benchmark: five transfer-learning strategies on the ants/bees images, one table and one plot.
 
 Each strategy is a config (the shipped YAML files plus a few overrides), trained in this process
-with :func:`trainer.run.run` (single process) into ``<runs_dir>/<strategy>``; the figures are read
+with :func:`trainer.train.trainer.run` (single process) into ``<runs_dir>/<strategy>``; the figures are read
 back from each run's ``metrics.jsonl``:
 
 ==================  ============================================================================
@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from trainer.config import load_config  # noqa: E402
+from trainer.config.loading import load_config  # noqa: E402
 
 # strategy -> (config file, overrides)
 STRATEGIES: dict[str, tuple[str, dict]] = {
@@ -60,9 +60,9 @@ def run_strategy(name: str, epochs: int, runs_dir: Path) -> dict:
         "best_top1"}``; times are wall-clock seconds (training + evaluation of one epoch).
 
     Raises:
-        KeyError: unknown strategy. Errors of :func:`trainer.run.run`.
+        KeyError: unknown strategy. Errors of :func:`trainer.train.trainer.run`.
     """
-    from trainer.run import run
+    from trainer.train.trainer import run
 
     path, overrides = STRATEGIES[name]
     out = runs_dir / name

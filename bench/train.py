@@ -12,7 +12,7 @@ What is compared (same machine, same run of this script):
   + PIL + ``transforms.RandomResizedCrop/RandomHorizontalFlip/ToTensor/Normalize`` in the DataLoader
   workers, NCHW float32, ``model.train()``, a hand-written AdamW step, ``loss.item()`` every step.
   Feature extraction = ``requires_grad=False`` on the backbone and AdamW over the head only.
-* **trainer**: ``trainer.run.run`` itself (``configs/ants_bees_lite0.yaml``; shards written from the same
+* **trainer**: ``trainer.train.trainer.run`` itself (``configs/ants_bees_lite0.yaml``; shards written from the same
   images), with its defaults (channels_last, uint8 batches normalised in the loop, frozen backbone under
   ``torch.no_grad()``); ``trainer (bf16)`` adds ``train.mixed_precision=bf16``.
 
@@ -179,7 +179,7 @@ def run_plain(mode: str, args) -> StepTimer:
     import torch
     from torchvision import datasets, transforms
 
-    from trainer.model import build_model
+    from trainer.models.build import build_model
 
     torch.manual_seed(0)
     model, pre = build_model(BACKBONE, 2, WEIGHTS)
@@ -225,9 +225,9 @@ def run_plain(mode: str, args) -> StepTimer:
 
 
 def run_trainer(mode: str, args, *, extra: dict | None = None, full_val: bool = False) -> tuple[StepTimer, object]:
-    """``trainer.run.run`` on the shards of the same images, instrumented from outside."""
-    import trainer.run as run_mod
-    from trainer.config import load_config
+    """``trainer.train.trainer.run`` on the shards of the same images, instrumented from outside."""
+    import trainer.train.trainer as run_mod
+    from trainer.config.loading import load_config
 
     timer = StepTimer()
     orig_step, orig_eval = run_mod.train_step, run_mod.evaluate
@@ -309,8 +309,8 @@ def _spawn(argv: list[str], timeout: float) -> dict:
 
 
 def _ensure_shards(shard_dir: Path) -> int:
-    from trainer.data import read_meta
-    from trainer.shards import write_shards
+    from trainer.data.meta import read_meta
+    from trainer.data.shard_writer import write_shards
     if not (shard_dir / "dataset.json").is_file():
         write_shards(DATA_ROOT, shard_dir, max_samples_per_shard=64)
     return read_meta(shard_dir).splits["train"].num_samples

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import load, load_for_inference
+from trainer.train.checkpoint import load, load_for_inference
 
 FORMATS = ("torchscript", "onnx")
 FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "preprocessing": "preprocessing.json"}
@@ -155,7 +155,7 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | tuple = F
         ``{"torchscript": path, "onnx": path, "preprocessing": path, "max_abs_diff": {fmt: float}}``.
 
     Raises:
-        trainer.checkpoint.CheckpointError: unreadable checkpoint.
+        trainer.train.checkpoint.CheckpointError: unreadable checkpoint.
         ValueError: unknown format. RuntimeError: the check exceeds ``atol`` (names the format).
     """
     fmts = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)

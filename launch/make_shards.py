@@ -1,4 +1,4 @@
-"""Image folder -> WebDataset shards + ``dataset.json`` (thin CLI over :func:`trainer.shards.write_shards`).
+"""Image folder -> WebDataset shards + ``dataset.json`` (thin CLI over :func:`trainer.data.shard_writer.write_shards`).
 
     python launch/make_shards.py --root data/hymenoptera_data --out data/shards
     python launch/make_shards.py --root R --out O --max_samples_per_shard 1000 --splits train,val --strict
@@ -9,7 +9,7 @@
 Input ``root/{train,val}/<class>/<image>``; output ``out/{split}-000000.tar ...`` (``{split}-wKK-...``
 with several writers) and ``out/dataset.json`` (class names in label order, per-split sample and
 class counts, shard names). Unreadable files are listed in a warning and never written; ``--strict``
-makes them an error. Millions of images: see the docstring of ``trainer/shards.py`` (N writers, each
+makes them an error. Millions of images: see the docstring of ``trainer/data/shard_writer.py`` (N writers, each
 taking every N-th file, as a pool here or one per process/node with ``--worker_index``; the last
 writer to finish merges the metadata).
 """
@@ -24,7 +24,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from trainer.shards import merge_partial_metadata, write_shards  # noqa: E402
+from trainer.data.shard_writer import merge_partial_metadata, write_shards  # noqa: E402
 
 
 def main(root: str | None = None, out: str | None = None, max_samples_per_shard: int = 1000,

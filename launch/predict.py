@@ -22,8 +22,9 @@ from pathlib import Path
 import fire
 import torch
 
-from trainer.checkpoint import load_for_inference
-from trainer.transforms import build_transforms, decode_image_bytes, normalize
+from trainer.data.decode import decode_image_bytes
+from trainer.data.transforms import build_transforms, normalize
+from trainer.train.checkpoint import load_for_inference
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 

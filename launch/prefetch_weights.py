@@ -1,7 +1,7 @@
 """Fill the pretrained-weights cache on a machine with internet (e.g. a login node).
 
 Compute nodes without internet then find the files in the same cache (shared ``$TORCH_HOME`` /
-``$HF_HOME``), see ``trainer/weights.py``. Each file is verified (hash or load) after download.
+``$HF_HOME``), see ``trainer/models/weights.py``. Each file is verified (hash or load) after download.
 
     python launch/prefetch_weights.py resnet50 timm:convnext_tiny
     TORCH_HOME=/shared/cache/torch HF_HOME=/shared/cache/hf python launch/prefetch_weights.py vit_b_16
@@ -18,7 +18,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from trainer.weights import fetch_weights  # noqa: E402
+from trainer.models.weights import fetch_weights  # noqa: E402
 
 
 def prefetch(*backbones: str) -> None:

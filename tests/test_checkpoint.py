@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from trainer import checkpoint as ck
+from trainer.train import checkpoint as ck
 
 
 def _model_and_opt(order):

@@ -1,4 +1,4 @@
-"""Class-weighted loss against class imbalance (trainer/losses.py, optim.class_weights)."""
+"""Class-weighted loss against class imbalance (trainer/finetune/losses.py, optim.class_weights)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from helpers.realdata import HYMENOPTERA, subset_folder
-from trainer.config import ConfigError, OptimConfig, load_config
-from trainer.losses import build_criterion, class_weights
+
+from trainer.config.loading import load_config
+from trainer.config.schema import ConfigError, OptimConfig
+from trainer.finetune.losses import build_criterion, class_weights
 
 
 def test_inverse_frequency_weights():

@@ -2,7 +2,13 @@
 
 import pytest
 
-from trainer.config import Config, ConfigError, config_from_dict, grad_accum_steps, load_config, save_config
+from trainer.config.loading import (
+    config_from_dict,
+    grad_accum_steps,
+    load_config,
+    save_config,
+)
+from trainer.config.schema import Config, ConfigError
 
 
 def write(tmp_path, text):

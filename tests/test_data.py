@@ -1,4 +1,4 @@
-"""trainer/data.py and trainer/transforms.py: shard resolution, rank/worker splitting, lockstep,
+"""trainer/data/ and trainer/data/transforms.py: shard resolution, rank/worker splitting, lockstep,
 bad samples, colour modes (failure cases 1-5). Ranks are simulated in one process (rank=0/1); the
 real 2-process run is in test_data_ddp.py."""
 
@@ -17,10 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import (BadSampleError, EvalLoader, TrainLoader, read_meta, resolve_shards,
-                          steps_per_epoch)
-from trainer.transforms import (TRANSPARENCY_BACKGROUND, ImageDecodeError, build_transforms,
-                                decode_image_bytes, normalize)
+from trainer.data.decode import (
+    TRANSPARENCY_BACKGROUND,
+    ImageDecodeError,
+    decode_image_bytes,
+)
+from trainer.data.loader import EvalLoader, TrainLoader
+from trainer.data.meta import read_meta
+from trainer.data.sources import resolve_shards, steps_per_epoch
+from trainer.data.stream import BadSampleError
+from trainer.data.transforms import build_transforms, normalize
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from data_synth import jpeg_bytes, write_samples, write_tar_shards  # noqa: E402

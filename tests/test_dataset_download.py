@@ -4,8 +4,8 @@ import zipfile
 
 import pytest
 
-from trainer.config import ConfigError, DataConfig
-from trainer.dataset import download_image_folder, tree_sha256
+from trainer.config.schema import ConfigError, DataConfig
+from trainer.data.prepare import download_image_folder, tree_sha256
 
 
 def _zip_tree(tmp_path):

@@ -1,4 +1,4 @@
-"""The dry-run group table (trainer/dryrun.py) for torchvision and timm backbones.
+"""The dry-run group table (trainer/finetune/dryrun.py) for torchvision and timm backbones.
 
 Every parameter must be counted once: the rows of the table sum to the total line, which equals the
 model's parameter count, and the groups built the same way partition the parameter names.
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import load_config
-from trainer.dryrun import group_table
-from trainer.freezing import trainable_layer_ids
-from trainer.model import build_model, group_names, layer_ids
-from trainer.param_groups import build_param_groups
-from trainer.run import build_phases_for
+from trainer.config.loading import load_config
+from trainer.finetune.dryrun import group_table
+from trainer.finetune.freezing import trainable_layer_ids
+from trainer.finetune.param_groups import build_param_groups
+from trainer.finetune.schedule import build_phases_for
+from trainer.models.build import build_model
+from trainer.models.layers import group_names, layer_ids
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Early stopping on a monitored metric (trainer/early_stopping.py) and its use in trainer/run.py."""
+"""Early stopping on a monitored metric (trainer/train/early_stopping.py) and its use in trainer/train/trainer.py."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
-
 from helpers.realdata import HYMENOPTERA, run_metrics, subset_folder
-from trainer.config import ConfigError, load_config
-from trainer.early_stopping import EarlyStopping
+
+from trainer.config.loading import load_config
+from trainer.config.schema import ConfigError
+from trainer.train.early_stopping import EarlyStopping
 
 
 def feed(es, values, key="val/top1"):

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.realdata import HYMENOPTERA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), rea
 
 def real_images():
     """Two ants and two bees of the val split, decoded."""
-    from trainer.transforms import decode_image_bytes
+    from trainer.data.decode import decode_image_bytes
 
     paths = [p for c in ("ants", "bees") for p in sorted((HYMENOPTERA / "val" / c).glob("*.jpg"))[:2]]
     return [decode_image_bytes(p.read_bytes()) for p in paths]
@@ -27,12 +26,12 @@ def real_images():
 
 def test_torchscript_and_onnx_match_pytorch_on_real_images(tmp_path):
     import onnxruntime as ort
-    from torchvision.transforms import v2
-
     from export import export
     from helpers.inprocess import make_checkpoint
-    from trainer.checkpoint import load_for_inference
-    from trainer.transforms import build_transforms, normalize
+    from torchvision.transforms import v2
+
+    from trainer.data.transforms import build_transforms, normalize
+    from trainer.train.checkpoint import load_for_inference
 
     ckpt = make_checkpoint(tmp_path / "run/checkpoints/best.pt")
     result = export(str(ckpt))  # default out_dir: <run>/export

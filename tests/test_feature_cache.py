@@ -1,4 +1,4 @@
-"""Feature cache (trainer/feature_cache.py): recording, replay, per-rank order, equivalence, a real run."""
+"""Feature cache (trainer/train/feature_cache.py): recording, replay, per-rank order, equivalence, a real run."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.fake_accelerator import CpuAccelerator
 from torch import nn
 
-from trainer.feature_cache import FeatureCache
-from trainer.freezing import apply_phase
-from trainer.loop import evaluate, train_step
-from trainer.model import ImageClassifier
-from trainer.schedule import Phase
-from helpers.fake_accelerator import CpuAccelerator
+from trainer.finetune.freezing import apply_phase
+from trainer.finetune.schedule import Phase
+from trainer.models.classifier import ImageClassifier
+from trainer.train.feature_cache import FeatureCache
+from trainer.train.loop import evaluate, train_step
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 
@@ -166,9 +166,9 @@ def _tiny_image_root(tmp_path: Path, n_train: int = 8, n_val: int = 4) -> Path:
 @pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="ants/bees images not available")
 def test_run_with_feature_cache_matches_uncached(tmp_path, monkeypatch):
     """Same steps, backbone forwards only in the first epoch and first evaluation, same val result."""
-    from trainer.config import load_config
-    from trainer.run import run
-    from trainer.shards import write_shards
+    from trainer.config.loading import load_config
+    from trainer.data.shard_writer import write_shards
+    from trainer.train.trainer import run
 
     root = _tiny_image_root(tmp_path)
     write_shards(root, tmp_path / "shards", max_samples_per_shard=4)

@@ -1,12 +1,14 @@
-"""Tests for trainer/freezing.py: requires_grad per phase and BatchNorm in frozen layers."""
+"""Tests for trainer/finetune/freezing.py: requires_grad per phase and BatchNorm in frozen layers."""
 
 import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trainer.freezing import apply_phase, frozen_entirely, trainable_layer_ids
-from trainer.model import LITE0_BACKBONE, build_model, layer_ids
-from trainer.schedule import Phase, build_phases, phase_index_at
+from trainer.finetune.freezing import apply_phase, frozen_entirely, trainable_layer_ids
+from trainer.finetune.schedule import Phase, build_phases, phase_index_at
+from trainer.models.build import build_model
+from trainer.models.efficientnet_lite import LITE0_BACKBONE
+from trainer.models.layers import layer_ids
 
 
 @pytest.fixture()
@@ -154,8 +156,10 @@ def test_errors(resnet):
 def test_bn_stats_frozen_keeps_running_stats_in_trainable_layers():
     """finetune.bn_stats=frozen: every BN stays in eval mode, but the BN scale/shift of trainable layers learn."""
     import torch
-    from trainer.model import build_model, layer_ids
-    from trainer.schedule import Phase
+
+    from trainer.finetune.schedule import Phase
+    from trainer.models.build import build_model
+    from trainer.models.layers import layer_ids
 
     torch.manual_seed(0)
     model, _ = build_model("resnet18", 3, "none")

@@ -1,4 +1,4 @@
-"""trainer/shards.py + launch/make_shards.py: round trip, unreadable files (case 6), class maps
+"""trainer/data/shard_writer.py + launch/make_shards.py: round trip, unreadable files (case 6), class maps
 (case 7), parallel writers and merge, the real ants/bees folder."""
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.data import EvalLoader, read_meta
-from trainer.shards import write_shards
-from trainer.transforms import build_transforms, decode_image_bytes
+from trainer.data.decode import decode_image_bytes
+from trainer.data.loader import EvalLoader
+from trainer.data.meta import read_meta
+from trainer.data.shard_writer import write_shards
+from trainer.data.transforms import build_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 HYMENOPTERA = Path("/work/shared/data/hymenoptera_data")
@@ -89,7 +91,7 @@ def test_unreadable_files_named_and_never_written(tmp_path, caplog):
     (root / "train" / "b" / "empty.png").write_bytes(b"")
     (root / "train" / "b" / "notes.txt").write_text("not an image")
     (root / "val" / "a").mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="trainer.shards"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.shard_writer"):
         meta = write_shards(root, out)
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     for name in ("truncated.jpg", "empty.png", "notes.txt"):

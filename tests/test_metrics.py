@@ -2,7 +2,7 @@
 
 import torch
 
-from trainer.metrics import EvalAccumulator
+from trainer.reporting.metrics import EvalAccumulator
 
 
 def test_metrics_match_direct_computation():

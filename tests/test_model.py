@@ -1,4 +1,4 @@
-"""Tests for trainer/model.py: building, weights loading (incl. the lite0 key mapping), layer ids."""
+"""Tests for trainer/models/: building, weights loading (incl. the lite0 key mapping), layer ids."""
 
 import glob
 
@@ -6,18 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.model import (
+from trainer.models.build import build_model, expected_weights_path
+from trainer.models.classifier import ImageClassifier, Preprocessing
+from trainer.models.efficientnet_lite import (
     LITE0_BACKBONE,
     LITE0_PACKAGE,
-    ImageClassifier,
-    Preprocessing,
-    build_model,
-    expected_weights_path,
-    group_names,
-    layer_ids,
     load_lite0_package_weights,
     map_efficientnet_pytorch_to_timm,
 )
+from trainer.models.layers import group_names, layer_ids
 
 VAL = "/work/shared/data/hymenoptera_data/val"
 

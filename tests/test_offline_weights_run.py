@@ -1,5 +1,5 @@
 """Failure case 15 through the real run path: ``model.weights=default`` on an offline node with an empty
-cache. ``trainer/run.py`` calls ``trainer.weights.ensure_weights`` (local rank 0 checks/fetches, the
+cache. ``trainer/train/trainer.py`` calls ``trainer.models.weights.ensure_weights`` (local rank 0 checks/fetches, the
 others wait) before building the model, so both ranks fail fast with one line naming the expected
 file and the prefetch command, instead of a socket time-out or a hang. (Cache layout, truncated
 files and the one-downloader rule are unit-tested in tests/test_weights.py.)
@@ -11,7 +11,6 @@ import subprocess
 import time
 
 import pytest
-
 from helpers.launch_util import REPO, accelerate_cmd, child_env
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
 

@@ -1,9 +1,13 @@
-"""Tests for trainer/param_groups.py (pure)."""
+"""Tests for trainer/finetune/param_groups.py (pure)."""
 
 import pytest
 import torch
 
-from trainer.param_groups import build_param_groups, format_group_table, is_no_decay
+from trainer.finetune.param_groups import (
+    build_param_groups,
+    format_group_table,
+    is_no_decay,
+)
 
 PARAMS = [
     ("backbone.pos_embed", (1, 197, 64)),
@@ -84,7 +88,8 @@ def test_every_parameter_exactly_once_errors():
 
 
 def test_real_model_builds_optimizer():
-    from trainer.model import build_model, layer_ids
+    from trainer.models.build import build_model
+    from trainer.models.layers import layer_ids
 
     model, _ = build_model("resnet18", 3, "none")
     layer_of, n = layer_ids(model, "resnet18")

@@ -5,17 +5,17 @@ CPU-only, tiny models, milliseconds (no data, no subprocess).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from helpers.fake_accelerator import CpuAccelerator
 from torch import nn
 
-from trainer.config import ConfigError, load_config
-from trainer.freezing import apply_phase, frozen_entirely
-from trainer.loop import train_step
-from trainer.model import ImageClassifier
-from trainer.schedule import Phase
-from helpers.fake_accelerator import CpuAccelerator
+from trainer.config.loading import load_config
+from trainer.config.schema import ConfigError
+from trainer.finetune.freezing import apply_phase, frozen_entirely
+from trainer.finetune.schedule import Phase
+from trainer.models.classifier import ImageClassifier
+from trainer.train.loop import train_step
 
 
 def _tiny(num_classes: int = 3) -> tuple[ImageClassifier, dict[str, int]]:
@@ -130,7 +130,7 @@ def test_config_switches():
 
 
 def test_normalize_keeps_device_and_values():
-    from trainer.transforms import normalize
+    from trainer.data.transforms import normalize
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     y = normalize(x, torch.tensor([0.5, 0.5, 0.5]), (0.5, 0.25, 1.0))
     assert y.is_contiguous(memory_format=torch.channels_last)

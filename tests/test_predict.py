@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers.realdata import HYMENOPTERA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +37,10 @@ def read(path):
 
 def test_topk_columns_and_tta_average(setup):
     from predict import main, predict_logits
-    from trainer.checkpoint import load_for_inference
-    from trainer.transforms import build_transforms, decode_image_bytes, normalize
+
+    from trainer.data.decode import decode_image_bytes
+    from trainer.data.transforms import build_transforms, normalize
+    from trainer.train.checkpoint import load_for_inference
 
     root, ckpt = setup
     acc = main(str(ckpt), str(root / "images"), out=str(root / "plain.csv"), topk=2)

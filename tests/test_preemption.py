@@ -3,7 +3,7 @@
 * SIGUSR1 (and separately SIGTERM alone) sent to rank 1 only, mid-training, 2 processes under
   ``accelerate launch``: the handler only sets a flag, both ranks agree at the next step, one
   checkpoint ``last.pt`` is written atomically (no temp file left) with the stop reason, and the job
-  exits 0 (so the batch script requeues it; ``trainer/signals.py``). Resuming then continues from it.
+  exits 0 (so the batch script requeues it; ``trainer/dist/signals.py``). Resuming then continues from it.
 * ``kill -9`` of a process in the middle of ``checkpoint.atomic_save`` of a large checkpoint: the
   previous ``last.pt`` is intact and is what ``latest_checkpoint`` returns; the temp file is ignored.
 """
@@ -18,10 +18,18 @@ import textwrap
 
 import pytest
 import torch
-
-from helpers.launch_util import REPO, accelerate_cmd, child_env, last_train_step, rank_pid, read_metrics, wait_for
+from helpers.launch_util import (
+    REPO,
+    accelerate_cmd,
+    child_env,
+    last_train_step,
+    rank_pid,
+    read_metrics,
+    wait_for,
+)
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
-from trainer import checkpoint as ckpt_lib
+
+from trainer.train import checkpoint as ckpt_lib
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +85,7 @@ def test_signal_to_one_rank_real_trainer(images, tmp_path, sig):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from trainer import checkpoint as ckpt_lib
+    from trainer.train import checkpoint as ckpt_lib
     big = {"format_version": ckpt_lib.FORMAT_VERSION, "kind": "resume", "step": 2,
            "model": {f"w{i}": torch.randn(1024, 1024) for i in range(96)}}  # ~400 MB
     print("writing", flush=True)

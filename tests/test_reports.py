@@ -1,4 +1,4 @@
-"""Plots, error analysis and the predictions CSV of the best model (trainer/reports.py)."""
+"""Plots, error analysis and the predictions CSV of the best model (trainer/reporting/)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.realdata import (
+    HYMENOPTERA,
+    free_port,
+    run_metrics,
+    subset_folder,
+    tiny_overrides,
+)
 from PIL import Image
 
-from helpers.realdata import HYMENOPTERA, free_port, run_metrics, subset_folder, tiny_overrides
-from trainer import reports as R
+from trainer.reporting import plots, predictions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +49,8 @@ class FakeAccelerator:
 
 def test_collector_split_over_ranks_equals_single_process(monkeypatch):
     batches = fake_batches()
-    single = R.PredictionCollector(num_mistakes=5)
-    ranks = [R.PredictionCollector(num_mistakes=5), R.PredictionCollector(num_mistakes=5)]
+    single = predictions.PredictionCollector(num_mistakes=5)
+    ranks = [predictions.PredictionCollector(num_mistakes=5), predictions.PredictionCollector(num_mistakes=5)]
     for i, (batch, logits) in enumerate(batches):
         single(batch, logits)
         ranks[i % 2](batch, logits)  # the way EvalLoader deals batches to 2 ranks
@@ -63,7 +69,7 @@ def test_collector_split_over_ranks_equals_single_process(monkeypatch):
 
 def test_gather_rejects_duplicate_keys(monkeypatch):
     batch, logits = fake_batches(n=8)[0]
-    a, b = R.PredictionCollector(), R.PredictionCollector()
+    a, b = predictions.PredictionCollector(), predictions.PredictionCollector()
     a(batch, logits)
     b(batch, logits)
     monkeypatch.setattr("accelerate.utils.gather_object", lambda objs: [a.local(), b.local()])
@@ -72,11 +78,11 @@ def test_gather_rejects_duplicate_keys(monkeypatch):
 
 
 def test_predictions_csv_has_every_sample_once(tmp_path):
-    col = R.PredictionCollector()
+    col = predictions.PredictionCollector()
     for batch, logits in fake_batches(n=20):
         col(batch, logits)
     pred = col.gather(None)
-    path = R.write_predictions_csv(pred, ["a", "b", "c"], tmp_path / "p.csv")
+    path = predictions.write_predictions_csv(pred, ["a", "b", "c"], tmp_path / "p.csv")
     rows = list(csv.DictReader(path.open()))
     assert [r["key"] for r in rows] == pred.keys and len(rows) == 20
     for r, p in zip(rows, pred.probs):
@@ -91,20 +97,20 @@ def test_plots_are_written_for_few_and_many_classes(tmp_path):
         cm = rng.poisson(0.3, (c, c))
         cm[np.arange(c), np.arange(c)] += 10
         names = [f"class_{i}" for i in range(c)]
-        w, h = png_size(R.plot_confusion_matrix(cm, names, tmp_path / f"cm{c}.png"))
-        if c <= R.MAX_MATRIX_CLASSES:  # a square matrix with >= 10 px per class at 100 dpi
+        w, h = png_size(plots.plot_confusion_matrix(cm, names, tmp_path / f"cm{c}.png"))
+        if c <= plots.MAX_MATRIX_CLASSES:  # a square matrix with >= 10 px per class at 100 dpi
             assert w >= 10 * c and h >= 10 * c
         else:  # the top-confused pairs chart
             assert h < 10 * c
         acc = (cm.diagonal() / cm.sum(1)).tolist()
-        R.plot_per_class_accuracy(acc, names, tmp_path / f"pc{c}.png", class_counts=cm.sum(1).tolist())
+        plots.plot_per_class_accuracy(acc, names, tmp_path / f"pc{c}.png", class_counts=cm.sum(1).tolist())
     with pytest.raises(ValueError, match="expected \\(3, 3\\)"):
-        R.plot_confusion_matrix(np.eye(2), ["a", "b", "c"], tmp_path / "bad.png")
+        plots.plot_confusion_matrix(np.eye(2), ["a", "b", "c"], tmp_path / "bad.png")
 
 
 def test_top_confused_pairs():
     cm = np.array([[5, 3, 0], [1, 7, 4], [0, 0, 9]])
-    assert R.top_confused_pairs(cm, k=2) == [(1, 2, 4, 4 / 12), (0, 1, 3, 3 / 8)]
+    assert plots.top_confused_pairs(cm, k=2) == [(1, 2, 4, 4 / 12), (0, 1, 3, 3 / 8)]
 
 
 def test_training_curves_from_a_resumed_metrics_file(tmp_path):
@@ -113,20 +119,20 @@ def test_training_curves_from_a_resumed_metrics_file(tmp_path):
     rows += [{"step": 3, "val/loss": 0.5, "val/top1": 0.7, "val/balanced_acc": 0.6}]
     rows += [{"step": 3, "train/loss": 0.2, "lr/head": 1e-3, "lr/layer00": 1e-4}]  # logged again after resume
     m.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "train/lo')  # cut by a crash
-    series = R.read_metrics(m)
+    series = plots.read_metrics(m)
     steps, vals = series["train/loss"]
     assert steps.tolist() == [1, 2, 3] and vals.tolist() == pytest.approx([1.0, 0.5, 0.2])
-    assert R._same_series(series, ["lr/head", "lr/layer00"]) == [["lr/head"], ["lr/layer00"]]
-    w, h = png_size(R.plot_training_curves(m, tmp_path / "curves.png"))
+    assert plots._same_series(series, ["lr/head", "lr/layer00"]) == [["lr/head"], ["lr/layer00"]]
+    w, h = png_size(plots.plot_training_curves(m, tmp_path / "curves.png"))
     assert w > 1000 and h > 300
 
 
 def test_mistakes_grid_and_empty_grid(tmp_path):
-    ms = [R.Mistake(prob=0.9 - i / 100, key=f"val/a/{i}", true=0, pred=1, true_prob=0.1,
+    ms = [predictions.Mistake(prob=0.9 - i / 100, key=f"val/a/{i}", true=0, pred=1, true_prob=0.1,
                     image=np.full((3, 32, 32), 40 * i, dtype=np.uint8)) for i in range(6)]
-    w, h = png_size(R.plot_mistakes(ms, ["ants", "bees"], tmp_path / "m.png", num_wrong=9, num_samples=50))
+    w, h = png_size(predictions.plot_mistakes(ms, ["ants", "bees"], tmp_path / "m.png", num_wrong=9, num_samples=50))
     assert w > 1000 and h > 500  # 4 columns x 2 rows of ~300 px panels
-    png_size(R.plot_mistakes([], ["ants", "bees"], tmp_path / "none.png", num_wrong=0, num_samples=50))
+    png_size(predictions.plot_mistakes([], ["ants", "bees"], tmp_path / "none.png", num_wrong=0, num_samples=50))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
-"""Tests for trainer/schedule.py (pure)."""
+"""Tests for trainer/finetune/schedule.py (pure)."""
 
 import math
 
 import pytest
 
-from trainer.schedule import Phase, build_phases, group_lr, lr_factor, phase_index_at
+from trainer.finetune.schedule import (
+    Phase,
+    build_phases,
+    group_lr,
+    lr_factor,
+    phase_index_at,
+)
 
 
 def test_lr_factor_warmup_then_cosine():

@@ -13,12 +13,16 @@ uninterrupted 2-process run of the same config. Costs about 2-3 minutes on 2 cor
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest
-
-from helpers.launch_util import REPO, accelerate_cmd, child_env, last_train_step, read_metrics
+from helpers.launch_util import (
+    REPO,
+    accelerate_cmd,
+    child_env,
+    last_train_step,
+    read_metrics,
+)
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,

@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.realdata import run_metrics
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from helpers.realdata import run_metrics
-from trainer.freezing import apply_phase, frozen_entirely
-from trainer.model import LITE0_BACKBONE, build_model, layer_ids
-from trainer.schedule import Phase
+from trainer.finetune.freezing import apply_phase, frozen_entirely
+from trainer.finetune.schedule import Phase
+from trainer.models.build import build_model
+from trainer.models.efficientnet_lite import LITE0_BACKBONE
+from trainer.models.layers import layer_ids
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = Path(os.environ.get("TRAINER_TEST_IMAGES", "/work/shared/data/hymenoptera_data"))
@@ -44,7 +46,7 @@ needs_images = pytest.mark.skipif(not IMAGES.is_dir(), reason=f"ants/bees images
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
     """Shards of 4 samples from the first 8 train / 4 val images of each class (4 train, 2 val shards)."""
-    from trainer.shards import write_shards
+    from trainer.data.shard_writer import write_shards
 
     root = tmp_path_factory.mktemp("tiny_images")
     for split, n in (("train", N_TRAIN_PER_CLASS), ("val", N_VAL_PER_CLASS)):

@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers.realdata import HYMENOPTERA, free_port, run_metrics, subset_folder, tiny_overrides
+from helpers.realdata import (
+    HYMENOPTERA,
+    free_port,
+    run_metrics,
+    subset_folder,
+    tiny_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -76,7 +81,7 @@ def test_two_process_ddp_run_keeps_replicas_identical(data):
     assert ev["val/num_samples"] == 24  # every val sample counted exactly once across ranks
     assert ev["ddp/replica_max_abs_diff"] == 0.0
     # weights really moved (fine-tuning everything): compare with the pretrained backbone
-    from trainer.model import build_model
+    from trainer.models.build import build_model
     ref, _ = build_model("timm:tf_efficientnet_lite0", 2, "package:efficientnet-lite0")
     last = torch.load(out / "checkpoints/last.pt", map_location="cpu", weights_only=False)
     moved = [k for k, v in ref.state_dict().items() if k.startswith("backbone.") and v.is_floating_point()

@@ -1,4 +1,4 @@
-"""trainer/transforms.py: the fused decode + RandomResizedCrop training transform.
+"""trainer/data/transforms.py: the fused decode + RandomResizedCrop training transform.
 
 Checks that ``RandomResizedCropFlip`` is the torchvision pipeline it replaces (exactly, on the
 same RNG state), that reduced-size JPEG decoding happens when the crop allows it and stays close to
@@ -18,9 +18,14 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-import trainer.transforms as T
-from trainer.transforms import (ImageDecodeError, RandomResizedCropFlip, apply_orientation, build_transforms,
-                                decode_image_bytes, jpeg_exif_orientation)
+import trainer.data.transforms as T
+from trainer.data.decode import (
+    ImageDecodeError,
+    apply_orientation,
+    decode_image_bytes,
+    jpeg_exif_orientation,
+)
+from trainer.data.transforms import RandomResizedCropFlip, build_transforms
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from realdata import HYMENOPTERA  # noqa: E402

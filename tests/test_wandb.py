@@ -18,11 +18,18 @@ import subprocess
 import sys
 
 import pytest
-
-from helpers.launch_util import REPO, accelerate_cmd, child_env, last_train_step, read_metrics, wait_for
+from helpers.launch_util import (
+    REPO,
+    accelerate_cmd,
+    child_env,
+    last_train_step,
+    read_metrics,
+    wait_for,
+)
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
 from helpers.wandb_offline import summary
-from trainer import checkpoint as ckpt_lib
+
+from trainer.train import checkpoint as ckpt_lib
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"needs {HYMENOPTERA}")]
 

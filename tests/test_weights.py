@@ -1,4 +1,4 @@
-"""trainer/weights.py: offline weights cache (failure case 15)."""
+"""trainer/models/weights.py: offline weights cache (failure case 15)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchvision.models import ResNet18_Weights
 
-from trainer import weights as W
+from trainer.models import weights as W
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -189,7 +189,7 @@ def test_rank_zero_failure_does_not_hang_others(cache, tmp_path, monkeypatch):
 WORKER = textwrap.dedent("""
     import os, sys
     import torch.distributed as dist
-    from trainer.weights import ensure_weights
+    from trainer.models.weights import ensure_weights
     dist.init_process_group("gloo")
     try:
         ensure_weights("resnet18", local_rank=int(os.environ["LOCAL_RANK"]), barrier=dist.barrier)

@@ -2,7 +2,7 @@
 
 The same command without ``accelerate launch`` (``python trainer/main.py ...``) is a single-process
 run, for debugging. ``--dry_run`` prints the parameter-group table of the unfreeze timetable and
-exits without training. Every option is documented in ``trainer/config.py``; a YAML file holds only
+exits without training. Every option is documented in ``trainer/config/schema.py``; a YAML file holds only
 what differs from those defaults, and ``--section.key=value`` overrides win over the file.
 
 Examples::
@@ -25,7 +25,8 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import fire  # noqa: E402
 
-from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.config.loading import load_config
+from trainer.config.schema import ConfigError  # noqa: E402
 
 
 def _error_line(message: str) -> None:
@@ -39,22 +40,22 @@ def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
 
     Exits with status 2 and one line naming the field or file on a configuration error; with status 3
     and one line on a launch/rendezvous error (``DistributedSetupError``) or unavailable / corrupt
-    pretrained weights (``trainer.weights``). A run stopped by SIGUSR1/SIGTERM exits 0 after its
-    checkpoint (``trainer/signals.py``).
+    pretrained weights (``trainer.models.weights``). A run stopped by SIGUSR1/SIGTERM exits 0 after its
+    checkpoint (``trainer/dist/signals.py``).
     """
     try:
         cfg = load_config(config, overrides)
         if dry_run:
-            from trainer.dryrun import print_group_table
+            from trainer.finetune.dryrun import print_group_table
             print_group_table(cfg)
             return
-        from trainer.run import run
+        from trainer.train.trainer import run
         try:
             run(cfg)  # also returns normally after a preemption checkpoint: exit 0, the job requeues
         finally:
             # destroy the process group: without it gloo aborts at exit (SIGABRT) and the launcher
             # reports the run as failed
-            from trainer.distributed import shutdown
+            from trainer.dist.accelerator import shutdown
             shutdown()
     except ConfigError as e:
         _error_line(f"config error: {e}")
@@ -62,8 +63,8 @@ def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
     except Exception as e:
         # setup errors whose message says everything (launch variables, rendezvous, offline weights):
         # one line instead of a traceback per rank
-        from trainer.distributed import DistributedSetupError
-        from trainer.weights import CorruptWeightsError, WeightsUnavailableError
+        from trainer.dist.accelerator import DistributedSetupError
+        from trainer.models.weights import CorruptWeightsError, WeightsUnavailableError
         if isinstance(e, (DistributedSetupError, WeightsUnavailableError, CorruptWeightsError)):
             _error_line(f"error: {type(e).__name__}: {e}")
             sys.exit(3)

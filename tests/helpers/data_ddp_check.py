@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainer.data import EvalLoader, TrainLoader, resolve_shards, steps_per_epoch  # noqa: E402
-from trainer.transforms import build_transforms  # noqa: E402
+from trainer.data.loader import EvalLoader, TrainLoader  # noqa: E402
+from trainer.data.sources import resolve_shards, steps_per_epoch
+from trainer.data.transforms import build_transforms  # noqa: E402
 
 
 def main(shard_dir: str, out: str) -> None:

@@ -1,7 +1,7 @@
 """Test helper (failure case 9): train across a phase change under DDP and save every rank's weights.
 
 Run under ``accelerate launch --multi_gpu --num_processes 2 tests/helpers/ddp_phase_step.py OUT MODES``
-(or torchrun). It uses the trainer's own pieces the way ``trainer/run.py`` does: ``build_model`` +
+(or torchrun). It uses the trainer's own pieces the way ``trainer/train/trainer.py`` does: ``build_model`` +
 ``layer_ids``, one ``build_optimizer`` for the whole run, ``apply_phase`` then ``wrap_ddp`` at each
 phase change, and ``train_step``. Each rank feeds *different* random images (seeded by rank), so
 ranks only stay identical if DDP all-reduces the gradients of exactly the trainable parameters.
@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import FinetuneConfig, OptimConfig
-from trainer.distributed import make_accelerator, unwrap, wrap_ddp
-from trainer.freezing import apply_phase
-from trainer.loop import train_step
-from trainer.model import build_model, layer_ids
-from trainer.optim import build_optimizer
-from trainer.schedule import Phase
+from trainer.config.schema import FinetuneConfig, OptimConfig
+from trainer.dist.accelerator import make_accelerator, unwrap, wrap_ddp
+from trainer.finetune.freezing import apply_phase
+from trainer.finetune.optim import build_optimizer
+from trainer.finetune.schedule import Phase
+from trainer.models.build import build_model
+from trainer.models.layers import layer_ids
+from trainer.train.loop import train_step
 
 STEPS = 2  # optimizer steps per epoch
 MICRO, ACCUM, SIZE = 2, 2, 64  # micro batch, grad accumulation, image side (pixels)

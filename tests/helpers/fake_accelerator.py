@@ -1,4 +1,4 @@
-"""A stand-in for the parts of ``accelerate.Accelerator`` that ``trainer.loop`` uses, for one CPU process."""
+"""A stand-in for the parts of ``accelerate.Accelerator`` that ``trainer.train.loop`` uses, for one CPU process."""
 
 import torch
 

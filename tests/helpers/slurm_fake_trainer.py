@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer.signals import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
+from trainer.dist.signals import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,9 @@
+"""Data, from the user's files to uint8 batches.
+
+- ``prepare``: download / write shards once / read metadata (main process), ``shard_writer``: image
+  files -> WebDataset shards, ``meta``: ``dataset.json``;
+- ``sources``: shard specs -> shard lists, ``stream`` / ``loader``: rank- and worker-split streams;
+- ``decode``: bytes -> RGB uint8, ``transforms``: crops, flips, normalization.
+
+May import ``trainer.config`` and ``trainer.utils``.
+"""

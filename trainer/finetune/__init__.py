@@ -1,0 +1,6 @@
+"""What trains, and how fast: ``schedule`` (lr schedule, unfreeze timetable), ``freezing``
+(``requires_grad`` and BatchNorm mode), ``param_groups`` (layer-wise lr, no decay on norms/biases),
+``optim`` (one optimizer over named groups), ``losses``, ``dryrun`` (the group table).
+
+May import ``trainer.config``, ``trainer.models`` and ``trainer.utils``.
+"""

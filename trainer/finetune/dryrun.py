@@ -1,0 +1,56 @@
+"""Dry run: the parameter-group table of a config, without data loading or training.
+
+``python trainer/main.py --config configs/x.yaml --dry_run`` prints, for every optimizer group
+(layer id x weight-decay class), its layer name, parameter count, peak lr, weight decay, and whether
+it trains in each phase of the unfreeze timetable. Nothing is downloaded: the backbone is built
+with random weights (the table depends only on the architecture).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer.config.schema import Config
+from trainer.finetune.freezing import trainable_layer_ids
+from trainer.finetune.param_groups import build_param_groups, format_group_table
+from trainer.finetune.schedule import build_phases_for
+from trainer.models.build import build_model
+from trainer.models.layers import group_names, layer_ids
+
+
+def group_table(cfg: Config, num_classes: int | None = None) -> str:
+    """The dry-run table for ``cfg`` (see module docstring) as text.
+
+    Args:
+        num_classes: head size; default from ``data.shard_dir/dataset.json`` if present, else 2.
+    """
+    if num_classes is None:
+        meta = Path(cfg.data.meta or Path(cfg.data.shard_dir) / "dataset.json")
+        num_classes = len(json.loads(meta.read_text())["classes"]) if meta.is_file() else 2
+    model, _ = build_model(cfg.model.backbone, num_classes, "none", drop_rate=cfg.model.drop_rate)
+    layer_of, num_layers = layer_ids(model, cfg.model.backbone)
+    names = group_names(model, cfg.model.backbone)
+    phases = build_phases_for(cfg, num_layers)
+    lr_scale = None
+    if cfg.finetune.layer_lr_scale is not None:
+        lr_scale = {int(k): float(v) for k, v in cfg.finetune.layer_lr_scale.items()}
+    params = dict(model.named_parameters())
+    groups = build_param_groups([(n, tuple(p.shape)) for n, p in params.items()], layer_of, num_layers,
+                                weight_decay=cfg.optim.weight_decay, layer_decay=cfg.finetune.layer_decay,
+                                layer_lr_scale=lr_scale)
+    for g in groups:
+        g["name"] = f"{g['name']} ({names[g['layer_id']]})"
+    table = format_group_table(groups, {n: p.numel() for n, p in params.items()}, cfg.optim.lr,
+                               [trainable_layer_ids(p, num_layers) for p in phases])
+    timeline = "\n".join(f"  phase{i}: from epoch {p.start_epoch}: train={p.train} lr_scale={p.lr_scale} "
+                         f"warmup_steps={p.warmup_steps}" for i, p in enumerate(phases))
+    return (f"backbone {cfg.model.backbone}: {num_layers} layer ids (0 = stem, {num_layers - 1} = head), "
+            f"{num_classes} classes\nphases:\n{timeline}\n{table}")
+
+
+def print_group_table(cfg: Config) -> None:
+    """Print :func:`group_table`."""
+    print(group_table(cfg))
+
+

@@ -1,0 +1,193 @@
+"""Checkpoints: atomic writes, the latest complete one for resume, a self-contained best model.
+
+Two files live in ``<output_dir>/checkpoints/``:
+
+* ``last.pt`` - everything needed to continue: model, optimizer state matched by parameter *name*,
+  grad scaler, RNG states of every rank, epoch / step / samples_seen, unfreeze phase, class map,
+  W&B run id, early-stopping state and the resolved config.
+* ``best.pt`` - a self-contained model for inference (``launch/predict.py``, ``launch/export.py``):
+  weights, class names, backbone name, preprocessing (input size, mean, std), config.
+
+Every write goes to a temporary file in the same folder, is flushed to disk and then renamed over
+the target (``os.replace`` is atomic on POSIX), so a crash or ``kill -9`` in the middle of a write
+leaves the previous checkpoint intact and never a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or does not fit the run (message names the file and the mismatch)."""
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` via a temp file + fsync + rename (never a partial file at ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """``last.pt`` in the run's checkpoint folder if present (temp files are never considered)."""
+    path = checkpoint_dir(output_dir) / "last.pt"
+    return path if path.is_file() else None
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint dict on CPU.
+
+    Raises:
+        CheckpointError: missing, truncated or not a checkpoint of this project (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle error, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer (format_version "
+                              f"{FORMAT_VERSION} expected)")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state by parameter name
+
+
+def optimizer_state_by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:
+    """Optimizer state keyed by parameter name, plus each group's hyper-parameters keyed by group name.
+
+    Args:
+        names: ``id(param) -> parameter name``.
+    """
+    state = {names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+             for p, s in optimizer.state.items()}
+    groups = {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups}
+    return {"state": state, "groups": groups}
+
+
+def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, names: dict[int, str],
+                                 source: str = "checkpoint") -> None:
+    """Restore :func:`optimizer_state_by_name` output into ``optimizer`` (built the same way).
+
+    Each parameter's state (e.g. AdamW's ``exp_avg``) is matched by name, each group's
+    hyper-parameters by group name, so a different group order cannot misplace state.
+
+    Raises:
+        CheckpointError: a group or parameter of the checkpoint is missing in this optimizer (or the
+            reverse for groups), naming it.
+    """
+    by_name = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            by_name[names[id(p)]] = p
+    missing_groups = set(saved["groups"]) ^ {g["name"] for g in optimizer.param_groups}
+    if missing_groups:
+        raise CheckpointError(f"{source}: optimizer groups differ from this run's: {sorted(missing_groups)}")
+    for g in optimizer.param_groups:
+        for k, v in saved["groups"][g["name"]].items():
+            g[k] = v
+    for name, s in saved["state"].items():
+        if name not in by_name:
+            raise CheckpointError(f"{source}: optimizer state for unknown parameter '{name}'")
+        p = by_name[name]
+        optimizer.state[p] = {k: (v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v)
+                              for k, v in s.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG
+
+
+def rng_state() -> dict:
+    """This process's Python, NumPy, torch (and CUDA) RNG states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# inference checkpoint
+
+
+def inference_payload(model_state: dict, *, class_names: list[str], backbone: str,
+                      preprocessing: dict, config: dict, metrics: dict) -> dict:
+    """The dict stored as ``best.pt``: everything needed to rebuild and run the model offline."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "inference",
+        "model": model_state,
+        "class_names": list(class_names),
+        "backbone": backbone,
+        "drop_rate": config["model"]["drop_rate"],
+        "preprocessing": preprocessing,
+        "config": config,
+        "metrics": metrics,
+    }
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model of a ``best.pt`` / ``last.pt`` checkpoint without any download.
+
+    Returns:
+        (model in eval mode on ``device``, Preprocessing, class_names)
+
+    Raises:
+        CheckpointError: unreadable file, or weights that do not fit the stored backbone / class count.
+    """
+    from trainer.models.build import build_model
+    from trainer.models.classifier import Preprocessing
+
+    ckpt = load(path)
+    class_names = ckpt["class_names"]
+    model, _ = build_model(ckpt["backbone"], len(class_names), weights="none",
+                           drop_rate=ckpt.get("drop_rate", 0.0))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit backbone {ckpt['backbone']} with "
+                              f"{len(class_names)} classes: {e}") from e
+    pre = Preprocessing(**ckpt["preprocessing"])
+    return model.to(device).eval(), pre, class_names
+
+

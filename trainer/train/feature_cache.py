@@ -1,0 +1,238 @@
+"""Feature cache: compute a frozen backbone's features once, then train and evaluate only the head.
+
+When the backbone is frozen entirely (``trainer.finetune.freezing.frozen_entirely``: feature extraction) and
+the training transform is deterministic (``data.augment: none``), every epoch feeds the backbone the
+same pixels and gets the same features back. With ``train.feature_cache: true`` the run therefore:
+
+1. **first epoch** (while frozen): trains as usual and records, through a forward hook on
+   ``model.backbone``, the ``(B, F)`` features of every training micro-batch of this rank together
+   with its labels and sample keys (each key once: the last batch of an epoch may repeat samples);
+   the first evaluation records the validation features (and the uint8 images, which the
+   best-model reports need for the mistakes grid) in loader order;
+2. **later epochs**: the loader is not started at all. Each rank draws ``num_batches`` micro-batches
+   of ``micro_batch_size`` from *its own* cached samples, in a fresh permutation per epoch (seeded
+   by ``(seed, epoch, rank)``, cycling when more samples are needed than cached), and evaluation
+   replays the cached validation batches. Batches are ``{"features": (B, F) float32, "label": (B,)
+   int64, "key": [str], "skipped": []}``; ``trainer.train.loop`` then runs only the head
+   (``ImageClassifier.forward(features, features=True)``, through the DDP wrapper so gradients
+   are still all-reduced).
+
+Per rank: each rank caches the samples it read in the first epoch (``trainer.data`` gives each rank
+its own shards) and every rank still runs the same number of micro-batches per epoch, so
+collectives stay matched. The cache lives in host memory: ``N x F x 4`` bytes for features
+(245 train samples x 1280 floats = 1.3 MB for ants/bees with EfficientNet-Lite0), plus
+``3 x S x S`` bytes per validation image (150 KB at 224 px). It is dropped as soon as a phase
+unfreezes any backbone parameter (features change), and rebuilt if a later phase freezes it again.
+
+Assumptions (checked where possible): the frozen backbone is deterministic in train mode (no dropout
+or stochastic depth inside the backbone; frozen BatchNorm runs in eval mode, ``trainer.finetune.freezing``).
+A run resumed in the middle of an epoch records from the next full epoch on.
+
+This is the classic "precompute bottleneck features" recipe (e.g. Keras' transfer-learning guide,
+Yosinski et al. 2014 for frozen-feature transfer); accuracy matches an uncached run with
+``augment: none`` up to the order in which samples are drawn (see the README for measured figures).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from trainer.finetune.freezing import frozen_entirely
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FeatureCache"]
+
+
+def _seed_int(text: str) -> int:
+    """Stable 63-bit seed from a string (independent of PYTHONHASHSEED)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+class _Recorder:
+    """Forward hook on ``backbone`` pairing each forward's output with the batch yielded just before it.
+
+    After ``target`` records (if given) the hook removes itself and calls ``on_done(records)``: the
+    caller's last ``next()`` is followed by a forward but never by another ``next()``, so the
+    generator that yields the batches cannot see the end itself.
+    """
+
+    def __init__(self, backbone: nn.Module, target: int | None = None, on_done=None):
+        self.pending: dict | None = None
+        self.records: list[tuple[torch.Tensor, dict]] = []
+        self.target, self.on_done = target, on_done
+        self.handle = backbone.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args, output: torch.Tensor) -> None:
+        if self.pending is None:  # a forward not fed by the recorded stream
+            return
+        batch, self.pending = self.pending, None
+        feats = output.detach().reshape(output.shape[0], -1)
+        # an explicit copy: .float().cpu() of a CPU float32 tensor would alias the activation
+        self.records.append((feats.to("cpu", torch.float32, copy=True), batch))
+        if self.target is not None and len(self.records) == self.target:
+            self.close()
+            if self.on_done is not None:
+                self.on_done(self.records)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+class FeatureCache:
+    """Per-rank cache of frozen-backbone features for the training and validation splits.
+
+    Args:
+        seed: base seed of the per-epoch sample order (``train.seed``).
+        rank: this process's rank (only used in the seed: each rank draws from its own samples).
+        micro_batch_size: samples per cached training batch (``train.micro_batch_size``).
+
+    Use (``trainer/train/trainer.py``)::
+
+        cache = FeatureCache(seed=cfg.train.seed, rank=rank, micro_batch_size=cfg.train.micro_batch_size)
+        batches = cache.train_batches(model, train_loader.epoch(e, n), epoch=e, num_batches=n)
+        ...train_step(ddp_model, batches, ...)
+        res = evaluate(model, cache.eval_batches(model, eval_loader), ...)
+    """
+
+    def __init__(self, *, seed: int, rank: int, micro_batch_size: int):
+        if micro_batch_size < 1:
+            raise ValueError(f"FeatureCache: micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.seed, self.rank, self.micro_batch_size = seed, rank, micro_batch_size
+        self.train_features: torch.Tensor | None = None  # (N, F) float32, CPU
+        self.train_labels: torch.Tensor | None = None  # (N,) int64
+        self.train_keys: list[str] = []
+        self.val_batches: list[dict] | None = None
+        self._warned = False
+
+    # ------------------------------------------------------------------------------------------
+    def usable(self, model: nn.Module) -> bool:
+        """Whether ``model``'s backbone (plain :class:`trainer.models.classifier.ImageClassifier`, not DDP) is frozen
+        entirely; if not, the cache is dropped (the features are about to change)."""
+        ok = frozen_entirely(model)
+        if not ok and (self.train_features is not None or self.val_batches is not None):
+            log.info("feature cache: backbone has trainable parameters now; cache dropped")
+            self.clear()
+        if not ok and not self._warned:
+            log.info("feature cache: inactive while the backbone trains (it only applies to a frozen backbone)")
+            self._warned = True
+        return ok
+
+    def clear(self) -> None:
+        """Forget all cached features."""
+        self.train_features, self.train_labels, self.train_keys, self.val_batches = None, None, [], None
+
+    @property
+    def num_train_samples(self) -> int:
+        """Distinct training samples cached on this rank (0 before the first complete epoch)."""
+        return 0 if self.train_features is None else int(self.train_features.shape[0])
+
+    # ------------------------------------------------------------------------------------------
+    def train_batches(self, model: nn.Module, loader_batches: Iterable[dict], *, epoch: int, num_batches: int,
+                      start_batch: int = 0) -> Iterator[dict]:
+        """This epoch's training micro-batches: from the cache if it is complete, else the loader's
+        (recorded, if this epoch starts at its first batch and the backbone is frozen).
+
+        Args:
+            model: the plain classifier (``trainer.dist.accelerator.unwrap``), whose ``backbone`` is hooked.
+            loader_batches: the loader's iterator for this epoch (``TrainLoader.epoch``; a generator,
+                so it reads nothing when the cache serves the epoch).
+            epoch: epoch number (seeds the sample order).
+            num_batches: micro-batches of this epoch (same on every rank).
+            start_batch: micro-batches the caller will skip (mid-epoch resume); recording needs 0.
+
+        Returns:
+            an iterator of exactly ``num_batches`` batches: loader batches, or ``{"features": (B, F)
+            float32, "label": (B,) int64, "key": list[str], "skipped": []}``.
+
+        Raises:
+            ValueError: ``num_batches < 1``.
+        """
+        if num_batches < 1:
+            raise ValueError(f"FeatureCache.train_batches: num_batches must be >= 1, got {num_batches}")
+        if not self.usable(model):
+            return iter(loader_batches)
+        if self.train_features is not None:
+            return self._cached_train(epoch, num_batches)
+        if start_batch != 0:
+            return iter(loader_batches)
+        return self._record_train(model, loader_batches, num_batches)
+
+    def _record_train(self, model: nn.Module, loader_batches: Iterable[dict], num_batches: int) -> Iterator[dict]:
+        rec = _Recorder(model.backbone, target=num_batches, on_done=self._store_train)
+        try:
+            for i, batch in enumerate(loader_batches):
+                if i == num_batches:
+                    break
+                rec.pending = batch
+                yield batch
+        finally:  # closed early (preemption, max_steps) or exhausted: never leave the hook behind
+            rec.close()
+
+    def _store_train(self, records: list[tuple[torch.Tensor, dict]]) -> None:
+        seen: dict[str, int] = {}
+        feats, labels, keys = [], [], []
+        for f, batch in records:
+            for j, key in enumerate(batch["key"]):
+                if key in seen:
+                    continue
+                seen[key] = len(keys)
+                keys.append(key)
+                feats.append(f[j])
+                labels.append(int(batch["label"][j]))
+        if not keys:
+            return
+        self.train_features = torch.stack(feats)
+        self.train_labels = torch.tensor(labels, dtype=torch.int64)
+        self.train_keys = keys
+        log.info("feature cache: %d training samples x %d features cached on rank %d", len(keys),
+                 self.train_features.shape[1], self.rank)
+
+    def _cached_train(self, epoch: int, num_batches: int) -> Iterator[dict]:
+        n, b = self.num_train_samples, self.micro_batch_size
+        g = torch.Generator().manual_seed(_seed_int(f"feature_cache/{self.seed}/{epoch}/{self.rank}"))
+        order = torch.empty(0, dtype=torch.int64)
+        for i in range(num_batches):
+            while order.numel() < b:
+                order = torch.cat([order, torch.randperm(n, generator=g)])
+            idx, order = order[:b], order[b:]
+            yield {"features": self.train_features[idx], "label": self.train_labels[idx],
+                   "key": [self.train_keys[j] for j in idx.tolist()], "skipped": []}
+
+    # ------------------------------------------------------------------------------------------
+    def eval_batches(self, model: nn.Module, loader: Iterable[dict]) -> Iterator[dict]:
+        """This evaluation's batches: cached ones if complete, else the loader's (recorded when frozen).
+
+        Cached batches hold ``features`` (B, F) float32, ``label``, ``key``, ``image`` (B, 3, S, S)
+        uint8 (for the reports) and an empty ``skipped``, in the order of the recorded pass.
+        """
+        if not self.usable(model):
+            return iter(loader)
+        if self.val_batches is not None:
+            return iter(self.val_batches)
+        return self._record_eval(model, loader)
+
+    def _record_eval(self, model: nn.Module, loader: Iterable[dict]) -> Iterator[dict]:
+        rec = _Recorder(model.backbone)
+        n = 0
+        try:
+            for batch in loader:
+                rec.pending = batch
+                n += 1
+                yield batch
+        finally:
+            rec.close()
+        if len(rec.records) != n:  # some batch was not forwarded: do not trust the pairing
+            log.warning("feature cache: %d validation batches but %d forwards; not cached", n, len(rec.records))
+            return
+        self.val_batches = [{"features": f, "label": batch["label"].cpu(), "key": list(batch["key"]),
+                             "image": batch["image"], "skipped": []} for f, batch in rec.records]
+        log.info("feature cache: %d validation samples cached on rank %d",
+                 sum(len(b["key"]) for b in self.val_batches), self.rank)
+
+
