@@ -23,13 +23,13 @@ and the largest logit difference is printed; above ``--atol`` the export fails.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
 import torch
 
 from trainer.train.checkpoint import load, load_for_inference
+from trainer.utils.files import atomic_write
 
 FORMATS = ("torchscript", "onnx")
 FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "preprocessing": "preprocessing.json"}
@@ -87,16 +87,6 @@ class LogitsModule(torch.nn.Module):
         return self.model(images)
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """Trace ``model`` (eval mode) on ``example: (B, 3, S, S) float32`` and save it with ``torch.jit.save``.
 
@@ -107,7 +97,7 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example, check_trace=False)
-        _atomic(path, lambda tmp: torch.jit.save(traced, str(tmp)))
+        atomic_write(path, lambda tmp: torch.jit.save(traced, str(tmp)))
     return path
 
 
@@ -124,7 +114,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        _atomic(path, lambda tmp: torch.onnx.export(
+        atomic_write(path, lambda tmp: torch.onnx.export(
             model, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
             do_constant_folding=True))
@@ -178,7 +168,7 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | tuple = F
     spec = preprocessing_spec(pre, class_names, backbone=meta["backbone"], metrics=meta.get("metrics"))
     spec["files"] = {f: FILES[f] for f in fmts}
     ppath = out / FILES["preprocessing"]
-    _atomic(ppath, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))
+    atomic_write(ppath, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))
     result["preprocessing"] = ppath
     if check:
         x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))

@@ -16,6 +16,7 @@ CSV columns: path, true (or empty), pred, prob (of pred), top-k labels and proba
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from trainer.data.decode import decode_image_bytes
 from trainer.data.transforms import build_transforms, normalize
 from trainer.train.checkpoint import load_for_inference
+from trainer.utils.files import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -103,11 +105,11 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
 
     header = (["path", "true", "pred", "prob"] + [f"top{i + 1}" for i in range(topk)]
               + [f"prob{i + 1}" for i in range(topk)] + [f"p_{c}" for c in classes])
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write(out, buf.getvalue())
     acc = correct / labelled if labelled else None
     print(f"wrote {len(rows)} predictions to {out}" + (f"; top-1 {acc:.4f} on {labelled} labelled images"
                                                       if acc is not None else ""))

@@ -11,6 +11,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from trainer.config.schema import Config, ConfigError
+from trainer.utils.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # type checking and merging
@@ -214,7 +215,7 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (the file ``load_config`` reads back to the same Config)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_dict(values: dict) -> Config:

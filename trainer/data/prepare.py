@@ -22,7 +22,7 @@ from pathlib import Path
 from trainer.config.schema import ConfigError, DataConfig
 from trainer.data.meta import DatasetMeta, read_meta
 from trainer.data.sources import resolve_shards
-from trainer.models.weights import sha256_file
+from trainer.utils.files import atomic_write, sha256_file
 
 log = logging.getLogger("trainer")
 
@@ -75,13 +75,13 @@ def download_image_folder(cfg: DataConfig) -> Path:
     archive.parent.mkdir(parents=True, exist_ok=True)
     if not archive.is_file():
         log.info("downloading %s -> %s", cfg.download_url, archive)
-        tmp = archive.with_name(archive.name + ".part")
-        try:
+        def download(tmp: Path) -> None:
             with urllib.request.urlopen(cfg.download_url, timeout=30) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
+        try:
+            atomic_write(archive, download)
         except OSError as e:
             raise ConfigError(f"data.download_url: cannot download {cfg.download_url}: {e}") from e
-        tmp.replace(archive)
     if cfg.download_sha256 and sha256_file(archive) != cfg.download_sha256:
         raise ConfigError(f"data.download_sha256: {archive} has SHA-256 {sha256_file(archive)}, "
                           f"expected {cfg.download_sha256} (delete it to download again)")

@@ -58,13 +58,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
+
+from trainer.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +241,7 @@ def _merge(classes: list[str], parts: Sequence[dict]) -> dict:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _report(meta: dict, strict: bool, out: Path) -> None:

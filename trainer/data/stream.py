@@ -40,7 +40,6 @@ of each sample), ``skipped`` list[str].
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -59,6 +58,7 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.data.decode import ImageDecodeError, decode_image_bytes
+from trainer.utils.seeds import seed_int
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ class BadSampleError(RuntimeError):
 
 class _BadSample(Exception):
     pass
-
-
-def _seed_int(text: str) -> int:
-    """Stable 63-bit seed from a string (independent of PYTHONHASHSEED)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 class _ScopedTorchRNG:
@@ -294,7 +289,7 @@ class _TrainStream(_StreamBase):
             n = state.samples_per_pass
             return None if n is None else n * (3 if self.resampled else 1) + margin
 
-        return self._guard(self._batches(items, state, _ScopedTorchRNG(_seed_int(f"augment/{reader}")), limit,
+        return self._guard(self._batches(items, state, _ScopedTorchRNG(seed_int(f"augment/{reader}")), limit,
                                          f"TrainLoader rank {self.rank} worker {worker}"))
 
 
@@ -326,7 +321,7 @@ class _EvalStream(_StreamBase):
         reader = self.rank * num_workers + worker
         state = _WorkerState()
         return self._guard(self._batches(self._raw(reader, state), state,
-                                         _ScopedTorchRNG(_seed_int(f"eval/{reader}")), lambda: None,
+                                         _ScopedTorchRNG(seed_int(f"eval/{reader}")), lambda: None,
                                          f"EvalLoader rank {self.rank} worker {worker}"))
 
 

@@ -39,7 +39,6 @@ that waits for a time-out on offline nodes) unless ``HF_HUB_OFFLINE=1``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import re
 import socket
@@ -49,6 +48,8 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
+
+from trainer.utils.files import sha256_file
 
 PREFETCH_COMMAND = "python launch/prefetch_weights.py {backbone}"
 PROBE_TIMEOUT_S = 3.0
@@ -191,15 +192,6 @@ def _cache_path(src: WeightsSource) -> Path:
         return cached
     folder = "models--" + src.hf_repo.replace("/", "--")
     return _hf_cache_dir() / folder / "snapshots" / (src.hf_revision or "<revision>") / src.hf_filenames[0]
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights_file(path: Path, hash_prefix: str | None = None) -> None:

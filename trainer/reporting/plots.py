@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from trainer.utils.files import atomic_write
+
 log = logging.getLogger("trainer")
 
 MAX_MATRIX_CLASSES = 100
@@ -66,10 +68,8 @@ def _short(name: str, n: int = 24) -> str:
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", facecolor="white")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight",
+                                                      facecolor="white"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import heapq
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from trainer.reporting.plots import DPI, _save, _short
+from trainer.utils.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # predictions and mistakes
@@ -165,17 +167,15 @@ def write_predictions_csv(pred: Predictions, class_names: Sequence[str], path: s
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     preds = pred.preds
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["key", "true", "pred", "prob"] + [f"p_{c}" for c in class_names])
-        for i, key in enumerate(pred.keys):
-            p = pred.probs[i]
-            w.writerow([key, class_names[pred.labels[i]], class_names[preds[i]], f"{p[preds[i]]:.6f}"]
-                       + [f"{v:.6f}" for v in p])
-    tmp.replace(path)
-    return path
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["key", "true", "pred", "prob"] + [f"p_{c}" for c in class_names])
+    for i, key in enumerate(pred.keys):
+        p = pred.probs[i]
+        w.writerow([key, class_names[pred.labels[i]], class_names[preds[i]], f"{p[preds[i]]:.6f}"]
+                   + [f"{v:.6f}" for v in p])
+    return atomic_write(path, buf.getvalue())
 
 
 def plot_mistakes(mistakes: Sequence[Mistake], class_names: Sequence[str], path: str | Path, *,

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.utils.files import atomic_write
+
 log = logging.getLogger("trainer")
 
 
@@ -84,9 +86,7 @@ def rewind_metrics(path: str | Path, step: int) -> int:
     if moved:
         with open(path.with_name("metrics.rewound.jsonl"), "a") as f:
             f.write("".join(m + "\n" for m in moved))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(k + "\n" for k in keep))
         log.info("resume at step %d: moved %d records logged after it from %s to metrics.rewound.jsonl",
                  step, len(moved), path.name)
     return len(moved)

@@ -8,20 +8,21 @@ Two files live in ``<output_dir>/checkpoints/``:
 * ``best.pt`` - a self-contained model for inference (``launch/predict.py``, ``launch/export.py``):
   weights, class names, backbone name, preprocessing (input size, mean, std), config.
 
-Every write goes to a temporary file in the same folder, is flushed to disk and then renamed over
-the target (``os.replace`` is atomic on POSIX), so a crash or ``kill -9`` in the middle of a write
-leaves the previous checkpoint intact and never a half-written file under the real name.
+Every write goes through :func:`trainer.utils.files.atomic_write` (temp file, fsync, rename), so a
+crash or ``kill -9`` in the middle of a write leaves the previous checkpoint intact and never a
+half-written file under the real name.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from trainer.utils.files import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -35,24 +36,11 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` via a temp file + fsync + rename (never a partial file at ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    """``torch.save`` to ``path`` via :func:`trainer.utils.files.atomic_write` (never a partial file)."""
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, write)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -35,7 +35,6 @@ Yosinski et al. 2014 for frozen-feature transfer); accuracy matches an uncached 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 
@@ -43,15 +42,11 @@ import torch
 from torch import nn
 
 from trainer.finetune.freezing import frozen_entirely
+from trainer.utils.seeds import seed_int
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureCache"]
-
-
-def _seed_int(text: str) -> int:
-    """Stable 63-bit seed from a string (independent of PYTHONHASHSEED)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 class _Recorder:
@@ -195,7 +190,7 @@ class FeatureCache:
 
     def _cached_train(self, epoch: int, num_batches: int) -> Iterator[dict]:
         n, b = self.num_train_samples, self.micro_batch_size
-        g = torch.Generator().manual_seed(_seed_int(f"feature_cache/{self.seed}/{epoch}/{self.rank}"))
+        g = torch.Generator().manual_seed(seed_int(f"feature_cache/{self.seed}/{epoch}/{self.rank}"))
         order = torch.empty(0, dtype=torch.int64)
         for i in range(num_batches):
             while order.numel() < b:
