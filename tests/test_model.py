@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.models.build import build_model, expected_weights_path
+from trainer.models.build import build_model
 from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.models.efficientnet_lite import (
     LITE0_BACKBONE,
@@ -15,6 +15,7 @@ from trainer.models.efficientnet_lite import (
     map_efficientnet_pytorch_to_timm,
 )
 from trainer.models.layers import group_names, layer_ids
+from trainer.models.weights import weights_cache_path
 
 VAL = "/work/shared/data/hymenoptera_data/val"
 
@@ -166,31 +167,42 @@ def test_unknown_names():
 
 
 # ---------------------------------------------------------------- default weights / cache
-def test_default_weights_offline_missing_names_model_and_path(tmp_path):
-    expected = str(tmp_path / "resnet18-f37072fd.pth")
-    assert expected_weights_path("resnet18", "default", cache_dir=tmp_path) == expected
-    with pytest.raises(RuntimeError) as e:
-        build_model("resnet18", 2, "default", cache_dir=tmp_path, offline=True)
-    assert "resnet18" in str(e.value) and expected in str(e.value)
-    with pytest.raises(RuntimeError) as e:
-        build_model(LITE0_BACKBONE, 2, "default", cache_dir=tmp_path, offline=True)
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """Empty torch hub (``tmp_path/torch/hub``) and HF hub (``tmp_path/hf``) caches."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "torch/hub/checkpoints", tmp_path / "hf"
+
+
+def test_default_weights_offline_missing_names_model_and_path(caches):
+    from trainer.models.weights import WeightsUnavailableError
+
+    expected = caches[0] / "resnet18-f37072fd.pth"
+    assert weights_cache_path("resnet18") == expected
+    with pytest.raises(WeightsUnavailableError) as e:
+        build_model("resnet18", 2, "default", offline=True)
+    assert "resnet18" in str(e.value) and str(expected) in str(e.value)
+    with pytest.raises(WeightsUnavailableError) as e:
+        build_model(LITE0_BACKBONE, 2, "default", offline=True)
     assert "tf_efficientnet_lite0" in str(e.value)
-    assert str(tmp_path / "models--timm--tf_efficientnet_lite0.in1k") in str(e.value)
+    assert str(caches[1] / "models--timm--tf_efficientnet_lite0.in1k") in str(e.value)
 
 
-def test_default_weights_from_cache_and_truncated(tmp_path):
+def test_default_weights_from_cache_and_truncated(caches):
     import torchvision
 
     ref = torchvision.models.resnet18()
-    path = tmp_path / "resnet18-f37072fd.pth"
+    path = caches[0] / "resnet18-f37072fd.pth"
+    path.parent.mkdir(parents=True)
     torch.save(ref.state_dict(), path)
-    model, _ = build_model("resnet18", 2, "default", cache_dir=tmp_path, offline=True)
+    model, _ = build_model("resnet18", 2, "default", offline=True)
     assert torch.equal(model.backbone.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
     assert torch.equal(model.backbone.bn1.running_var, ref.bn1.running_var)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(RuntimeError, match=str(path)):
-        build_model("resnet18", 2, "default", cache_dir=tmp_path, offline=True)
+        build_model("resnet18", 2, "default", offline=True)
 
 
 # ---------------------------------------------------------------- local files
@@ -310,17 +322,18 @@ def test_layer_ids_unknown_family():
         layer_ids(model, "densenet121")
 
 
-def test_timm_default_weights_from_hf_cache_without_network(tmp_path, monkeypatch, lite0_imagenet):
+def test_timm_default_weights_from_hf_cache_without_network(caches, monkeypatch, lite0_imagenet):
     """A cached HF-hub file is loaded directly: no network call (failure case 15)."""
     import socket
 
     from safetensors.torch import save_file
 
     ref, _ = lite0_imagenet
-    snap = tmp_path / "models--timm--tf_efficientnet_lite0.in1k" / "snapshots" / "abc123"
+    repo = caches[1] / "models--timm--tf_efficientnet_lite0.in1k"
+    snap = repo / "snapshots" / "abc123"
     snap.mkdir(parents=True)
-    (tmp_path / "models--timm--tf_efficientnet_lite0.in1k" / "refs").mkdir()
-    (tmp_path / "models--timm--tf_efficientnet_lite0.in1k" / "refs" / "main").write_text("abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(snap / "model.safetensors"))
 
     def _no_network(*a, **k):
@@ -328,17 +341,21 @@ def test_timm_default_weights_from_hf_cache_without_network(tmp_path, monkeypatc
 
     monkeypatch.setattr(socket, "getaddrinfo", _no_network)
     monkeypatch.setattr(socket.socket, "connect", _no_network)
-    assert expected_weights_path(LITE0_BACKBONE, "default", cache_dir=tmp_path) == str(snap / "model.safetensors")
-    model, prep = build_model(LITE0_BACKBONE, 2, "default", cache_dir=tmp_path, offline=False)
+    assert weights_cache_path(LITE0_BACKBONE) == snap / "model.safetensors"
+    model, prep = build_model(LITE0_BACKBONE, 2, "default", offline=False)
     assert torch.equal(model.backbone.blocks[3][1].conv_dw.weight, ref.blocks[3][1].conv_dw.weight)
     assert prep.mean == (0.5, 0.5, 0.5)
 
 
-def test_torchvision_prefix_and_bin_file(tmp_path):
+def test_torchvision_prefix_and_bin_file(tmp_path, caches):
     model, prep = build_model("torchvision:resnet18", 2, "none")
     layer_of, n = layer_ids(model, "torchvision:resnet18")
     assert n == 6 and prep.input_size == 224
-    assert expected_weights_path("torchvision:resnet18", cache_dir=tmp_path) == str(tmp_path / "resnet18-f37072fd.pth")
+    assert weights_cache_path("torchvision:resnet18") == caches[0] / "resnet18-f37072fd.pth"
+    with pytest.raises(ValueError, match="tv:resnet18"):
+        build_model("tv:resnet18", 2, "none")  # the same names as weights_cache_path (one parser)
+    with pytest.raises(ValueError, match="tv:resnet18"):
+        weights_cache_path("tv:resnet18")
     path = tmp_path / "pytorch_model.bin"
     torch.save(model.state_dict(), path)
     other, _ = build_model("resnet18", 2, str(path))

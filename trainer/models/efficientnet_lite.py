@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from trainer.models.weights import load_state_dict_file, load_strict
+from trainer.models.state_dict import load_state_dict_file, load_strict
 
 LITE0_PACKAGE = "package:efficientnet-lite0"
 LITE0_BACKBONE = "timm:tf_efficientnet_lite0"

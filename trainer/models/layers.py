@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.models.build import _is_timm
 from trainer.models.classifier import ImageClassifier
+from trainer.models.weights import split_backbone
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def group_names(model: ImageClassifier, backbone: str, *, coarse: bool = True) -
 
 def _layer_table(model: ImageClassifier, backbone: str, coarse: bool) -> tuple[dict[str, int], list[str]]:
     bb = model.backbone
-    if _is_timm(backbone):
+    if split_backbone(backbone)[0] == "timm":
         from timm.models import group_parameters
 
         if not hasattr(bb, "group_matcher"):

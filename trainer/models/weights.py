@@ -44,10 +44,9 @@ import re
 import socket
 import urllib.parse
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
-from torch import nn
 
 from trainer.utils.files import sha256_file
 
@@ -90,18 +89,20 @@ class WeightsSource:
     hash_prefix: str | None = None
 
 
-def _split_backbone(backbone: str) -> tuple[str, str]:
-    """``"timm:x"`` -> ``("timm", "x")``; ``"torchvision:x"``/``"tv:x"``/``"x"`` -> torchvision."""
-    if ":" in backbone:
-        library, name = backbone.split(":", 1)
-        library = {"tv": "torchvision"}.get(library, library)
-        if library not in ("torchvision", "timm"):
-            raise ValueError(
-                f"backbone {backbone!r}: unknown library prefix {library!r}; "
-                "use 'timm:<name>', 'torchvision:<name>' or a bare torchvision name"
-            )
-        return library, name
-    return "torchvision", backbone
+def split_backbone(backbone: str) -> tuple[str, str]:
+    """The one parser of backbone names: ``"timm:x"`` -> ``("timm", "x")``; ``"torchvision:x"`` and a
+    bare ``"x"`` -> ``("torchvision", "x")``.
+
+    Raises:
+        ValueError: an unknown library prefix or an empty model name (names the backbone).
+    """
+    library, name = backbone.split(":", 1) if ":" in backbone else ("torchvision", backbone)
+    if library not in ("torchvision", "timm"):
+        raise ValueError(f"model.backbone {backbone!r}: unknown library prefix {library!r}; "
+                         "use 'timm:<name>', 'torchvision:<name>' or a bare torchvision name")
+    if not name:
+        raise ValueError(f"model.backbone {backbone!r}: empty model name after {library + ':'!r}")
+    return library, name
 
 
 def weights_source(backbone: str) -> WeightsSource:
@@ -116,7 +117,7 @@ def weights_source(backbone: str) -> WeightsSource:
         ValueError: unknown library prefix, unknown model name, or a model without pretrained
             weights; the message names the backbone.
     """
-    library, name = _split_backbone(backbone)
+    library, name = split_backbone(backbone)
     if library == "torchvision":
         import torchvision
 
@@ -367,40 +368,3 @@ def ensure_weights(
         raise _unavailable(src, "local rank 0 of this node did not provide it (see its error)")
     verify_weights_file(path, src.hash_prefix)  # a corrupt file made local rank 0 fail: fail here too
     return path
-
-def load_state_dict_file(path: str, what: str) -> dict:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            sd = load_file(path, device="cpu")
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated / corrupt / wrong format
-        raise RuntimeError(f"{what}: could not read weights file {path}: {type(e).__name__}: {e}. "
-                           f"If it is a truncated download, delete it and fetch it again.") from e
-    if isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if isinstance(sd.get(key), Mapping):
-                sd = sd[key]
-                break
-    if not isinstance(sd, Mapping):
-        raise RuntimeError(f"{what}: {path} does not hold a state dict (got {type(sd).__name__})")
-    return dict(sd)
-
-
-def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, skip_prefixes=()) -> None:
-    """Strictly load ``sd`` into ``module``; error lists missing/unexpected keys and shape mismatches."""
-    sd = {k: v for k, v in sd.items() if not any(k == p or k.startswith(p + ".") for p in skip_prefixes)}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    mismatched = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
-    if missing or unexpected or mismatched:
-        def _fmt(xs):
-            return ", ".join(xs[:20]) + (f", ... ({len(xs)} in all)" if len(xs) > 20 else "") if xs else "none"
-        raise RuntimeError(
-            f"weights {source} do not match the backbone: missing keys [{_fmt(missing)}]; "
-            f"unexpected keys [{_fmt(unexpected)}]; shape mismatches [{_fmt(mismatched)}]")
-    module.load_state_dict(sd, strict=True)
