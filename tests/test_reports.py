@@ -58,13 +58,27 @@ def test_collector_split_over_ranks_equals_single_process(monkeypatch):
     merged = ranks[0].gather(FakeAccelerator())
     ref = single.gather(None)
     assert merged.keys == ref.keys == sorted(ref.keys) and len(ref.keys) == 40
-    assert np.array_equal(merged.labels, ref.labels) and np.allclose(merged.probs, ref.probs)
+    assert np.array_equal(merged.labels, ref.labels) and np.array_equal(merged.topk, ref.topk)
+    assert np.allclose(merged.topk_probs, ref.topk_probs) and np.allclose(merged.true_probs, ref.true_probs)
     assert [m.key for m in merged.mistakes] == [m.key for m in ref.mistakes]
     # the kept mistakes are the most confident wrong predictions, with their images
     wrong = ref.all_mistakes()
     assert [m.key for m in ref.mistakes] == [w[0] for w in wrong[:5]]
     assert all(m.image.shape == (3, 16, 16) and m.image.dtype == np.uint8 for m in ref.mistakes)
-    assert np.allclose(ref.probs.sum(axis=1), 1.0, atol=1e-5)
+    # top-k only: k = min(5, C) classes per sample, most probable first, and the true class's probability
+    assert ref.topk.shape == (40, 3) and (np.diff(ref.topk_probs, axis=1) <= 0).all()
+    assert np.allclose(ref.topk_probs.sum(axis=1), 1.0, atol=1e-5)  # C = 3: the top-3 is everything
+    hit = ref.topk == ref.labels[:, None]
+    assert np.allclose(ref.topk_probs[hit], ref.true_probs)
+
+
+def test_collector_keeps_topk_not_all_classes():
+    col = predictions.PredictionCollector(topk=5)
+    for batch, logits in fake_batches(n=64, c=1000):
+        col(batch, logits)
+    loc = col.local()
+    assert loc["topk"].shape == (64, 5) and loc["topk_probs"].shape == (64, 5) and loc["true_probs"].shape == (64,)
+    assert sum(v.nbytes for v in loc.values() if isinstance(v, np.ndarray)) < 64 * 100  # not 64 x 1000 floats
 
 
 def test_gather_rejects_duplicate_keys(monkeypatch):
@@ -85,10 +99,11 @@ def test_predictions_csv_has_every_sample_once(tmp_path):
     path = predictions.write_predictions_csv(pred, ["a", "b", "c"], tmp_path / "p.csv")
     rows = list(csv.DictReader(path.open()))
     assert [r["key"] for r in rows] == pred.keys and len(rows) == 20
-    for r, p in zip(rows, pred.probs):
-        probs = [float(r[f"p_{c}"]) for c in "abc"]
-        assert probs == pytest.approx(p.tolist(), abs=1e-6)
-        assert r["pred"] == "abc"[int(np.argmax(probs))] and float(r["prob"]) == max(probs)
+    for r, (batch_label, p) in zip(rows, zip(pred.labels, pred.topk_probs)):
+        probs = [float(r[f"prob{i}"]) for i in (1, 2, 3)]
+        assert probs == pytest.approx(p.tolist(), abs=1e-6) and probs == sorted(probs, reverse=True)
+        assert r["pred"] == r["top1"] and float(r["prob"]) == probs[0]
+        assert float(r["true_prob"]) == probs[[r["top1"], r["top2"], r["top3"]].index(r["true"])]
 
 
 def test_plots_are_written_for_few_and_many_classes(tmp_path):
@@ -98,6 +113,9 @@ def test_plots_are_written_for_few_and_many_classes(tmp_path):
         cm[np.arange(c), np.arange(c)] += 10
         names = [f"class_{i}" for i in range(c)]
         w, h = png_size(plots.plot_confusion_matrix(cm, names, tmp_path / f"cm{c}.png"))
+        t, p = np.nonzero(cm * (1 - np.eye(c, dtype=np.int64)))
+        png_size(plots.plot_confused_pairs(np.stack([t, p, cm[t, p]], 1), cm.sum(1), names, tmp_path / f"cp{c}.png",
+                                           title="sparse"))
         if c <= plots.MAX_MATRIX_CLASSES:  # a square matrix with >= 10 px per class at 100 dpi
             assert w >= 10 * c and h >= 10 * c
         else:  # the top-confused pairs chart
@@ -109,8 +127,48 @@ def test_plots_are_written_for_few_and_many_classes(tmp_path):
 
 
 def test_top_confused_pairs():
-    cm = np.array([[5, 3, 0], [1, 7, 4], [0, 0, 9]])
-    assert plots.top_confused_pairs(cm, k=2) == [(1, 2, 4, 4 / 12), (0, 1, 3, 3 / 8)]
+    # sparse (true, pred, count) rows of [[5, 3, 0], [1, 7, 4], [0, 0, 9]]
+    rows = np.array([[0, 1, 3], [1, 0, 1], [1, 2, 4]])
+    assert plots.top_confused_pairs(rows, [8, 12, 9], k=2) == [(1, 2, 4, 4 / 12), (0, 1, 3, 3 / 8)]
+
+
+def test_reporter_writes_tables_each_evaluation_and_best_reports(tmp_path):
+    from trainer.reporting.metrics import EvalAccumulator
+    from trainer.reporting.reporter import Reporter
+
+    class Main:
+        num_processes, is_main_process = 1, True
+
+    class Tables:
+        def __init__(self):
+            self.tables = {}
+
+        def log_table(self, key, columns, rows, *, step):
+            self.tables[key] = (columns, rows)
+
+        def log_images(self, images, *, step):
+            pass
+
+    c, names = 150, [f"c{i}" for i in range(150)]
+    tracker = Tables()
+    rep = Reporter(tmp_path, names, Main(), tracker, max_table_rows=20)
+    acc, col = EvalAccumulator(c), rep.collector()
+    for batch, logits in fake_batches(n=300, c=c, bs=50):
+        acc.update(logits, batch["label"])
+        col(batch, logits)
+    res = acc.reduce()
+    rep.after_eval(res, col, improved=False, step=5)
+    latest = tmp_path / "reports/latest"
+    per_class = list(csv.DictReader((latest / "val_per_class.csv").open()))
+    pairs = list(csv.DictReader((latest / "val_confused_pairs.csv").open()))
+    assert len(per_class) == c and sum(int(r["support"]) for r in per_class) == 300
+    assert sum(int(r["count"]) for r in pairs) + sum(int(r["correct"]) for r in per_class) == 300  # whole matrix
+    assert [int(r["count"]) for r in pairs] == sorted((int(r["count"]) for r in pairs), reverse=True)
+    assert len(tracker.tables["reports/val_per_class"][1]) == 20 and not (tmp_path / "reports/mistakes.png").exists()
+    rep.after_eval(res, col, improved=True, step=5)
+    for name in ("confusion_matrix.png", "per_class_accuracy.png", "mistakes.png"):
+        png_size(tmp_path / "reports" / name)
+    assert (tmp_path / "reports/val_per_class.csv").read_text() == (latest / "val_per_class.csv").read_text()
 
 
 def test_training_curves_from_a_resumed_metrics_file(tmp_path):
@@ -162,7 +220,10 @@ def check_reports(out: Path, keys: list[str]):
     acc = sum(r["true"] == r["pred"] for r in rows) / len(rows)
     assert acc == pytest.approx(best["metrics"]["val/top1"], abs=1e-6)  # the CSV describes best.pt
     for r in rows:
-        assert float(r["p_ants"]) + float(r["p_bees"]) == pytest.approx(1.0, abs=2e-6)
+        assert float(r["prob1"]) + float(r["prob2"]) == pytest.approx(1.0, abs=2e-6)
+    per_class = list(csv.DictReader((rep / "val_per_class.csv").open()))
+    assert [r["class"] for r in per_class] == ["ants", "bees"]
+    assert sum(int(r["correct"]) for r in per_class) / len(rows) == pytest.approx(acc, abs=1e-9)
     return best
 
 

@@ -13,18 +13,24 @@ run's W&B run (through :class:`trainer.reporting.tracking.Tracker`, the only mod
                                 after the eval resize + centre crop), true label, predicted
                                 label and its probability.
 ``val_predictions.csv``         every val sample exactly once, sorted by key: ``key, true, pred,
-                                prob`` (of pred) and ``p_<class>`` for every class.
+                                prob, true_prob``, the top-5 classes and their probabilities.
+``val_per_class.csv``           per class: support, predicted, correct, precision, recall, F1.
+``val_confused_pairs.csv``      every non-zero off-diagonal cell of the confusion matrix
+                                (true, pred, count), most frequent first.
+``latest/val_*.csv``            the two tables above for the most recent evaluation.
 ``training_curves.png``         train loss, val loss, val top-1 (and balanced accuracy) and the lr
                                 of every param group over optimizer steps, from metrics.jsonl.
 ==============================  ==============================================================
 
-When: the first four describe the model in ``best.pt``. Each evaluation collects this rank's
-predictions (cheap: softmax outputs and the few most confident mistakes with their images); only when
-the monitored metric improves (``best.pt`` is written, see :mod:`trainer.train.early_stopping`) are they
-gathered to the main process (``accelerate.utils.gather_object``) and the files rewritten, so no
-extra validation pass is needed and the files always match ``best.pt``, also after a crash. The
-training curves are drawn when the run ends (also on preemption or early stopping);
-``python -m trainer.reporting.reporter <output_dir>`` redraws them from ``metrics.jsonl`` at any time.
+When: all but ``latest/`` and the curves describe the model in ``best.pt``. Each evaluation collects
+this rank's predictions (cheap: top-5 classes per sample and the few most confident mistakes with
+their images) and writes ``latest/``; only when the monitored metric improves (``best.pt`` is
+written, see :mod:`trainer.train.early_stopping`) are the predictions gathered to the main process
+(``accelerate.utils.gather_object``) and the files rewritten, so no extra validation pass is needed
+and the files always match ``best.pt``, also after a crash. The training curves are drawn when the
+run ends (also on preemption or early stopping); ``python -m trainer.reporting.reporter <output_dir>``
+redraws them from ``metrics.jsonl`` at any time. Nothing here grows with ``C x C``: the confusion
+matrix is sparse (``trainer.reporting.metrics``), and ``metrics.jsonl`` holds scalars only.
 
 Plots use matplotlib's object-oriented API with the Agg canvas (``matplotlib.figure.Figure``; no
 pyplot global state, no display needed) and are sized to be readable at 100 dpi with up to 100 classes.
@@ -76,32 +82,31 @@ def _save(fig: Figure, path: str | Path) -> Path:
 # confusion matrix, per-class accuracy
 
 
-def top_confused_pairs(confusion, k: int = TOP_PAIRS) -> list[tuple[int, int, int, float]]:
-    """The ``k`` largest off-diagonal cells of a confusion matrix.
+def top_confused_pairs(confused, support, k: int = TOP_PAIRS) -> list[tuple[int, int, int, float]]:
+    """The ``k`` largest off-diagonal cells of a sparse confusion matrix.
 
     Args:
-        confusion: ``(C, C)`` counts, rows = true class, columns = predicted class.
+        confused: ``(K, 3)`` rows ``(true, pred, count)``, off-diagonal cells (``EvalResult.confused``).
+        support: ``(C,)`` samples per true class (``EvalResult.support``).
 
     Returns:
         ``[(true, pred, count, rate)]`` by count (then rate) descending, ``rate = count / samples of
         true``; only cells with count > 0.
     """
-    cm = np.asarray(confusion, dtype=np.int64)
-    rows = cm.sum(axis=1)
-    off = cm.copy()
-    np.fill_diagonal(off, 0)
-    idx = np.argwhere(off > 0)
-    pairs = [(int(t), int(p), int(off[t, p]), float(off[t, p] / rows[t])) for t, p in idx]
+    rows = np.asarray(confused, dtype=np.int64).reshape(-1, 3)
+    support = np.asarray(support, dtype=np.int64)
+    pairs = [(int(t), int(p), int(n), float(n / support[t])) for t, p, n in rows if n > 0 and t != p]
     pairs.sort(key=lambda x: (-x[2], -x[3], x[0], x[1]))
     return pairs[:k]
 
 
 def plot_confusion_matrix(confusion, class_names: Sequence[str], path: str | Path, *, title: str = "") -> Path:
-    """Write the confusion matrix normalised per true class as a PNG (top-confused pairs above 100 classes).
+    """Write the confusion matrix normalised per true class as a PNG (up to :data:`MAX_MATRIX_CLASSES` classes;
+    above, :func:`plot_confused_pairs` draws the most confused pairs from the sparse cells).
 
     Args:
         confusion: ``(C, C)`` integer counts, rows = true class, columns = predicted class
-            (``EvalResult.confusion``).
+            (``EvalResult.confusion_dense()``).
         class_names: C names in label order.
         path: PNG file to write (parent folders are created).
         title: first title line (e.g. which model / step).
@@ -120,8 +125,11 @@ def plot_confusion_matrix(confusion, class_names: Sequence[str], path: str | Pat
     top1 = float(np.trace(cm) / n) if n else float("nan")
     head = (title + "\n") if title else ""
     if c > MAX_MATRIX_CLASSES:
-        return _plot_confused_pairs(cm, class_names, path, title=f"{head}{c} classes, {n} val samples, "
-                                                                   f"top-1 {top1:.3f}")
+        off = cm.copy()
+        np.fill_diagonal(off, 0)
+        t, p = np.nonzero(off)
+        return plot_confused_pairs(np.stack([t, p, off[t, p]], axis=1), cm.sum(axis=1), class_names, path,
+                                   title=f"{head}{c} classes, {n} val samples, top-1 {top1:.3f}")
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
     side = float(np.clip(2.8 + 0.17 * c, 5.0, 20.0))
@@ -149,8 +157,19 @@ def plot_confusion_matrix(confusion, class_names: Sequence[str], path: str | Pat
     return _save(fig, path)
 
 
-def _plot_confused_pairs(cm: np.ndarray, class_names: Sequence[str], path, *, title: str) -> Path:
-    pairs = top_confused_pairs(cm)
+def plot_confused_pairs(confused, support, class_names: Sequence[str], path: str | Path, *, title: str) -> Path:
+    """Write the :data:`TOP_PAIRS` most confused (true -> predicted) pairs as a bar chart PNG.
+
+    Args:
+        confused, support: as in :func:`top_confused_pairs` (sparse: any number of classes).
+        class_names: C names.
+        path: PNG to write.
+        title: title lines above the chart.
+
+    Returns:
+        ``path``.
+    """
+    pairs = top_confused_pairs(confused, support)
     fig = Figure(figsize=(10, max(3.0, 0.3 * len(pairs) + 1.5)), dpi=DPI)
     ax = fig.add_subplot()
     if pairs:

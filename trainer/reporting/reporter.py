@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from trainer.reporting.plots import (
     FILES,
+    MAX_MATRIX_CLASSES,
+    plot_confused_pairs,
     plot_confusion_matrix,
     plot_per_class_accuracy,
     plot_training_curves,
@@ -21,8 +23,21 @@ from trainer.reporting.predictions import (
     plot_mistakes,
     write_predictions_csv,
 )
+from trainer.utils.files import atomic_write
 
 log = logging.getLogger("trainer")
+
+PER_CLASS_COLUMNS = ["class", "support", "predicted", "correct", "precision", "recall", "f1"]
+PAIRS_COLUMNS = ["true", "pred", "count", "fraction_of_true"]
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[list]) -> Path:
+    """Write a CSV atomically (``trainer.utils.files.atomic_write``); floats with 6 significant digits, NaN empty."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(columns)
+    w.writerows([[("" if v != v else f"{v:.6g}") if isinstance(v, float) else v for v in r] for r in rows])
+    return atomic_write(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +45,17 @@ log = logging.getLogger("trainer")
 
 
 class Reporter:
-    """What ``trainer/train/trainer.py`` calls: collect at each evaluation, write reports for the best model.
+    """What ``trainer/train/trainer.py`` calls: per-class tables at each evaluation, full reports for the best model.
+
+    Files (main process), for the record prefix ``val/`` (``test/``, ``val_ema/`` alike, stem ``test``,
+    ``val_ema``):
+
+    * every evaluation: ``reports/latest/val_per_class.csv`` (class, support, predicted, correct,
+      precision, recall, f1) and ``reports/latest/val_confused_pairs.csv`` (every non-zero off-diagonal
+      cell of the confusion matrix, most frequent first: with the ``correct`` column, the whole matrix,
+      sparse), and the same rows (capped at ``max_table_rows``) as W&B tables;
+    * when the monitored metric improved (``best.pt`` was just written): the same two tables in
+      ``reports/``, the confusion plot, per-class plot, mistakes grid and the predictions CSV.
 
     Args:
         output_dir: run directory (reports go to ``output_dir/reports``).
@@ -38,7 +63,8 @@ class Reporter:
         accelerator: for gathering predictions and knowing the main process.
         tracker: :class:`trainer.reporting.tracking.Tracker` (no-op on other ranks).
         num_mistakes: images in the mistakes grid.
-        max_table_rows: rows of the W&B mistakes table (most confident first).
+        max_table_rows: rows of each W&B table (worst classes / most frequent confusions / most
+            confident mistakes first); the CSV files hold every row.
     """
 
     def __init__(self, output_dir: str | Path, class_names: Sequence[str], accelerator, tracker, *,
@@ -56,37 +82,69 @@ class Reporter:
         return PredictionCollector(self.num_mistakes)
 
     def after_eval(self, result, collector: PredictionCollector, *, improved: bool, step: int,
-                   epoch: int | None = None) -> None:
-        """After an evaluation (every rank calls it). If ``improved`` (``best.pt`` was just written),
-        gather the predictions and rewrite confusion matrix, per-class accuracy, mistakes grid and
-        predictions CSV, and send them to W&B.
+                   epoch: int | None = None, prefix: str = "val/") -> None:
+        """After an evaluation (every rank calls it): write the tables of this evaluation; if ``improved``
+        also gather the predictions and rewrite the best-model reports, and send them to W&B.
 
         Args:
             result: the reduced :class:`trainer.reporting.metrics.EvalResult` of this evaluation.
+            prefix: the records' prefix (``val/``); names the files and W&B keys.
         """
+        stem = prefix.strip("/")
+        if self.accelerator.is_main_process:
+            per_class, pairs = self.write_tables(result, self.dir / "latest", stem)
+            cap = self.max_table_rows
+            worst = sorted(per_class, key=lambda r: (r[5] if r[5] == r[5] else 2.0, r[0]))[:cap]
+            self.tracker.log_table(f"reports/{stem}_per_class", PER_CLASS_COLUMNS, worst, step=step)
+            self.tracker.log_table(f"reports/{stem}_confused_pairs", PAIRS_COLUMNS, pairs[:cap], step=step)
         if not improved:
             return
         pred = collector.gather(self.accelerator)
         if pred is None:  # not the main process
             return
         title = f"best model: step {step}" + (f", epoch {epoch}" if epoch is not None else "")
+        self.write_tables(result, self.dir, stem)
         paths = self.write_best(result, pred, title=title)
         mistakes = pred.all_mistakes()
         self.tracker.log_images({f"reports/{k}": v for k, v in paths.items() if k != "predictions"}, step=step)
-        self.tracker.log_table("reports/val_mistakes", ["key", "true", "pred", "prob_pred", "prob_true"],
+        self.tracker.log_table(f"reports/{stem}_mistakes", ["key", "true", "pred", "prob_pred", "prob_true"],
                                [[k, self.class_names[t], self.class_names[p], pp, pt]
                                 for k, t, p, pp, pt in mistakes[: self.max_table_rows]], step=step)
 
+    def write_tables(self, result, folder: Path, stem: str = "val") -> tuple[list[list], list[list]]:
+        """Write ``<stem>_per_class.csv`` and ``<stem>_confused_pairs.csv`` into ``folder`` (atomically).
+
+        Returns:
+            (per-class rows, confused-pair rows) as written, columns :data:`PER_CLASS_COLUMNS` and
+            :data:`PAIRS_COLUMNS`.
+        """
+        names = self.class_names
+        per_class = [[names[i], int(result.support[i]), int(result.predicted[i]), int(result.correct[i]),
+                      float(p), float(r), float(f)]
+                     for i, (p, r, f) in enumerate(zip(result.precision, result.recall, result.f1))]
+        pairs = [[names[t], names[p], int(n), float(n / result.support[t])] for t, p, n in result.confused]
+        _write_csv(folder / f"{stem}_per_class.csv", PER_CLASS_COLUMNS, per_class)
+        _write_csv(folder / f"{stem}_confused_pairs.csv", PAIRS_COLUMNS, pairs)
+        return per_class, pairs
+
     def write_best(self, result, pred: Predictions, *, title: str = "") -> dict[str, Path]:
         """Write the four best-model reports; returns ``{"confusion"|"per_class"|"mistakes"|"predictions": path}``."""
-        cm = np.asarray(result.confusion)
-        wrong = int(cm.sum() - np.trace(cm))
+        n = result.num_samples
+        wrong = n - int(result.correct.sum())
+        c = len(self.class_names)
+        if c > MAX_MATRIX_CLASSES:
+            confusion = plot_confused_pairs(result.confused, result.support, self.class_names,
+                                            self.dir / FILES["confusion"],
+                                            title=f"{title}\n{c} classes, {n} val samples, top-1 {result.top1:.3f}")
+        else:
+            confusion = plot_confusion_matrix(result.confusion_dense(), self.class_names,
+                                              self.dir / FILES["confusion"], title=title)
         out = {
-            "confusion": plot_confusion_matrix(cm, self.class_names, self.dir / FILES["confusion"], title=title),
+            "confusion": confusion,
             "per_class": plot_per_class_accuracy(result.per_class, self.class_names, self.dir / FILES["per_class"],
-                                                 class_counts=cm.sum(axis=1).tolist(), title=title),
+                                                 class_counts=result.support.tolist(), title=title),
             "mistakes": plot_mistakes(pred.mistakes, self.class_names, self.dir / FILES["mistakes"],
-                                      num_wrong=wrong, num_samples=int(cm.sum()), title=title),
+                                      num_wrong=wrong, num_samples=n, title=title),
             "predictions": write_predictions_csv(pred, self.class_names, self.dir / FILES["predictions"]),
         }
         log.info("reports for the best model (%s) in %s", title, self.dir)

@@ -96,7 +96,7 @@ class EarlyStopping:
         """
         if self.monitor not in metrics:
             raise KeyError(f"train.early_stopping.monitor: metric {self.monitor!r} is not logged by evaluation "
-                           f"(available: {sorted(k for k in metrics if not k.startswith('val/acc/'))})")
+                           f"(available: {sorted(metrics)})")
         value = float(metrics[self.monitor])
         if self.is_improvement(value):
             self.best, self.best_step, self.best_epoch, self.wait = value, step, epoch, 0

@@ -258,7 +258,7 @@ class Trainer:
                 unwrap(self.model).state_dict(), class_names=self.class_names, backbone=self.cfg.model.backbone,
                 preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
                 metrics={"epoch": self.progress.epoch, "step": self.progress.step,
-                         **{k: v for k, v in self.last_eval.items() if k != "val/confusion"}})
+                         **self.last_eval})
             ckpt_lib.atomic_save(payload, ckpt_lib.checkpoint_dir(self.out_dir) / "best.pt")
 
     def _interval_checkpoint_due(self, check_now: bool) -> bool:
@@ -359,8 +359,7 @@ class Trainer:
         res = evaluate(model, val_batches, num_classes=len(self.class_names), accelerator=acc,
                        mean=self.pre.mean, std=self.pre.std, channels_last=self.cfg.model.channels_last,
                        on_batch=collector)
-        self.last_eval = res.as_log(self.class_names)
-        self.last_eval["val/confusion"] = res.confusion
+        self.last_eval = res.as_log("val/")
         if p.step >= (p.epoch + 1) * self.steps_epoch:  # not after a max_steps stop mid-epoch
             p.epoch += 1
         rec = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": self.epoch_skipped,
