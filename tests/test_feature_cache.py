@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.fake_accelerator import CpuAccelerator
+from helpers.realdata import HYMENOPTERA as DATA_ROOT  # HYMENOPTERA_ROOT overrides
 from torch import nn
 
 from trainer.finetune.freezing import apply_phase
@@ -14,8 +15,6 @@ from trainer.finetune.schedule import Phase
 from trainer.models.classifier import ImageClassifier
 from trainer.train.feature_cache import FeatureCache
 from trainer.train.loop import evaluate, train_step
-
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera_data"
 
 
 def _tiny(frozen: bool = True) -> tuple[ImageClassifier, dict[str, int]]:
@@ -194,3 +193,74 @@ def test_run_with_feature_cache_matches_uncached(tmp_path, monkeypatch):
     # 8 val images: the head sees the same features (different sample order), so accuracy agrees
     assert abs(off.last_eval["val/top1"] - on.last_eval["val/top1"]) <= 0.125 + 1e-9
     assert on.best_top1 >= 0.5
+
+
+def _mapped_from(t: torch.Tensor, path: Path) -> bool:
+    """Whether ``t``'s memory lies in a mapping of ``path`` (``/proc/self/maps``)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(str(path)):
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= t.data_ptr() < hi:
+                return True
+    return False
+
+
+def test_cache_bigger_than_the_ram_limit_spills_to_memory_mapped_files(tmp_path):
+    """Limit 200 bytes (the cache is ~1.7 KB): train features, val features and images go to files under
+    the run folder, RAM held stays within the limit, and the batches equal those of an unlimited cache."""
+    model, _ = _tiny()
+    model.train()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.0)
+    spill = tmp_path / "feature_cache"
+    spill.mkdir()
+    (spill / "rank0_train_features.bin").write_bytes(b"stale")  # left by a killed run
+    caches = {"ram": FeatureCache(seed=0, rank=0, micro_batch_size=4),
+              "spill": FeatureCache(seed=0, rank=0, micro_batch_size=4, spill_dir=spill, max_ram_bytes=200,
+                                    budget_note="test")}
+    assert not (spill / "rank0_train_features.bin").exists()
+    for cache in caches.values():
+        stream = cache.train_batches(model, iter(_batches(4, repeat_last=True)), epoch=0, num_batches=4)
+        for _ in range(4):
+            _step(model, stream, opt)
+        evaluate(model, cache.eval_batches(model, _batches(3, offset=100)), num_classes=3,
+                 accelerator=CpuAccelerator(), mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=False)
+    ram, sp = caches["ram"], caches["spill"]
+    assert sp.spilled and not ram.spilled and sp.budget.used <= 200
+    files = sorted(p.name for p in spill.iterdir())
+    assert files == ["rank0_train_features.bin", "rank0_val_features.bin", "rank0_val_images.bin"]
+    assert (spill / "rank0_train_features.bin").stat().st_size == 12 * 8 * 4  # 12 distinct samples x F=8 float32
+    assert _mapped_from(sp.train_features, spill / "rank0_train_features.bin")  # the file's pages, not a RAM copy
+    assert not _mapped_from(ram.train_features, spill / "rank0_train_features.bin")
+    assert torch.equal(sp.train_features, ram.train_features) and sp.train_keys == ram.train_keys
+    for a, b in zip(sp.train_batches(model, iter([]), epoch=1, num_batches=5),
+                    ram.train_batches(model, iter([]), epoch=1, num_batches=5)):
+        assert torch.equal(a["features"], b["features"]) and a["key"] == b["key"]
+    for a, b in zip(sp.val_batches, ram.val_batches):
+        assert torch.equal(a["features"], b["features"]) and torch.equal(a["image"], b["image"])
+    sp.clear()  # dropped (phase change, end of the run): the files go too
+    assert list(spill.iterdir()) == []
+
+
+def test_interrupted_recording_leaves_no_spill_file(tmp_path):
+    model, _ = _tiny()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.0)
+    cache = FeatureCache(seed=0, rank=0, micro_batch_size=4, spill_dir=tmp_path, max_ram_bytes=0)
+    stream = cache.train_batches(model, iter(_batches(4)), epoch=0, num_batches=4)
+    _step(model, stream, opt)  # a preemption after the first of 4 steps
+    stream.close()
+    assert cache.train_features is None and list(tmp_path.iterdir()) == [] and cache.budget.used == 0
+
+
+def test_ram_fraction_is_checked_and_split_over_the_ranks_of_a_node(monkeypatch):
+    from trainer.config.loading import load_config
+    from trainer.config.schema import ConfigError
+    from trainer.train.feature_cache import feature_cache_budget
+
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="train.feature_cache_max_ram_fraction"):
+            load_config(None, {"train.feature_cache_max_ram_fraction": bad})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    quarter = feature_cache_budget(0.5, world_size=8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert quarter["max_ram_bytes"] == pytest.approx(feature_cache_budget(0.5, world_size=8)["max_ram_bytes"] / 4, abs=1)
+    assert "4 rank(s) per node" in quarter["budget_note"]

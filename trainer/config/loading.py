@@ -190,6 +190,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.early_stopping.min_delta must be >= 0, got {es.min_delta}")
     if not 0.0 <= cfg.optim.class_weights_beta < 1.0:
         raise ConfigError(f"optim.class_weights_beta must be in [0, 1), got {cfg.optim.class_weights_beta}")
+    if not 0 < t.feature_cache_max_ram_fraction <= 1:
+        raise ConfigError(f"train.feature_cache_max_ram_fraction must be in (0, 1], got {t.feature_cache_max_ram_fraction}")
     if t.feature_cache and cfg.data.augment != "none":
         raise ConfigError(f"train.feature_cache needs data.augment=none (random augmentation changes the "
                           f"features every epoch), got data.augment={cfg.data.augment!r}")

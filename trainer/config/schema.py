@@ -200,6 +200,9 @@ class TrainConfig:
     """Feature extraction speed-up (needs ``data.augment: none``): while the backbone is frozen entirely,
     the first epoch stores each rank's backbone features (train and val, in memory) and later epochs
     train and evaluate the head on them (``trainer.train.feature_cache``)."""
+    feature_cache_max_ram_fraction: float = 0.25
+    """Share of the host's RAM (or cgroup limit), in (0, 1], that the feature caches of a node's ranks may
+    hold; beyond it the cache spills to memory-mapped files in ``output_dir/feature_cache``."""
     preempt_check_every_steps: int = 1
     """Agree on preemption (and on ``checkpoint_every_minutes``) every this many optimizer steps: each
     check is an all-reduce that waits for the device; a signal then stops the run up to N-1 steps later."""

@@ -21,8 +21,16 @@ Per rank: each rank caches the samples it read in the first epoch (``trainer.dat
 its own shards) and every rank still runs the same number of micro-batches per epoch, so
 collectives stay matched. The cache lives in host memory: ``N x F x 4`` bytes for features
 (245 train samples x 1280 floats = 1.3 MB for ants/bees with EfficientNet-Lite0), plus
-``3 x S x S`` bytes per validation image (150 KB at 224 px). It is dropped as soon as a phase
-unfreezes any backbone parameter (features change), and rebuilt if a later phase freezes it again.
+``3 x S x S`` bytes per validation image (150 KB at 224 px), recorded batch by batch (the loader's
+batches are not kept). It is dropped as soon as a phase unfreezes any backbone parameter (features
+change), and rebuilt if a later phase freezes it again.
+
+Size limit: ``train.feature_cache_max_ram_fraction`` (default 0.25) of the host's RAM (or cgroup
+limit), shared by the ranks of a node, may stay in RAM; what does not fit is written to
+``<output_dir>/feature_cache/rank<r>_*.bin`` and read back memory-mapped (``trainer.train.spill``),
+so a cache of 10M images x 1280 features (51 GB) runs on a 64 GB node at the speed of its page cache
+and disk instead of running it out of memory. Spill files are deleted when the cache is dropped,
+when the run ends, and at the start of a run (those of a killed one).
 
 Assumptions (checked where possible): the frozen backbone is deterministic in train mode (no dropout
 or stochastic depth inside the backbone; frozen BatchNorm runs in eval mode, ``trainer.finetune.freezing``).
@@ -36,31 +44,48 @@ Yosinski et al. 2014 for frozen-feature transfer); accuracy matches an uncached 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from trainer.finetune.freezing import frozen_entirely
+from trainer.train.spill import RamBudget, RowStore, fmt_bytes, host_ram_bytes
 from trainer.utils.seeds import seed_int
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureCache"]
+__all__ = ["FeatureCache", "feature_cache_budget"]
+
+
+def feature_cache_budget(fraction: float, world_size: int) -> dict:
+    """``max_ram_bytes`` and ``budget_note`` for :class:`FeatureCache`: ``fraction`` of :func:`host_ram_bytes`
+    divided among the ranks of this node (``LOCAL_WORLD_SIZE``, set by torchrun / accelerate; else
+    ``world_size``)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size) or 1)
+    ram = host_ram_bytes()
+    return {"max_ram_bytes": int(fraction * ram / local),
+            "budget_note": f"train.feature_cache_max_ram_fraction {fraction:g} of {fmt_bytes(ram)} RAM / "
+                           f"{local} rank(s) per node"}
 
 
 class _Recorder:
     """Forward hook on ``backbone`` pairing each forward's output with the batch yielded just before it.
 
-    After ``target`` records (if given) the hook removes itself and calls ``on_done(records)``: the
-    caller's last ``next()`` is followed by a forward but never by another ``next()``, so the
-    generator that yields the batches cannot see the end itself.
+    Each pair goes to ``on_record(features (B, F) float32 CPU, batch)`` at once (nothing is kept here,
+    so the loader's images are not held for the whole epoch). After ``target`` records (if given)
+    the hook removes itself and calls ``on_done()``: the caller's last ``next()`` is followed by a
+    forward but never by another ``next()``, so the generator that yields the batches cannot see the
+    end itself.
     """
 
-    def __init__(self, backbone: nn.Module, target: int | None = None, on_done=None):
+    def __init__(self, backbone: nn.Module, on_record, target: int | None = None, on_done=None):
         self.pending: dict | None = None
-        self.records: list[tuple[torch.Tensor, dict]] = []
-        self.target, self.on_done = target, on_done
+        self.count = 0
+        self.on_record, self.target, self.on_done = on_record, target, on_done
+        self.done = False
         self.handle = backbone.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args, output: torch.Tensor) -> None:
@@ -69,11 +94,13 @@ class _Recorder:
         batch, self.pending = self.pending, None
         feats = output.detach().reshape(output.shape[0], -1)
         # an explicit copy: .float().cpu() of a CPU float32 tensor would alias the activation
-        self.records.append((feats.to("cpu", torch.float32, copy=True), batch))
-        if self.target is not None and len(self.records) == self.target:
+        self.on_record(feats.to("cpu", torch.float32, copy=True), batch)
+        self.count += 1
+        if self.target is not None and self.count == self.target:
             self.close()
+            self.done = True
             if self.on_done is not None:
-                self.on_done(self.records)
+                self.on_done()
 
     def close(self) -> None:
         self.handle.remove()
@@ -86,6 +113,10 @@ class FeatureCache:
         seed: base seed of the per-epoch sample order (``train.seed``).
         rank: this process's rank (only used in the seed: each rank draws from its own samples).
         micro_batch_size: samples per cached training batch (``train.micro_batch_size``).
+        spill_dir: folder for spill files (``<output_dir>/feature_cache``); None: always in RAM.
+        max_ram_bytes: bytes this rank's cache may keep in RAM (features, val images) before the
+            rest goes to memory-mapped files in ``spill_dir`` (``trainer.train.spill``); None: no limit.
+        budget_note: how ``max_ram_bytes`` was derived, for the spill log line.
 
     Use (``trainer/train/trainer.py``)::
 
@@ -95,15 +126,35 @@ class FeatureCache:
         res = evaluate(model, cache.eval_batches(model, eval_loader), ...)
     """
 
-    def __init__(self, *, seed: int, rank: int, micro_batch_size: int):
+    def __init__(self, *, seed: int, rank: int, micro_batch_size: int, spill_dir: str | Path | None = None,
+                 max_ram_bytes: int | None = None, budget_note: str = ""):
         if micro_batch_size < 1:
             raise ValueError(f"FeatureCache: micro_batch_size must be >= 1, got {micro_batch_size}")
         self.seed, self.rank, self.micro_batch_size = seed, rank, micro_batch_size
-        self.train_features: torch.Tensor | None = None  # (N, F) float32, CPU
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.budget = RamBudget(max_ram_bytes, budget_note)
+        self.train_features: torch.Tensor | None = None  # (N, F) float32, CPU (RAM or memory-mapped)
         self.train_labels: torch.Tensor | None = None  # (N,) int64
         self.train_keys: list[str] = []
         self.val_batches: list[dict] | None = None
+        self._stores: list[RowStore] = []
         self._warned = False
+        self._remove_spill_files()  # left by a killed run: the cache is rebuilt from the data anyway
+
+    def _store(self, name: str) -> RowStore:
+        st = RowStore(self.spill_dir, f"rank{self.rank}_{name}", self.budget)
+        self._stores.append(st)
+        return st
+
+    def _remove_spill_files(self) -> None:
+        if self.spill_dir is not None and self.spill_dir.is_dir():
+            for f in self.spill_dir.glob(f"rank{self.rank}_*.bin"):
+                f.unlink()
+
+    @property
+    def spilled(self) -> bool:
+        """Whether some of the cache lives in spill files."""
+        return any(st.spilled for st in self._stores)
 
     # ------------------------------------------------------------------------------------------
     def usable(self, model: nn.Module) -> bool:
@@ -119,8 +170,12 @@ class FeatureCache:
         return ok
 
     def clear(self) -> None:
-        """Forget all cached features."""
+        """Forget all cached features (and delete this rank's spill files)."""
         self.train_features, self.train_labels, self.train_keys, self.val_batches = None, None, [], None
+        for st in self._stores:
+            st.discard()
+        self._stores = []
+        self._remove_spill_files()
 
     @property
     def num_train_samples(self) -> int:
@@ -159,7 +214,26 @@ class FeatureCache:
         return self._record_train(model, loader_batches, num_batches)
 
     def _record_train(self, model: nn.Module, loader_batches: Iterable[dict], num_batches: int) -> Iterator[dict]:
-        rec = _Recorder(model.backbone, target=num_batches, on_done=self._store_train)
+        feats, seen, labels, keys = self._store("train_features"), set(), [], []
+
+        def on_record(f: torch.Tensor, batch: dict) -> None:
+            new = [j for j, k in enumerate(batch["key"]) if k not in seen]  # the last batch may repeat samples
+            if not new:
+                return
+            idx = torch.tensor(new, dtype=torch.int64)
+            feats.append(f[idx])
+            labels.append(batch["label"].cpu()[idx])
+            for j in new:
+                seen.add(batch["key"][j])
+                keys.append(batch["key"][j])
+
+        def on_done() -> None:
+            if keys:
+                self.train_features, self.train_labels, self.train_keys = feats.finish(), torch.cat(labels), keys
+                log.info("feature cache: %d training samples x %d features cached on rank %d%s", len(keys),
+                         self.train_features.shape[1], self.rank, f" (in {feats.path})" if feats.spilled else "")
+
+        rec = _Recorder(model.backbone, on_record, target=num_batches, on_done=on_done)
         try:
             for i, batch in enumerate(loader_batches):
                 if i == num_batches:
@@ -168,25 +242,8 @@ class FeatureCache:
                 yield batch
         finally:  # closed early (preemption, max_steps) or exhausted: never leave the hook behind
             rec.close()
-
-    def _store_train(self, records: list[tuple[torch.Tensor, dict]]) -> None:
-        seen: dict[str, int] = {}
-        feats, labels, keys = [], [], []
-        for f, batch in records:
-            for j, key in enumerate(batch["key"]):
-                if key in seen:
-                    continue
-                seen[key] = len(keys)
-                keys.append(key)
-                feats.append(f[j])
-                labels.append(int(batch["label"][j]))
-        if not keys:
-            return
-        self.train_features = torch.stack(feats)
-        self.train_labels = torch.tensor(labels, dtype=torch.int64)
-        self.train_keys = keys
-        log.info("feature cache: %d training samples x %d features cached on rank %d", len(keys),
-                 self.train_features.shape[1], self.rank)
+            if not rec.done:
+                feats.discard()
 
     def _cached_train(self, epoch: int, num_batches: int) -> Iterator[dict]:
         n, b = self.num_train_samples, self.micro_batch_size
@@ -213,7 +270,17 @@ class FeatureCache:
         return self._record_eval(model, loader)
 
     def _record_eval(self, model: nn.Module, loader: Iterable[dict]) -> Iterator[dict]:
-        rec = _Recorder(model.backbone)
+        feats, images = self._store("val_features"), self._store("val_images")
+        labels, keys, sizes = [], [], []
+
+        def on_record(f: torch.Tensor, batch: dict) -> None:
+            feats.append(f)
+            images.append(batch["image"])
+            labels.append(batch["label"].cpu())
+            keys.extend(batch["key"])
+            sizes.append(len(batch["key"]))
+
+        rec = _Recorder(model.backbone, on_record)
         n = 0
         try:
             for batch in loader:
@@ -222,12 +289,19 @@ class FeatureCache:
                 yield batch
         finally:
             rec.close()
-        if len(rec.records) != n:  # some batch was not forwarded: do not trust the pairing
-            log.warning("feature cache: %d validation batches but %d forwards; not cached", n, len(rec.records))
+        if rec.count != n:  # some batch was not forwarded: do not trust the pairing
+            log.warning("feature cache: %d validation batches but %d forwards; not cached", n, rec.count)
+            feats.discard()
+            images.discard()
             return
-        self.val_batches = [{"features": f, "label": batch["label"].cpu(), "key": list(batch["key"]),
-                             "image": batch["image"], "skipped": []} for f, batch in rec.records]
-        log.info("feature cache: %d validation samples cached on rank %d",
-                 sum(len(b["key"]) for b in self.val_batches), self.rank)
-
-
+        if n == 0:  # this rank has no validation samples
+            self.val_batches = []
+            return
+        f_all, im_all, y_all = feats.finish(), images.finish(), torch.cat(labels)
+        self.val_batches, start = [], 0
+        for b in sizes:
+            self.val_batches.append({"features": f_all[start:start + b], "label": y_all[start:start + b],
+                                     "key": keys[start:start + b], "image": im_all[start:start + b], "skipped": []})
+            start += b
+        log.info("feature cache: %d validation samples cached on rank %d%s", start, self.rank,
+                 " (spilled to " + str(self.spill_dir) + ")" if feats.spilled or images.spilled else "")

@@ -46,7 +46,7 @@ from trainer.reporting.reporter import Reporter
 from trainer.reporting.tracking import Tracker
 from trainer.train import checkpoint as ckpt_lib
 from trainer.train.early_stopping import EarlyStopping
-from trainer.train.feature_cache import FeatureCache
+from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import evaluate, train_step
 
 log = logging.getLogger("trainer")
@@ -166,7 +166,9 @@ class Trainer:
         self.criterion = build_criterion(cfg.optim, self.dataset.meta.splits["train"].class_counts,
                                          class_names=self.class_names, device=acc.device)
         self.fcache = FeatureCache(seed=cfg.train.seed, rank=acc.process_index,
-                                   micro_batch_size=cfg.train.micro_batch_size) if cfg.train.feature_cache else None
+                                   micro_batch_size=cfg.train.micro_batch_size, spill_dir=self.out_dir / "feature_cache",
+                                   **feature_cache_budget(cfg.train.feature_cache_max_ram_fraction, self.world_size)) \
+            if cfg.train.feature_cache else None
 
     def _setup_loaders(self) -> None:
         cfg, acc, pre = self.cfg, self.accelerator, self.pre
@@ -406,6 +408,8 @@ class Trainer:
             self.handler.restore()
             if bar is not None:
                 bar.close()
+            if self.fcache is not None:
+                self.fcache.clear()  # frees RAM, deletes spill files
             self.tracker.close()
         self.accelerator.wait_for_everyone()
         return RunResult(output_dir=self.out_dir, best_top1=p.best_top1, last_eval=self.last_eval, step=p.step,
