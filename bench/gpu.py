@@ -66,8 +66,8 @@ def bench_one(name: str, source: str, args, accelerator) -> dict:
     device = accelerator.device
     backbone, weights = MODELS[name]
     torch.manual_seed(0)
-    model, pre = build_model(backbone, 2, weights)
-    model.to(device).to(memory_format=torch.channels_last).train()
+    model, pre = build_model(backbone, 2, weights, channels_last=True)
+    model.to(device).train()
     fpi = flops_per_image(model, pre.input_size, device)
     if args.compile:
         model.compile()
@@ -94,7 +94,7 @@ def bench_one(name: str, source: str, args, accelerator) -> dict:
 
     def step():
         return train_step(model, stream, optimizer=opt, criterion=criterion, accelerator=accelerator,
-                          grad_accum_steps=1, mean=pre.mean, std=pre.std, channels_last=True, grad_clip=None)
+                          grad_accum_steps=1, grad_clip=None)
 
     for _ in range(args.warmup):
         step()

@@ -24,7 +24,7 @@ import fire
 import torch
 
 from trainer.data.decode import decode_image_bytes
-from trainer.data.transforms import build_transforms, normalize
+from trainer.data.transforms import build_transforms
 from trainer.train.checkpoint import load_for_inference
 from trainer.utils.files import atomic_write
 
@@ -47,20 +47,20 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 @torch.inference_mode()
-def predict_logits(model, images: torch.Tensor, mean, std, *, tta: bool = False) -> torch.Tensor:
+def predict_logits(model, images: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
     """Class probabilities for a batch.
 
     Args:
+        model: an :class:`trainer.models.classifier.ImageClassifier` (it normalises the images).
         images: (B, 3, H, W) uint8.
         tta: also run the horizontally flipped batch and average the softmax outputs.
 
     Returns:
         (B, C) float32 probabilities.
     """
-    x = normalize(images, mean, std)
-    probs = model(x).float().softmax(dim=1)
+    probs = model(images).float().softmax(dim=1)
     if tta:
-        probs = (probs + model(x.flip(dims=[3])).float().softmax(dim=1)) / 2
+        probs = (probs + model(images.flip(dims=[3])).float().softmax(dim=1)) / 2
     return probs
 
 
@@ -75,7 +75,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
 
     def flush(batch_paths, batch_imgs):
         nonlocal correct, labelled
-        probs = predict_logits(model, torch.stack(batch_imgs).to(device), pre.mean, pre.std, tta=tta).cpu()
+        probs = predict_logits(model, torch.stack(batch_imgs).to(device), tta=tta).cpu()
         top_p, top_i = probs.topk(topk, dim=1)
         for path, p, tp, ti in zip(batch_paths, probs, top_p, top_i):
             true = path.parent.name if path.parent.name in classes else ""

@@ -26,7 +26,7 @@ from trainer.data.loader import EvalLoader, TrainLoader
 from trainer.data.meta import read_meta
 from trainer.data.sources import resolve_shards, steps_per_epoch
 from trainer.data.stream import BadSampleError
-from trainer.data.transforms import build_transforms, normalize
+from trainer.data.transforms import build_transforms
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from data_synth import jpeg_bytes, write_samples, write_tar_shards  # noqa: E402
@@ -315,18 +315,6 @@ def test_build_transforms_shapes_and_determinism():
         build_transforms(32, train=True, augment="heavy")
     with pytest.raises(ValueError, match="interpolation"):
         build_transforms(32, train=True, interpolation="lanczos")
-
-
-def test_normalize():
-    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(2, 3, 1, 2).contiguous()
-    y = normalize(x, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
-    assert y.dtype == torch.float32 and y.shape == (2, 3, 1, 2)
-    assert torch.allclose(y[0, :, 0, 0], torch.tensor([-2.0, -1.0, -0.5]))
-    assert torch.allclose(y[0, :, 0, 1], torch.tensor([2.0, 1.0, 0.5]))
-    with pytest.raises(ValueError, match="uint8"):
-        normalize(x.float(), (0.5,) * 3, (0.5,) * 3)
-    with pytest.raises(ValueError, match="0-1 units"):
-        normalize(x, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4))
 
 
 # ---------------------------------------------------------------- shard specs

@@ -30,7 +30,7 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(tmp_path):
     from helpers.inprocess import make_checkpoint
     from torchvision.transforms import v2
 
-    from trainer.data.transforms import build_transforms, normalize
+    from trainer.data.transforms import build_transforms
     from trainer.train.checkpoint import load_for_inference
 
     ckpt = make_checkpoint(tmp_path / "run/checkpoints/best.pt")
@@ -42,7 +42,7 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(tmp_path):
     model, pre, classes = load_for_inference(ckpt)
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
     raw = real_images()
-    x = normalize(torch.stack([tf(img) for img in raw]), pre.mean, pre.std)  # (4, 3, 224, 224)
+    x = model.normalize(torch.stack([tf(img) for img in raw]))  # (4, 3, 224, 224) float32, what the export takes
     with torch.no_grad():
         ref = model(x)
         ts = torch.jit.load(str(out / "model.torchscript.pt"))(x)

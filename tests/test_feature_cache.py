@@ -12,7 +12,7 @@ from torch import nn
 
 from trainer.finetune.freezing import apply_phase
 from trainer.finetune.schedule import Phase
-from trainer.models.classifier import ImageClassifier
+from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.train.feature_cache import FeatureCache
 from trainer.train.loop import evaluate, train_step
 
@@ -21,7 +21,7 @@ def _tiny(frozen: bool = True) -> tuple[ImageClassifier, dict[str, int]]:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                              nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = ImageClassifier(backbone, 8, 3)
+    model = ImageClassifier(backbone, 8, 3, preprocessing=Preprocessing(6, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0))
     layer_of = {n: (1 if n.startswith("head") else 0) for n, _ in model.named_parameters()}
     apply_phase(model, layer_of, 2, Phase(0, "head" if frozen else "all"))
     return model, layer_of
@@ -42,7 +42,7 @@ def _batches(n_batches: int, bs: int = 4, offset: int = 0, repeat_last: bool = F
 
 def _step(model, batch_iter, opt):
     return train_step(model, batch_iter, optimizer=opt, criterion=nn.CrossEntropyLoss(), accelerator=CpuAccelerator(),
-                      grad_accum_steps=1, mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=False, grad_clip=None)
+                      grad_accum_steps=1, grad_clip=None)
 
 
 def _features(model, batch):
@@ -110,13 +110,13 @@ def test_eval_cache_replays_same_result():
     cache = FeatureCache(seed=0, rank=0, micro_batch_size=4)
     val = _batches(2, offset=100)
     seen = []
-    r1 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=CpuAccelerator(), mean=(0.5,) * 3,
-                  std=(0.5,) * 3, channels_last=False, on_batch=lambda b, lg: seen.append(b["key"]))
+    r1 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=CpuAccelerator(),
+                  on_batch=lambda b, lg: seen.append(b["key"]))
     assert cache.val_batches is not None and len(cache.val_batches) == 2
     calls = []
     model.backbone.register_forward_pre_hook(lambda m, a: calls.append(1))
-    r2 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=CpuAccelerator(), mean=(0.5,) * 3,
-                  std=(0.5,) * 3, channels_last=False, on_batch=lambda b, lg: seen.append(b["key"]))
+    r2 = evaluate(model, cache.eval_batches(model, val), num_classes=3, accelerator=CpuAccelerator(),
+                  on_batch=lambda b, lg: seen.append(b["key"]))
     assert calls == []  # served from the cache: no backbone forward
     assert seen[:2] == seen[2:]  # same keys, same order (the reports' collector still gets key/label/image)
     assert r1.top1 == r2.top1 and abs(r1.loss - r2.loss) < 1e-6
@@ -223,7 +223,7 @@ def test_cache_bigger_than_the_ram_limit_spills_to_memory_mapped_files(tmp_path)
         for _ in range(4):
             _step(model, stream, opt)
         evaluate(model, cache.eval_batches(model, _batches(3, offset=100)), num_classes=3,
-                 accelerator=CpuAccelerator(), mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=False)
+                 accelerator=CpuAccelerator())
     ram, sp = caches["ram"], caches["spill"]
     assert sp.spilled and not ram.spilled and sp.budget.used <= 200
     files = sorted(p.name for p in spill.iterdir())

@@ -14,7 +14,7 @@ from trainer.config.loading import load_config
 from trainer.config.schema import ConfigError
 from trainer.finetune.freezing import apply_phase, frozen_entirely
 from trainer.finetune.schedule import Phase
-from trainer.models.classifier import ImageClassifier
+from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.train.loop import train_step
 
 
@@ -22,7 +22,8 @@ def _tiny(num_classes: int = 3) -> tuple[ImageClassifier, dict[str, int]]:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                              nn.Conv2d(8, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = ImageClassifier(backbone, 16, num_classes)
+    model = ImageClassifier(backbone, 16, num_classes,
+                            preprocessing=Preprocessing(8, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0))
     layer_of = {n: (0 if n.startswith("backbone.0") or n.startswith("backbone.1") else 1)
                 for n, _ in model.named_parameters()}
     layer_of.update({n: 2 for n in layer_of if n.startswith("head")})
@@ -93,8 +94,7 @@ def test_no_grad_path_gives_the_same_step_as_the_graph_path():
     y = torch.tensor([0, 1, 2, 0])
     opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
     loss = train_step(model, iter([{"image": x, "label": y}]), optimizer=opt, criterion=nn.CrossEntropyLoss(),
-                      accelerator=CpuAccelerator(), grad_accum_steps=1, mean=(0.5,) * 3, std=(0.5,) * 3,
-                      channels_last=False, grad_clip=None)
+                      accelerator=CpuAccelerator(), grad_accum_steps=1, grad_clip=None)
     # reference: the same step with an explicit graph through forward_features
     xf = (x.float() / 255 - 0.5) / 0.5
     ref_loss = nn.functional.cross_entropy(ref.head(ref.forward_features(xf)), y)
@@ -129,9 +129,12 @@ def test_config_switches():
         load_config(None, {"train.preempt_check_every_steps": 0})
 
 
-def test_normalize_keeps_device_and_values():
-    from trainer.data.transforms import normalize
-    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    y = normalize(x, torch.tensor([0.5, 0.5, 0.5]), (0.5, 0.25, 1.0))
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(y[0, :, 0, 0], torch.tensor([1.0, 2.0, 0.5]))
+def test_model_normalizes_in_its_memory_format():
+    pre = Preprocessing(2, (0.5, 0.5, 0.5), (0.5, 0.25, 1.0), "bilinear", 1.0)
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)  # contiguous NCHW in, channels_last out
+    for channels_last in (True, False):
+        model = ImageClassifier(nn.Flatten(), 12, 2, preprocessing=pre, channels_last=channels_last)
+        y = model.normalize(x)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.allclose(y[0, :, 0, 0], torch.tensor([1.0, 2.0, 0.5]))
+    assert "mean" not in model.state_dict() and model.mean.shape == (1, 3, 1, 1)  # not saved; follows .to()

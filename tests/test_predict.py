@@ -39,7 +39,7 @@ def test_topk_columns_and_tta_average(setup):
     from predict import main, predict_logits
 
     from trainer.data.decode import decode_image_bytes
-    from trainer.data.transforms import build_transforms, normalize
+    from trainer.data.transforms import build_transforms
     from trainer.train.checkpoint import load_for_inference
 
     root, ckpt = setup
@@ -64,15 +64,15 @@ def test_topk_columns_and_tta_average(setup):
     rows = [r for r in tta if r["pred"]]
     imgs = torch.stack([tf(decode_image_bytes(Path(r["path"]).read_bytes())) for r in rows])
     with torch.no_grad():
-        x = normalize(imgs, pre.mean, pre.std)
+        x = (imgs.float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
         expected = (model(x).softmax(1) + model(x.flip(3)).softmax(1)) / 2
     got = torch.tensor([[float(r[f"p_{c}"]) for c in classes] for r in rows])
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=0)
     assert not torch.allclose(got, torch.tensor([[float(r[f"p_{c}"]) for c in classes]
                                                  for r in plain if r["pred"]]), atol=1e-4)
     # and it is mirror-invariant: an image and its mirror get the same TTA probabilities
-    torch.testing.assert_close(predict_logits(model, imgs, pre.mean, pre.std, tta=True),
-                               predict_logits(model, imgs.flip(3), pre.mean, pre.std, tta=True), atol=1e-6, rtol=0)
+    torch.testing.assert_close(predict_logits(model, imgs, tta=True),
+                               predict_logits(model, imgs.flip(3), tta=True), atol=1e-6, rtol=0)
 
 
 def test_topk_is_clamped_to_the_class_count(setup):

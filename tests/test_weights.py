@@ -200,6 +200,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_two_ranks_empty_cache_offline_fail_fast(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)

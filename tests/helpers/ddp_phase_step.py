@@ -67,8 +67,7 @@ def run_mode(out_dir: Path, mode: str, accelerator) -> None:
         ddp_model.train()
         for _ in range(STEPS):
             train_step(ddp_model, stream, optimizer=optimizer, criterion=criterion, accelerator=accelerator,
-                       grad_accum_steps=ACCUM, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                       channels_last=False, grad_clip=1.0)
+                       grad_accum_steps=ACCUM, grad_clip=1.0)
         trainable = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
         torch.save({"state": unwrap(model).state_dict(), "trainable": trainable},
                    out_dir / f"{mode}_rank{rank}_epoch{epoch}.pt")

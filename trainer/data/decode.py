@@ -1,4 +1,4 @@
-"""Image decoding, train/eval transforms and on-device normalization.
+"""Image decoding and the data contract of the loaders.
 
 Data contract (every loader in :mod:`trainer.data` follows it):
 
@@ -9,9 +9,9 @@ Data contract (every loader in :mod:`trainer.data` follows it):
   transform (:class:`RandomResizedCropFlip`) also has ``from_bytes(data) -> (3, S, S) uint8``, which
   the loaders call instead of decode + transform: it decodes JPEGs at reduced size when the crop
   allows (see "Fused decode" below).
-* :func:`normalize` turns a batch ``(B, 3, S, S) uint8`` into ``float32`` ``(x / 255 - mean) / std``.
-  It runs on the device in the training loop, so the loader ships 4x fewer bytes (uint8 instead of
-  float32) to the accelerator.
+* Batches stay ``(B, 3, S, S) uint8`` up to the model, which normalises them on the device
+  (``ImageClassifier.normalize``: ``(x / 255 - mean) / std``), so the loader ships 4x fewer bytes
+  (uint8 instead of float32) to the accelerator.
 
 Decoding (fast path first, PIL for the rest):
 

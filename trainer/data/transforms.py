@@ -1,11 +1,11 @@
-"""Train/eval transforms (the fused decode + RandomResizedCrop for training) and on-device normalization.
+"""Train/eval transforms (the fused decode + RandomResizedCrop for training).
 
 See :mod:`trainer.data.decode` for the data contract and the fused decode."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import simplejpeg
 import torch
@@ -159,36 +159,3 @@ def build_transforms(input_size: int, *, train: bool, crop_pct: float = 0.875,
         v2.Resize(int(input_size / crop_pct), interpolation=mode, antialias=True),
         v2.CenterCrop(input_size),
     ])
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,
-              std: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    """Scale a uint8 batch to float32 and standardize per channel, on the batch's device.
-
-    Args:
-        images: ``(B, 3, H, W)`` ``uint8`` (any memory format; channels_last is kept).
-        mean, std: 3 per-channel values in 0-1 units (e.g. timm's ``IMAGENET_DEFAULT_MEAN``
-            ``(0.485, 0.456, 0.406)`` / std ``(0.229, 0.224, 0.225)``, from the backbone's config).
-
-    Returns:
-        ``(B, 3, H, W)`` ``float32``: ``(images / 255 - mean) / std``.
-
-    Raises:
-        ValueError: wrong dtype/shape, mean/std not 3 values, a std of 0, or values in 0-255 units.
-    """
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"normalize: images must be (B, 3, H, W) uint8, got {tuple(images.shape)} "
-                         f"{images.dtype}")
-    # checked on the CPU, then copied: floats cause no host-device synchronisation per training step
-    m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1).cpu()
-    s = torch.as_tensor(std, dtype=torch.float32).reshape(-1).cpu()
-    if m.numel() != 3 or s.numel() != 3:
-        raise ValueError(f"normalize: mean and std need 3 values, got {m.numel()} and {s.numel()}")
-    if bool((m > 1.0).any()) or bool((s > 1.0).any()) or bool((s <= 0).any()):
-        raise ValueError(f"normalize: mean/std must be in 0-1 units with std > 0 (e.g. 0.485, 0.229), "
-                         f"got mean={m.tolist()} std={s.tolist()}")
-    m, s = m.to(images.device, non_blocking=True), s.to(images.device, non_blocking=True)
-    x = images.to(torch.float32).div_(255.0)
-    return x.sub_(m.view(1, 3, 1, 1)).div_(s.view(1, 3, 1, 1))
-
-

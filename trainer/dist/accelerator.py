@@ -248,3 +248,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def check_replicas(model: torch.nn.Module, accelerator) -> float:
+    """Largest difference between ranks of any parameter's fingerprint (sum and sum of squares).
+
+    DDP keeps replicas identical by construction; this is the run-time proof (0.0 expected). A
+    non-zero value means ranks trained different models (e.g. a phase change DDP did not see), and
+    the run stops with an error rather than silently saving rank 0's copy.
+
+    Raises:
+        RuntimeError: the replicas differ by more than 1e-6.
+    """
+    with torch.no_grad():
+        fp = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()])
+                          for p in model.parameters()]).flatten()
+    allfp = accelerator.gather(fp.to(accelerator.device)).view(accelerator.num_processes, -1)
+    diff = (allfp - allfp[0]).abs().max().item()
+    if diff > 1e-6:
+        raise RuntimeError(f"DDP replicas differ across ranks (max fingerprint difference {diff:g})")
+    return diff

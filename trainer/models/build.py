@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from trainer.models.classifier import ImageClassifier, Preprocessing
@@ -131,8 +132,6 @@ def _timm_preprocessing(model: nn.Module) -> Preprocessing:
                          str(cfg["interpolation"]), float(cfg["crop_pct"]))
 
 
-
-
 def _load_local_file(backbone_module: nn.Module, path: str, head_prefixes: tuple[str, ...]) -> None:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -145,7 +144,8 @@ def _load_local_file(backbone_module: nn.Module, path: str, head_prefixes: tuple
 
 
 def build_model(backbone: str, num_classes: int, weights: str | None = "default", *,
-                drop_rate: float = 0.0, offline: bool | None = None) -> tuple[ImageClassifier, Preprocessing]:
+                drop_rate: float = 0.0, offline: bool | None = None, channels_last: bool = False,
+                preprocessing: Preprocessing | None = None) -> tuple[ImageClassifier, Preprocessing]:
     """Build an :class:`ImageClassifier` with a fresh ``num_classes`` head and its preprocessing.
 
     Args:
@@ -161,9 +161,13 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
         drop_rate: dropout before the head.
         offline: never touch the network; a missing cache file fails at once naming its path.
             ``None`` = read ``TRAINER_OFFLINE`` / ``HF_HUB_OFFLINE``.
+        channels_last: parameters and uint8 inputs in the channels_last memory format.
+        preprocessing: use these input constants instead of the backbone's (e.g. those stored in a
+            checkpoint); the model normalises uint8 inputs with their mean/std.
 
     Returns:
-        ``(model, preprocessing)``; the model is in train mode on CPU, float32.
+        ``(model, preprocessing)``; the model is in train mode on CPU, float32, and owns
+        ``preprocessing`` (``model.preprocessing``).
 
     Raises:
         ValueError: unknown backbone / weights string, or the package weights with another backbone.
@@ -182,7 +186,11 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
         module, num_features, prep = _build_timm(backbone, name, kind, weights, offline)
     else:
         module, num_features, prep = _build_torchvision(backbone, name, kind, weights, offline)
-    model = ImageClassifier(module, num_features, num_classes, drop_rate)
+    prep = preprocessing or prep
+    model = ImageClassifier(module, num_features, num_classes, drop_rate, preprocessing=prep,
+                            channels_last=channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model, prep
 
 

@@ -3,8 +3,9 @@
 Two files live in ``<output_dir>/checkpoints/``:
 
 * ``last.pt`` - everything needed to continue: model, optimizer state matched by parameter *name*,
-  grad scaler, RNG states of every rank, epoch / step / samples_seen, unfreeze phase, class map,
-  W&B run id, early-stopping state and the resolved config.
+  grad scaler, RNG states of every rank, epoch / step / samples_seen, class map, W&B run id,
+  early-stopping state and the resolved config. Built by :func:`resume_state`, read back by
+  :func:`restore_resume_state` (the only two places that know its keys).
 * ``best.pt`` - a self-contained model for inference (``launch/predict.py``, ``launch/export.py``):
   weights, class names, backbone name, preprocessing (input size, mean, std), config.
 
@@ -15,14 +16,19 @@ half-written file under the real name.
 
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from trainer.config.schema import ConfigError
 from trainer.utils.files import atomic_write
+
+log = logging.getLogger("trainer")
 
 FORMAT_VERSION = 1
 
@@ -66,6 +72,97 @@ def load(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (format_version "
                               f"{FORMAT_VERSION} expected)")
     return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# last.pt: the resume state
+
+
+@dataclass
+class Progress:
+    """Counters of a run, saved in ``last.pt``.
+
+    Attributes:
+        step: optimizer steps done. epoch: epochs completed. samples_seen: step x global_batch_size.
+        best_top1: val top-1 of the model in ``best.pt`` (-1 before the first evaluation).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    best_top1: float = -1.0
+
+
+def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_names: dict[int, str],
+                 scaler, rng: list[dict], progress: Progress, class_names: list[str], backbone: str,
+                 preprocessing: dict, config: dict, early_stopping: dict, wandb_run_id: str | None,
+                 reason: str) -> dict:
+    """The dict stored as ``last.pt`` (read back by :func:`restore_resume_state`).
+
+    Args:
+        model: the plain (unwrapped) model. optimizer: the torch optimizer (not Accelerate's wrapper).
+        param_names: ``id(param) -> name`` (optimizer state is stored by name).
+        scaler: the fp16 grad scaler or None. rng: :func:`rng_state` of every rank, in rank order.
+        reason: why it was written (``"epoch"``, ``"interval"``, ``"preempted (signal 15)"``), for people.
+    """
+    return {
+        "format_version": FORMAT_VERSION, "kind": "resume",
+        "model": model.state_dict(),
+        "optimizer": optimizer_state_by_name(optimizer, param_names),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng, "step": progress.step, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
+        "best_top1": progress.best_top1, "class_names": list(class_names), "backbone": backbone,
+        "preprocessing": preprocessing, "config": config, "early_stopping": early_stopping,
+        "wandb_run_id": wandb_run_id, "world_size": len(rng), "reason": reason,
+    }
+
+
+def restore_resume_state(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                         param_names: dict[int, str], scaler, early_stopping, class_names: list[str],
+                         backbone: str, global_batch_size: int, rank: int,
+                         world_size: int) -> tuple[Progress, str | None]:
+    """Load ``last.pt`` into the run's objects: weights, optimizer (by name), scaler, early stopping
+    (``early_stopping.load_state_dict``), this rank's RNG states.
+
+    Returns:
+        (the run's :class:`Progress`, the W&B run id or None).
+
+    Raises:
+        CheckpointError: unreadable file or optimizer state that does not fit (names the file).
+        ConfigError: the checkpoint's classes, backbone or global_batch_size differ from this run.
+    """
+    state = load(path)
+    if state["class_names"] != class_names:
+        raise ConfigError(
+            f"checkpoint {path} was trained on {len(state['class_names'])} classes "
+            f"{state['class_names'][:5]}... but the data has {len(class_names)} classes "
+            f"{class_names[:5]}... (data.shard_dir / train.output_dir)")
+    if state["backbone"] != backbone:
+        raise ConfigError(f"checkpoint {path} has backbone {state['backbone']}, config "
+                          f"model.backbone is {backbone}")
+    saved_gbs = (state.get("config") or {}).get("train", {}).get("global_batch_size")
+    if saved_gbs is not None and saved_gbs != global_batch_size:
+        raise ConfigError(
+            f"checkpoint {path} was trained with train.global_batch_size={saved_gbs}, this run has "
+            f"{global_batch_size}: steps, epochs and the lr schedule would not line up "
+            "(keep train.global_batch_size; a different world size is fine)")
+    model.load_state_dict(state["model"])
+    load_optimizer_state_by_name(optimizer, state["optimizer"], param_names, source=str(path))
+    if state.get("scaler") is not None and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    if state.get("early_stopping"):
+        early_stopping.load_state_dict(state["early_stopping"])
+    rng = state.get("rng") or []
+    if len(rng) == world_size:
+        set_rng_state(rng[rank])
+    else:  # another world size: per-rank RNG streams do not map; seeds stay as set by the caller
+        log.warning("resuming on %d processes from a checkpoint of %d: per-rank RNG states not restored, "
+                    "data order and augmentation differ from an uninterrupted run", world_size, len(rng))
+    progress = Progress(step=state["step"], epoch=state["epoch"], samples_seen=state["samples_seen"],
+                        best_top1=state["best_top1"])
+    log.info("resumed from %s at epoch %d step %d (samples_seen %d)", path, progress.epoch, progress.step,
+             progress.samples_seen)
+    return progress, state.get("wandb_run_id")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,14 +265,14 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
 
     ckpt = load(path)
     class_names = ckpt["class_names"]
+    pre = Preprocessing(**ckpt["preprocessing"])
     model, _ = build_model(ckpt["backbone"], len(class_names), weights="none",
-                           drop_rate=ckpt.get("drop_rate", 0.0))
+                           drop_rate=ckpt.get("drop_rate", 0.0), preprocessing=pre)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit backbone {ckpt['backbone']} with "
                               f"{len(class_names)} classes: {e}") from e
-    pre = Preprocessing(**ckpt["preprocessing"])
     return model.to(device).eval(), pre, class_names
 
 

@@ -12,38 +12,22 @@ from typing import Iterable, Iterator
 
 import torch
 
-from trainer.data.transforms import normalize
 from trainer.reporting.metrics import EvalAccumulator, EvalResult
 
 
-def to_device(batch: dict, device: torch.device, *, channels_last: bool, non_blocking: bool = True):
-    """Move a loader batch to ``device``.
-
-    Args:
-        batch: ``{"image": (B, 3, H, W) uint8, "label": (B,) int64, ...}``; the loaders deliver the
-            images in channels_last memory already (then the conversion below is free).
-        channels_last: images in channels_last memory format (True) or contiguous NCHW (False).
-
-    Returns:
-        (images (B, 3, H, W) uint8 on device, labels (B,) int64 on device).
-    """
-    images = batch["image"].to(device, non_blocking=non_blocking)
-    images = images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return images, batch["label"].to(device, non_blocking=non_blocking)
-
-
-def _forward(model: torch.nn.Module, batch: dict, device: torch.device, *, mean, std, channels_last: bool):
-    """Logits ``(B, C)`` and labels ``(B,)`` of one batch: images (normalised on the device), or cached
-    backbone features ``batch["features"]: (B, F) float32`` (``trainer.train.feature_cache``, head only)."""
+def _forward(model: torch.nn.Module, batch: dict, device: torch.device):
+    """Logits ``(B, C)`` and labels ``(B,)`` of one batch moved to ``device``: ``image`` ``(B, 3, H, W)
+    uint8`` (the model normalises it and sets its memory format; the loaders deliver channels_last
+    memory, so that conversion is free), or cached backbone features ``features: (B, F) float32``
+    (``trainer.train.feature_cache``, head only)."""
+    labels = batch["label"].to(device, non_blocking=True)
     if "features" in batch:
-        feats = batch["features"].to(device, non_blocking=True)
-        return model(feats, features=True), batch["label"].to(device, non_blocking=True)
-    images, labels = to_device(batch, device, channels_last=channels_last)
-    return model(normalize(images, mean, std)), labels
+        return model(batch["features"].to(device, non_blocking=True), features=True), labels
+    return model(batch["image"].to(device, non_blocking=True)), labels
 
 
 def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimizer, criterion, accelerator,
-               grad_accum_steps: int, mean, std, channels_last: bool, grad_clip: float | None) -> torch.Tensor:
+               grad_accum_steps: int, grad_clip: float | None) -> torch.Tensor:
     """One optimizer step: forward/backward over ``grad_accum_steps`` micro-batches, then ``optimizer.step()``.
 
     Gradients are only all-reduced on the last micro-batch (``no_sync`` on the others), as in
@@ -51,12 +35,12 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
 
     Args:
         model: the (possibly DDP-wrapped) classifier, in train mode.
-        micro_batches: iterator yielding at least ``grad_accum_steps`` batches (see :func:`to_device`),
-            or feature batches ``{"features": (B, F) float32, "label": (B,) int64}`` from
+        micro_batches: iterator yielding at least ``grad_accum_steps`` batches ``{"image": (B, 3, H, W)
+            uint8, "label": (B,) int64}``, or feature batches ``{"features": (B, F) float32, "label": (B,) int64}`` from
             ``trainer.train.feature_cache`` (then only the head runs).
         optimizer: an Accelerate-prepared optimizer (handles the fp16 grad scaler).
         criterion: loss(logits (B, C), labels (B,)) -> scalar mean over the micro-batch.
-        mean, std: per-channel normalization of the backbone (3 floats each).
+        grad_clip: max global gradient norm (None: no clipping).
 
     Returns:
         Sum over micro-batches of the mean micro-batch loss / grad_accum_steps, a 0-dim tensor on the
@@ -71,7 +55,7 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with accelerator.autocast():
-                logits, labels = _forward(model, batch, device, mean=mean, std=std, channels_last=channels_last)
+                logits, labels = _forward(model, batch, device)
                 loss = criterion(logits.float(), labels) / grad_accum_steps
             accelerator.backward(loss)
         total += loss.detach()
@@ -84,8 +68,8 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
 
 
 @torch.inference_mode()
-def evaluate(model: torch.nn.Module, batches: Iterator[dict], *, num_classes: int, accelerator, mean, std,
-             channels_last: bool, on_batch=None) -> EvalResult:
+def evaluate(model: torch.nn.Module, batches: Iterator[dict], *, num_classes: int, accelerator,
+             on_batch=None) -> EvalResult:
     """Evaluate on this rank's share of the validation data and reduce over ranks.
 
     Every rank must call this (it ends in one ``all_reduce``), also a rank that received no batch.
@@ -103,8 +87,7 @@ def evaluate(model: torch.nn.Module, batches: Iterator[dict], *, num_classes: in
     acc = EvalAccumulator(num_classes, accelerator.device)
     for batch in batches:
         with accelerator.autocast():
-            logits, labels = _forward(model, batch, accelerator.device, mean=mean, std=std,
-                                      channels_last=channels_last)
+            logits, labels = _forward(model, batch, accelerator.device)
             logits = logits.float()
         acc.update(logits, labels)
         if on_batch is not None:

@@ -34,7 +34,7 @@ from trainer.data.loader import EvalLoader, TrainLoader
 from trainer.data.prepare import prepare_dataset
 from trainer.data.sources import steps_per_epoch
 from trainer.data.transforms import build_transforms
-from trainer.dist.accelerator import make_accelerator, unwrap, wrap_ddp
+from trainer.dist.accelerator import check_replicas, make_accelerator, unwrap, wrap_ddp
 from trainer.dist.signals import PreemptionHandler
 from trainer.finetune.freezing import apply_phase
 from trainer.finetune.losses import build_criterion
@@ -45,6 +45,7 @@ from trainer.models.layers import layer_ids
 from trainer.reporting.reporter import Reporter
 from trainer.reporting.tracking import Tracker
 from trainer.train import checkpoint as ckpt_lib
+from trainer.train.checkpoint import Progress
 from trainer.train.early_stopping import EarlyStopping
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import evaluate, train_step
@@ -63,22 +64,6 @@ class RunResult:
     epoch: int
     preempted: bool
     early_stopped: bool = False
-
-
-@dataclass
-class Progress:
-    """Counters of a run, saved in ``last.pt``.
-
-    Attributes:
-        step: optimizer steps done. epoch: epochs completed. samples_seen: step x global_batch_size.
-        best_top1: val top-1 of the model in ``best.pt`` (-1 before the first evaluation).
-    """
-
-    step: int = 0
-    epoch: int = 0
-    samples_seen: int = 0
-    best_top1: float = -1.0
-
 
 
 class Trainer:
@@ -103,28 +88,25 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_loaders()
-        self.progress = Progress()
         self.stopper = EarlyStopping.from_config(cfg.train.early_stopping)  # best.pt + early stopping
-        self.wandb_run_id: str | None = None
+        self.progress, wandb_run_id = Progress(), None
         last = ckpt_lib.latest_checkpoint(self.out_dir) if cfg.train.resume else None
         if last is not None:
-            self.restore(last)
+            self.progress, wandb_run_id = self.restore(last)
         self.tracker = Tracker.disabled()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
             self.tracker = Tracker(self.out_dir, cfg.to_dict(), mode=cfg.logging.wandb,
                                    project=cfg.logging.project, entity=cfg.logging.entity,
-                                   run_name=cfg.logging.run_name or cfg.name, run_id=self.wandb_run_id,
+                                   run_name=cfg.logging.run_name or cfg.name, run_id=wandb_run_id,
                                    resume_step=self.progress.step if last is not None else None)
             log.info("world_size=%d micro_batch_size=%d grad_accum_steps=%d global_batch_size=%d "
                      "steps/epoch=%d total_steps=%d classes=%d", self.world_size, cfg.train.micro_batch_size,
                      self.accum, cfg.train.global_batch_size, self.steps_epoch, self.total_steps,
                      len(self.class_names))
         self.reporter = Reporter(self.out_dir, self.class_names, self.accelerator, self.tracker)
-        self.ddp_model: torch.nn.Module | None = None
-        self.current_phase: int | None = None
-        self.last_eval: dict = {}
+        self.preemption = PreemptionHandler()  # installed for the duration of fit()
         self._last_ckpt_time = time.monotonic()
 
     # ---- set-up -----------------------------------------------------------------------------
@@ -151,10 +133,8 @@ class Trainer:
             ensure_weights(cfg.model.backbone, local_rank=acc.local_process_index, barrier=acc.wait_for_everyone)
         with acc.local_main_process_first():
             model, self.pre = build_model(cfg.model.backbone, len(self.class_names), cfg.model.weights,
-                                          drop_rate=cfg.model.drop_rate)
+                                          drop_rate=cfg.model.drop_rate, channels_last=cfg.model.channels_last)
         model.to(acc.device)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         if cfg.model.compile:  # in place: parameter names / state_dict keys stay as they are
             model.compile()
         self.model = model
@@ -188,79 +168,40 @@ class Trainer:
                                       transform=eval_tf, **common)
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def restore(self, path: Path) -> None:
-        """Load ``last.pt``: weights, optimizer (by name), scaler, counters, early stopping, RNG, W&B id.
-
-        Raises:
-            ConfigError: the checkpoint's classes, backbone or global_batch_size differ from this run.
-        """
+    def restore(self, path: Path) -> tuple[Progress, str | None]:
+        """Load ``last.pt`` into the model, optimizer, scaler, early stopping and RNG (see
+        :func:`trainer.train.checkpoint.restore_resume_state`); return (progress, W&B run id)."""
         cfg, acc = self.cfg, self.accelerator
-        state = ckpt_lib.load(path)
-        names = self.class_names
-        if state["class_names"] != names:
-            raise ConfigError(
-                f"checkpoint {path} was trained on {len(state['class_names'])} classes "
-                f"{state['class_names'][:5]}... but the data has {len(names)} classes "
-                f"{names[:5]}... (data.shard_dir / train.output_dir)")
-        if state["backbone"] != cfg.model.backbone:
-            raise ConfigError(f"checkpoint {path} has backbone {state['backbone']}, config "
-                              f"model.backbone is {cfg.model.backbone}")
-        saved_gbs = (state.get("config") or {}).get("train", {}).get("global_batch_size")
-        if saved_gbs is not None and saved_gbs != cfg.train.global_batch_size:
-            raise ConfigError(
-                f"checkpoint {path} was trained with train.global_batch_size={saved_gbs}, this run has "
-                f"{cfg.train.global_batch_size}: steps, epochs and the lr schedule would not line up "
-                "(keep train.global_batch_size; a different world size is fine)")
-        unwrap(self.model).load_state_dict(state["model"])
-        ckpt_lib.load_optimizer_state_by_name(self.optimizer.optimizer, state["optimizer"], self.param_names,
-                                              source=str(path))
-        if state.get("scaler") is not None and acc.scaler is not None:
-            acc.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(step=state["step"], epoch=state["epoch"], samples_seen=state["samples_seen"],
-                                 best_top1=state["best_top1"])
-        self.wandb_run_id = state.get("wandb_run_id")
-        if state.get("early_stopping"):
-            self.stopper.load_state_dict(state["early_stopping"])
-        rng = state.get("rng") or []
-        if len(rng) == self.world_size:
-            ckpt_lib.set_rng_state(rng[acc.process_index])
-        else:  # another world size: per-rank RNG streams do not map; seeds stay as set above
-            log.warning("resuming on %d processes from a checkpoint of %d: per-rank RNG states not restored, "
-                        "data order and augmentation differ from an uninterrupted run", self.world_size, len(rng))
-        log.info("resumed from %s at epoch %d step %d (samples_seen %d)", path, self.progress.epoch,
-                 self.progress.step, self.progress.samples_seen)
+        return ckpt_lib.restore_resume_state(
+            path, model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
+            scaler=acc.scaler, early_stopping=self.stopper, class_names=self.class_names,
+            backbone=cfg.model.backbone, global_batch_size=cfg.train.global_batch_size,
+            rank=acc.process_index, world_size=self.world_size)
 
     def save_last(self, reason: str) -> None:
         """Write ``last.pt`` (main process, atomically); every rank must call it (RNG states are gathered)."""
-        acc, p = self.accelerator, self.progress
+        acc = self.accelerator
         rng_all = acc.gather_for_metrics([ckpt_lib.rng_state()], use_gather_object=True) \
             if self.world_size > 1 else [ckpt_lib.rng_state()]
         if self.is_main:
-            state = {
-                "format_version": ckpt_lib.FORMAT_VERSION, "kind": "resume",
-                "model": unwrap(self.model).state_dict(),
-                "optimizer": ckpt_lib.optimizer_state_by_name(self.optimizer.optimizer, self.param_names),
-                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "rng": rng_all, "step": p.step, "epoch": p.epoch, "samples_seen": p.samples_seen,
-                "phase_index": phase_index_at(self.phases, min(p.epoch, self.cfg.train.epochs - 1)),
-                "class_names": self.class_names, "backbone": self.cfg.model.backbone,
-                "preprocessing": self.pre.to_dict(), "config": self.cfg.to_dict(), "best_top1": p.best_top1,
-                "early_stopping": self.stopper.state_dict(),
-                "wandb_run_id": self.tracker.run_id, "world_size": self.world_size, "reason": reason,
-            }
+            state = ckpt_lib.resume_state(
+                model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
+                scaler=acc.scaler, rng=rng_all, progress=self.progress, class_names=self.class_names,
+                backbone=self.cfg.model.backbone, preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
+                early_stopping=self.stopper.state_dict(), wandb_run_id=self.tracker.run_id, reason=reason)
             ckpt_lib.atomic_save(state, ckpt_lib.checkpoint_dir(self.out_dir) / "last.pt")
-            log.info("saved last.pt at step %d (%s)", p.step, reason)
+            log.info("saved last.pt at step %d (%s)", self.progress.step, reason)
         acc.wait_for_everyone()
         self._last_ckpt_time = time.monotonic()
 
-    def save_best(self) -> None:
-        """Write the self-contained ``best.pt`` (main process) for the current weights and ``last_eval``."""
+    def save_best(self, last_eval: dict) -> None:
+        """Write the self-contained ``best.pt`` (main process) for the current weights and their evaluation."""
         if self.is_main:
             payload = ckpt_lib.inference_payload(
                 unwrap(self.model).state_dict(), class_names=self.class_names, backbone=self.cfg.model.backbone,
                 preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
                 metrics={"epoch": self.progress.epoch, "step": self.progress.step,
-                         **self.last_eval})
+                         **last_eval})
             ckpt_lib.atomic_save(payload, ckpt_lib.checkpoint_dir(self.out_dir) / "best.pt")
 
     def _interval_checkpoint_due(self, check_now: bool) -> bool:
@@ -275,16 +216,12 @@ class Trainer:
         return due_steps or due_time
 
     # ---- training ---------------------------------------------------------------------------
-    def enter_phase(self, epoch: int) -> None:
-        """Apply the unfreeze phase of ``epoch`` if it changed, and (re)build the DDP wrapper."""
-        pidx = phase_index_at(self.phases, epoch)
-        if pidx == self.current_phase:
-            return
+    def enter_phase(self, pidx: int, epoch: int) -> torch.nn.Module:
+        """Apply unfreeze phase ``pidx`` (starting at ``epoch``); return the model (re)wrapped in DDP."""
         summary = apply_phase(unwrap(self.model), self.layer_of, self.num_layers, self.phases[pidx],
                               frozen_bn=self.cfg.finetune.frozen_bn, bn_stats=self.cfg.finetune.bn_stats)
-        self.ddp_model = wrap_ddp(unwrap(self.model), self.accelerator)
-        self.current_phase = pidx
         log.info("epoch %d: phase %d %s: %s", epoch, pidx, self.phases[pidx], summary)
+        return wrap_ddp(unwrap(self.model), self.accelerator)
 
     def _epoch_batches(self, epoch: int, done_in_epoch: int, skipped: list[str]) -> Iterator[dict]:
         """This epoch's micro-batches from the first one not yet trained; bad-sample reports go to ``skipped``."""
@@ -299,11 +236,13 @@ class Trainer:
             skipped.extend(b.get("skipped") or [])
             yield b
 
-    def train_epoch(self, progress_bar=None) -> bool:
-        """Optimizer steps until the end of the current epoch (or ``max_steps``, or preemption).
+    def train_epoch(self, ddp_model: torch.nn.Module, progress_bar=None) -> tuple[bool, int]:
+        """Optimizer steps of ``ddp_model`` (from :meth:`enter_phase`) until the end of the current epoch
+        (or ``max_steps``, or preemption).
 
         Returns:
-            True if the ranks agreed to stop for a preemption signal (``last.pt`` is then written).
+            (True if the ranks agreed to stop for a preemption signal (``last.pt`` is then written),
+            number of bad samples skipped this epoch over all ranks).
         """
         cfg, acc, p = self.cfg, self.accelerator, self.progress
         epoch_start = p.epoch * self.steps_epoch
@@ -312,15 +251,13 @@ class Trainer:
         loss_acc = torch.zeros((), device=acc.device)
         loss_n, preempted = 0, False
         t0, s0 = time.perf_counter(), p.samples_seen
-        self.ddp_model.train()
+        ddp_model.train()
         while p.step < epoch_start + self.steps_epoch and p.step < self.total_steps:
             lrs = set_lrs(self.optimizer, self.groups, step=p.step, total_steps=self.schedule_steps,
                           phases=self.phases, steps_per_epoch=self.steps_epoch, optim_cfg=cfg.optim,
                           head_layer_id=self.num_layers - 1)
-            loss_acc += train_step(self.ddp_model, stream, optimizer=self.optimizer, criterion=self.criterion,
-                                   accelerator=acc, grad_accum_steps=self.accum, mean=self.pre.mean,
-                                   std=self.pre.std, channels_last=cfg.model.channels_last,
-                                   grad_clip=cfg.optim.grad_clip)
+            loss_acc += train_step(ddp_model, stream, optimizer=self.optimizer, criterion=self.criterion,
+                                   accelerator=acc, grad_accum_steps=self.accum, grad_clip=cfg.optim.grad_clip)
             loss_n += 1
             p.step += 1
             p.samples_seen += cfg.train.global_batch_size
@@ -338,43 +275,45 @@ class Trainer:
                 loss_acc.zero_()
                 loss_n = 0
             check_now = p.step % cfg.train.preempt_check_every_steps == 0  # same steps on every rank
-            if check_now and self.handler.should_stop(acc):
+            if check_now and self.preemption.should_stop(acc):
                 preempted = True
                 break
             if self._interval_checkpoint_due(check_now):
                 self.save_last("interval")
-        self.epoch_skipped = acc.reduce(torch.tensor(float(len(skipped)), device=acc.device),
-                                        reduction="sum").item() if self.world_size > 1 else len(skipped)
+        num_skipped = acc.reduce(torch.tensor(float(len(skipped)), device=acc.device),
+                                 reduction="sum").item() if self.world_size > 1 else len(skipped)
         for s in skipped:
             log.warning("skipped bad sample %s", s)
         if preempted:
-            self.save_last(f"preempted (signal {self.handler.agreed_signal})")
-        return preempted
+            self.save_last(f"preempted (signal {self.preemption.agreed_signal})")
+        return preempted, num_skipped
 
-    def end_epoch(self) -> None:
-        """Evaluate, log, update reports / ``best.pt`` / early stopping, write ``last.pt``."""
+    def end_epoch(self, num_skipped: int) -> dict:
+        """Evaluate, log (with ``num_skipped`` bad samples of the epoch), update reports / ``best.pt`` /
+        early stopping, write ``last.pt``.
+
+        Returns:
+            The evaluation's log record (``val/top1``, ``val/loss``, ... and ``val/confusion``).
+        """
         acc, p = self.accelerator, self.progress
         collector = self.reporter.collector()
         model = unwrap(self.model)
         val_batches = iter(self.eval_loader) if self.fcache is None else \
             self.fcache.eval_batches(model, self.eval_loader)
-        res = evaluate(model, val_batches, num_classes=len(self.class_names), accelerator=acc,
-                       mean=self.pre.mean, std=self.pre.std, channels_last=self.cfg.model.channels_last,
-                       on_batch=collector)
-        self.last_eval = res.as_log("val/")
+        res = evaluate(model, val_batches, num_classes=len(self.class_names), accelerator=acc, on_batch=collector)
+        last_eval = res.as_log("val/")
         if p.step >= (p.epoch + 1) * self.steps_epoch:  # not after a max_steps stop mid-epoch
             p.epoch += 1
-        rec = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": self.epoch_skipped,
-               **self.last_eval}
+        rec = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": num_skipped, **last_eval}
         if self.world_size > 1:
             rec["ddp/replica_max_abs_diff"] = check_replicas(model, acc)
         self.tracker.log(rec, step=p.step)
         if self.is_main:
             log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f", p.epoch, p.step, res.loss, res.top1)
-        improved = self.stopper.update(self.last_eval, step=p.step, epoch=p.epoch)
+        improved = self.stopper.update(last_eval, step=p.step, epoch=p.epoch)
         if improved:  # best.pt follows train.early_stopping.monitor; best_top1 is top-1 of that model
             p.best_top1 = res.top1
-            self.save_best()
+            self.save_best(last_eval)
             self.tracker.summary({"best/val_top1": p.best_top1, "best/epoch": p.epoch, **self.stopper.summary()})
         self.reporter.after_eval(res, collector, improved=improved, step=p.step, epoch=p.epoch)
         self.save_last("epoch")
@@ -382,37 +321,39 @@ class Trainer:
             log.info("early stopping at epoch %d step %d: %s did not improve by more than %g for %d "
                      "evaluations (best %.4f at epoch %s)", p.epoch, p.step, self.stopper.monitor,
                      self.stopper.min_delta, self.stopper.wait, self.stopper.best, self.stopper.best_epoch)
+        return last_eval
 
     def fit(self) -> RunResult:
         """Train until ``train.epochs`` / ``max_steps``, early stopping or preemption; return the result."""
         cfg, p = self.cfg, self.progress
-        preempted = False
+        preempted, last_eval, phase, ddp_model = False, {}, None, None
         bar = None
         if self.is_main and cfg.logging.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=p.step, unit="step", dynamic_ncols=True)
-        self.handler = PreemptionHandler()
-        self.handler.install()
+        self.preemption.install()
         try:
             if self.stopper.should_stop:
                 log.info("early stopping: stopped before (%s did not improve for %d evaluations); nothing to do",
                          self.stopper.monitor, self.stopper.wait)
             while p.epoch < cfg.train.epochs and p.step < self.total_steps and not self.stopper.should_stop:
-                self.enter_phase(p.epoch)
-                preempted = self.train_epoch(bar)
+                if phase_index_at(self.phases, p.epoch) != phase:
+                    phase = phase_index_at(self.phases, p.epoch)
+                    ddp_model = self.enter_phase(phase, p.epoch)
+                preempted, num_skipped = self.train_epoch(ddp_model, bar)
                 if preempted:
                     break
-                self.end_epoch()
+                last_eval = self.end_epoch(num_skipped)
             self.reporter.finish(p.step)
         finally:
-            self.handler.restore()
+            self.preemption.restore()
             if bar is not None:
                 bar.close()
             if self.fcache is not None:
                 self.fcache.clear()  # frees RAM, deletes spill files
             self.tracker.close()
         self.accelerator.wait_for_everyone()
-        return RunResult(output_dir=self.out_dir, best_top1=p.best_top1, last_eval=self.last_eval, step=p.step,
+        return RunResult(output_dir=self.out_dir, best_top1=p.best_top1, last_eval=last_eval, step=p.step,
                          epoch=p.epoch, preempted=preempted, early_stopped=self.stopper.should_stop)
 
 
@@ -424,25 +365,3 @@ def run(cfg: Config) -> RunResult:
         trainer.train.checkpoint.CheckpointError: a checkpoint that does not fit this run (names the file).
     """
     return Trainer(cfg).fit()
-
-
-def check_replicas(model: torch.nn.Module, accelerator) -> float:
-    """Largest difference between ranks of any parameter's fingerprint (sum and sum of squares).
-
-    DDP keeps replicas identical by construction; this is the run-time proof (0.0 expected). A
-    non-zero value means ranks trained different models (e.g. a phase change DDP did not see), and
-    the run stops with an error rather than silently saving rank 0's copy.
-
-    Raises:
-        RuntimeError: the replicas differ by more than 1e-6.
-    """
-    with torch.no_grad():
-        fp = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()])
-                          for p in model.parameters()]).flatten()
-    allfp = accelerator.gather(fp.to(accelerator.device)).view(accelerator.num_processes, -1)
-    diff = (allfp - allfp[0]).abs().max().item()
-    if diff > 1e-6:
-        raise RuntimeError(f"DDP replicas differ across ranks (max fingerprint difference {diff:g})")
-    return diff
-
-
