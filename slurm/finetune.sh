@@ -17,8 +17,8 @@
 #   agents, which forward it to their workers (PET_SIGNALS_TO_HANDLE below) and give them
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT s to exit. The trainer (trainer/dist/signals.py) sets a flag, all
 #   ranks agree at the next optimizer step, write one checkpoint and exit. When the step has
-#   ended, this shell runs `scontrol requeue $SLURM_JOB_ID` (once; the trainer never requeues:
-#   TRAINER_REQUEUE=0). SIGTERM (preemption, scancel, time limit) is handled the same way.
+#   ended, this shell runs `scontrol requeue $SLURM_JOB_ID` (once; the trainer never requeues).
+#   SIGTERM (preemption, scancel, time limit) is handled the same way.
 # * The requeued job (SLURM_RESTART_COUNT=1, 2, ...) runs the same command; the trainer resumes
 #   from the latest complete checkpoint in --train.output_dir. --open-mode=append keeps the log
 #   of every run in one file.
@@ -102,7 +102,6 @@ export FINETUNE_RDZV_TIMEOUT=${FINETUNE_RDZV_TIMEOUT:-180}
 # torchrun/accelerate agents: forward USR1 too, and wait this long for workers to checkpoint
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${FINETUNE_SHUTDOWN_TIMEOUT:-100}
-export TRAINER_REQUEUE=0            # the trap below requeues, not the trainer
 export PYTHONUNBUFFERED=1
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 export SRUN_CPUS_PER_TASK=$CPUS_PER_TASK   # Slurm >= 22.05: srun no longer inherits -c

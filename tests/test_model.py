@@ -19,7 +19,7 @@ from trainer.models.efficientnet_lite import (
 )
 from trainer.models.state_dict import load_strict
 from trainer.models.layers import group_names, layer_ids
-from trainer.models.weights import weights_cache_path
+from trainer.models.weights import weights_source
 
 VAL = "/work/shared/data/hymenoptera_data/val"
 
@@ -216,7 +216,7 @@ def test_default_weights_offline_missing_names_model_and_path(caches):
     from trainer.models.weights import WeightsUnavailableError
 
     expected = caches[0] / "resnet18-f37072fd.pth"
-    assert weights_cache_path("resnet18") == expected
+    assert weights_source("resnet18").cache_path() == expected
     with pytest.raises(WeightsUnavailableError) as e:
         build_model("resnet18", 2, "default", offline=True)
     assert "resnet18" in str(e.value) and str(expected) in str(e.value)
@@ -378,7 +378,7 @@ def test_timm_default_weights_from_hf_cache_without_network(caches, monkeypatch,
 
     monkeypatch.setattr(socket, "getaddrinfo", _no_network)
     monkeypatch.setattr(socket.socket, "connect", _no_network)
-    assert weights_cache_path(LITE0_BACKBONE) == snap / "model.safetensors"
+    assert weights_source(LITE0_BACKBONE).cache_path() == snap / "model.safetensors"
     model, prep = build_model(LITE0_BACKBONE, 2, "default", offline=False)
     assert torch.equal(model.backbone.blocks[3][1].conv_dw.weight, ref.blocks[3][1].conv_dw.weight)
     assert prep.mean == (0.5, 0.5, 0.5)
@@ -388,11 +388,11 @@ def test_torchvision_prefix_and_bin_file(tmp_path, caches):
     model, prep = build_model("torchvision:resnet18", 2, "none")
     layer_of, n = layer_ids(model, "torchvision:resnet18")
     assert n == 6 and prep.input_size == 224
-    assert weights_cache_path("torchvision:resnet18") == caches[0] / "resnet18-f37072fd.pth"
+    assert weights_source("torchvision:resnet18").cache_path() == caches[0] / "resnet18-f37072fd.pth"
     with pytest.raises(ValueError, match="tv:resnet18"):
-        build_model("tv:resnet18", 2, "none")  # the same names as weights_cache_path (one parser)
+        build_model("tv:resnet18", 2, "none")  # the same names as weights_source (one parser)
     with pytest.raises(ValueError, match="tv:resnet18"):
-        weights_cache_path("tv:resnet18")
+        weights_source("tv:resnet18")
     path = tmp_path / "pytorch_model.bin"
     torch.save(model.state_dict(), path)
     other, _ = build_model("resnet18", 2, str(path))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.dist.signals import PREEMPTED_EXIT_CODE, PreemptionHandler, requeue_job
+from trainer.dist.signals import PREEMPTED_EXIT_CODE, PreemptionHandler
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_TRAINER = REPO / "tests" / "helpers" / "slurm_fake_trainer.py"
@@ -23,7 +23,7 @@ def test_handler_sets_flag_and_restores():
     previous = signal.getsignal(signal.SIGUSR1)
     handler = PreemptionHandler().install()
     try:
-        assert not handler.requested and handler.should_stop() is False
+        assert handler.received_signal is None and handler.should_stop() is False
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)  # second signal: first one is kept
         assert handler.received_signal == signal.SIGUSR1
@@ -31,28 +31,12 @@ def test_handler_sets_flag_and_restores():
     finally:
         handler.restore()
     assert signal.getsignal(signal.SIGUSR1) is previous
-    with pytest.raises(RuntimeError, match="already installed"):
-        with PreemptionHandler() as h:
+    h = PreemptionHandler().install()
+    try:
+        with pytest.raises(RuntimeError, match="already installed"):
             h.install()
-
-
-def test_requeue_job_only_when_responsible():
-    calls = []
-
-    def fake_run(cmd, **kw):
-        calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    assert requeue_job(env={}, run=fake_run) is False
-    assert requeue_job(env={"SLURM_JOB_ID": "7"}, run=fake_run) is False  # batch script's job
-    assert requeue_job(env={"SLURM_JOB_ID": "7", "TRAINER_REQUEUE": "1"}, run=fake_run) is True
-    assert calls == [["scontrol", "requeue", "7"]]
-
-    def failing(cmd, **kw):
-        return subprocess.CompletedProcess(cmd, 1, "", "Invalid job id specified")
-
-    with pytest.raises(RuntimeError, match="job 7 .*Invalid job id"):
-        requeue_job(env={"SLURM_JOB_ID": "7", "TRAINER_REQUEUE": "1"}, run=failing)
+    finally:
+        h.restore()
 
 
 def _wait_for(predicate, timeout_s: float, what: str) -> None:

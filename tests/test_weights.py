@@ -50,13 +50,13 @@ def _tiny_state_dict_file(path: Path) -> str:
 
 
 def test_cache_paths(cache, tmp_path):
-    assert W.weights_cache_path("resnet18") == tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth"
-    assert W.weights_cache_path("torchvision:resnet18") == W.weights_cache_path("resnet18")
-    hf = W.weights_cache_path("timm:resnet18.a1_in1k")
+    assert W.weights_source("resnet18").cache_path() == tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth"
+    assert W.weights_source("torchvision:resnet18").cache_path() == W.weights_source("resnet18").cache_path()
+    hf = W.weights_source("timm:resnet18.a1_in1k").cache_path()
     assert hf.parts[-5:-2] == ("hub", "models--timm--resnet18.a1_in1k", "snapshots")
     assert hf.name == "model.safetensors" and str(hf).startswith(str(tmp_path / "hf"))
     with pytest.raises(ValueError, match="keras:resnet"):
-        W.weights_cache_path("keras:resnet")
+        W.weights_source("keras:resnet")
 
 
 @pytest.mark.parametrize("offline_env", [True, False], ids=["TRAINER_OFFLINE=1", "probe-fails"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.sources import _URL_RE
@@ -40,7 +40,6 @@ class DatasetMeta:
     splits: dict[str, SplitMeta]
     format_version: int
     root: str = "."
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -111,10 +110,4 @@ def read_meta(path: str | os.PathLike) -> DatasetMeta:
             raise ValueError(f"{p}: key '{w}shard_sizes' must have {ns} entries summing to {n}")
         splits[name] = SplitMeta(num_samples=n, num_shards=ns, class_counts=list(counts), shards=list(shards),
                                  shard_sizes=sizes, num_skipped=int(s.get("num_skipped", 0)))
-    extra = {k: v for k, v in obj.items() if k not in ("format_version", "classes", "splits")}
-    return DatasetMeta(classes=list(classes), splits=splits, format_version=version, root=str(p.parent),
-                       extra=extra)
-
-
-
-
+    return DatasetMeta(classes=list(classes), splits=splits, format_version=version, root=str(p.parent))

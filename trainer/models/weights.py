@@ -88,6 +88,22 @@ class WeightsSource:
     hf_filenames: tuple[str, ...] = ()
     hash_prefix: str | None = None
 
+    def cache_path(self) -> Path:
+        """Path of the cached weights file (read from the environment at call time; need not exist).
+
+        For Hugging Face sources that are not cached yet the snapshot revision is unknown offline,
+        so the path returned is the pattern
+        ``<HF hub cache>/models--<org>--<name>/snapshots/<revision>/<first candidate file>``.
+        """
+        if self.kind == "url":
+            filename = os.path.basename(urllib.parse.urlparse(self.url).path)
+            return Path(torch.hub.get_dir()) / "checkpoints" / filename
+        cached = _hf_cached_file(self)
+        if cached is not None:
+            return cached
+        folder = "models--" + self.hf_repo.replace("/", "--")
+        return _hf_cache_dir() / folder / "snapshots" / (self.hf_revision or "<revision>") / self.hf_filenames[0]
+
 
 def split_backbone(backbone: str) -> tuple[str, str]:
     """The one parser of backbone names: ``"timm:x"`` -> ``("timm", "x")``; ``"torchvision:x"`` and a
@@ -171,30 +187,6 @@ def _hf_cached_file(src: WeightsSource) -> Path | None:
     return None
 
 
-def weights_cache_path(backbone: str) -> Path:
-    """Path of the cached weights file for ``backbone``'s default pretrained weights.
-
-    The file need not exist. For Hugging Face sources that are not cached yet the snapshot
-    revision is unknown offline, so the path returned is the pattern
-    ``<HF hub cache>/models--<org>--<name>/snapshots/<revision>/<first candidate file>``.
-
-    Raises:
-        ValueError: see :func:`weights_source`.
-    """
-    return _cache_path(weights_source(backbone))
-
-
-def _cache_path(src: WeightsSource) -> Path:
-    if src.kind == "url":
-        filename = os.path.basename(urllib.parse.urlparse(src.url).path)
-        return Path(torch.hub.get_dir()) / "checkpoints" / filename
-    cached = _hf_cached_file(src)
-    if cached is not None:
-        return cached
-    folder = "models--" + src.hf_repo.replace("/", "--")
-    return _hf_cache_dir() / folder / "snapshots" / (src.hf_revision or "<revision>") / src.hf_filenames[0]
-
-
 def verify_weights_file(path: Path, hash_prefix: str | None = None) -> None:
     """Check that a cached weights file is complete.
 
@@ -271,7 +263,7 @@ def network_reachable(host: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) 
 
 def _unavailable(src: WeightsSource, reason: str) -> WeightsUnavailableError:
     return WeightsUnavailableError(
-        f"pretrained weights for backbone {src.backbone!r} are not cached at {_cache_path(src)} "
+        f"pretrained weights for backbone {src.backbone!r} are not cached at {src.cache_path()} "
         f"and cannot be downloaded: {reason}. On a machine with internet and the same "
         f"TORCH_HOME/HF_HOME run: {PREFETCH_COMMAND.format(backbone=src.backbone)}"
     )
@@ -280,7 +272,7 @@ def _unavailable(src: WeightsSource, reason: str) -> WeightsUnavailableError:
 def _download(src: WeightsSource) -> Path:
     """Download into the library cache (atomic: temp file + rename, as the libraries do)."""
     if src.kind == "url":
-        dst = _cache_path(src)
+        dst = src.cache_path()
         dst.parent.mkdir(parents=True, exist_ok=True)
         # torch.hub writes <dst>.<uuid>.partial, checks hash_prefix, then moves it into place
         torch.hub.download_url_to_file(src.url, str(dst), hash_prefix=src.hash_prefix, progress=False)
@@ -308,7 +300,7 @@ def fetch_weights(backbone: str, *, offline: bool | None = None, verify: bool = 
         ValueError: unknown backbone.
     """
     src = weights_source(backbone)
-    path = _cache_path(src)
+    path = src.cache_path()
     if not path.exists():
         if is_offline(offline):
             raise _unavailable(src, "offline mode (TRAINER_OFFLINE / HF_HUB_OFFLINE or offline=True)")
@@ -363,7 +355,7 @@ def ensure_weights(
         barrier()
         return path
     barrier()
-    path = _cache_path(src)
+    path = src.cache_path()
     if not path.exists():
         raise _unavailable(src, "local rank 0 of this node did not provide it (see its error)")
     verify_weights_file(path, src.hash_prefix)  # a corrupt file made local rank 0 fail: fail here too

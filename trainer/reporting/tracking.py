@@ -145,10 +145,6 @@ class Tracker:
         self.mode = "disabled"
         return self
 
-    @property
-    def active(self) -> bool:
-        return self._file is not None
-
     def log(self, record: dict, *, step: int) -> None:
         """Append one record (``step`` = optimizer step) to metrics.jsonl and W&B."""
         if self._file is None:

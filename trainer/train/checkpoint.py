@@ -265,7 +265,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
 
     ckpt = load(path)
     class_names = ckpt["class_names"]
-    pre = Preprocessing(**ckpt["preprocessing"])
+    pre = Preprocessing.from_dict(ckpt["preprocessing"])
     model, _ = build_model(ckpt["backbone"], len(class_names), weights="none",
                            drop_rate=ckpt.get("drop_rate", 0.0), preprocessing=pre)
     try:
