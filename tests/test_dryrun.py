@@ -82,6 +82,7 @@ def test_group_table_counts_every_parameter_once(backbone):
     assert f"{num_layers} layer ids" in table
 
 
+@pytest.mark.slow  # end to end through the CLI
 def test_dry_run_command_prints_table_for_gradual_config():
     """The CLI entry point prints the table of the shipped gradual-unfreezing config and trains nothing."""
     env = {**os.environ, "TRAINER_OFFLINE": "1"}

@@ -138,6 +138,7 @@ def test_existing_shards_need_overwrite(tmp_path):
     assert write_shards(root, out, splits="train", overwrite=True)["splits"]["train"]["num_samples"] == 1
 
 
+@pytest.mark.slow  # writer processes
 @pytest.mark.timeout(120)
 def test_parallel_writers_pool_and_worker_index_merge(tmp_path):
     root = tmp_path / "images"
@@ -164,6 +165,7 @@ def test_parallel_writers_pool_and_worker_index_merge(tmp_path):
     assert (nodes / "dataset.w00-of-02.json").is_file()
 
 
+@pytest.mark.slow  # real images
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason="ants/bees folder not present")
 def test_real_ants_bees_folder(tmp_path):

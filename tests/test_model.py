@@ -119,8 +119,8 @@ def test_lite0_shape_mismatch_and_missing_named(lite0_file, tmp_path):
     assert "blocks.3.0.bn2.weight" in msg and "blocks.6.0.bn3.running_var" in msg and str(path) in msg
 
 
-@pytest.mark.parametrize("weights", [LITE0_PACKAGE] + [pytest.param(w, marks=pytest.mark.slow)
-                                                         for w in sorted(LITE_PACKAGES) if w != LITE0_PACKAGE])
+@pytest.mark.slow  # real images
+@pytest.mark.parametrize("weights", sorted(LITE_PACKAGES))
 def test_lite_imagenet_ants_bees_zero_shot(weights, lite0_imagenet):
     """Untouched ImageNet classifier predicts 'ant' (310) / 'bee' (309) for most val images with
     timm's eval preprocessing (mean=std=0.5, each model's own input size). On all 153 val images

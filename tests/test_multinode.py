@@ -126,6 +126,7 @@ def test_launch_env_checks_name_the_variable(change, needle):
     assert "--" in str(e.value) or "launcher" in str(e.value)  # names the flag or the launcher
 
 
+@pytest.mark.slow  # a launched worker process
 def test_unreachable_master_is_named(tmp_path):
     """A worker whose rendezvous address does not answer fails with MASTER_ADDR:MASTER_PORT named."""
     code = ("from trainer.dist.accelerator import make_accelerator\n"

@@ -94,6 +94,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a writer process killed mid-write
 def test_kill9_during_checkpoint_write_keeps_previous(tmp_path):
     last = ckpt_lib.checkpoint_dir(tmp_path) / "last.pt"
     ckpt_lib.atomic_save({"format_version": ckpt_lib.FORMAT_VERSION, "kind": "resume", "step": 1}, last)

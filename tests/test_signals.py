@@ -55,6 +55,7 @@ def _progress(out: Path, rank: int) -> int:
         return 0
 
 
+@pytest.mark.slow  # two torchrun processes
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_signal_to_one_rank_stops_both_at_same_step(tmp_path, sig):
     """2 gloo ranks; the signal goes to rank 1 only, mid-loop; both stop after the same step."""

@@ -97,6 +97,7 @@ def _config_error(args, tmp_path) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # four CLI runs
 def test_bad_configs_end_with_one_clear_message(tmp_path):
     base = ["--config", "configs/ants_bees_lite0.yaml", "--logging.wandb=disabled"]
     assert "optim.lrr" in _config_error(base + ["--optim.lrr=0.1"], tmp_path)
