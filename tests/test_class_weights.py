@@ -67,7 +67,7 @@ def test_config_validates_class_weight_options():
     assert cfg.optim.class_weights == "effective" and cfg.optim.class_weights_beta == 0.99
     with pytest.raises(ConfigError, match="optim.class_weights"):
         load_config(None, {"optim.class_weights": "balanced"})
-    with pytest.raises(ConfigError, match="optim.class_weights_beta"):
+    with pytest.raises(ConfigError, match=r"optim.class_weights_beta: 1.0 is not allowed \(allowed: \[0, 1\)\)"):
         load_config(None, {"optim.class_weights_beta": 1.0})
 
 

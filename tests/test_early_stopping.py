@@ -46,8 +46,8 @@ def test_min_mode_for_losses_and_nan_never_improves():
 def test_missing_metric_and_bad_arguments_are_named():
     with pytest.raises(KeyError, match="val/top5"):
         EarlyStopping(monitor="val/top5").update({"val/top1": 0.5, "val/loss": 1.0})
-    with pytest.raises(ValueError, match="patience"):
-        EarlyStopping(patience=0)
+    with pytest.raises(ConfigError, match="train.early_stopping.patience: 0 is not allowed"):
+        load_config(None, {"train.early_stopping.patience": 0})
     with pytest.raises(ConfigError, match="train.early_stopping.monitor"):
         load_config(None, {"train.early_stopping.monitor": "train/loss"})
     with pytest.raises(ConfigError, match="train.early_stopping.mode"):

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from trainer.config.loading import load_config
+from trainer.config.schema import ConfigError
 from trainer.finetune.param_groups import (
     build_param_groups,
     format_group_table,
@@ -55,12 +57,15 @@ def test_explicit_layer_lr_scale_and_exclusive():
     assert g["layer00_decay"]["lr_scale"] == 0.01 and g["layer01_decay"]["lr_scale"] == 1.0
     assert g["layer02_decay"]["lr_scale"] == 0.3 and g["layer03_decay"]["lr_scale"] == 1.0
     assert all(x["weight_decay"] == 0.0 for x in groups)
-    with pytest.raises(ValueError, match="layer_decay and optim.layer_lr_scale"):
-        build_param_groups(PARAMS, LAYER_OF, 4, weight_decay=0.1, layer_decay=0.7, layer_lr_scale={0: 0.1})
-    with pytest.raises(ValueError, match="layer id 9"):
+    with pytest.raises(ConfigError, match="finetune.layer_lr_scale: layer id 9"):
         build_param_groups(PARAMS, LAYER_OF, 4, weight_decay=0.1, layer_lr_scale={9: 0.1})
-    with pytest.raises(ValueError, match="layer_decay"):
-        build_param_groups(PARAMS, LAYER_OF, 4, weight_decay=0.1, layer_decay=1.5)
+    # the ranges are the config's: named as finetune.*, not optim.*
+    with pytest.raises(ConfigError, match="finetune.layer_decay and finetune.layer_lr_scale"):
+        load_config(None, {"finetune.layer_decay": 0.7, "finetune.layer_lr_scale": {0: 0.1}})
+    with pytest.raises(ConfigError, match=r"finetune.layer_decay: 1.5 is not allowed \(allowed: \(0, 1\] or null\)"):
+        load_config(None, {"finetune.layer_decay": 1.5})
+    with pytest.raises(ConfigError, match=r"finetune.layer_lr_scale"):
+        load_config(None, {"finetune.layer_lr_scale": {1: -0.5}})
 
 
 def test_no_decay_rules():

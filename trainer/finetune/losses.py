@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+from trainer.config.fields import ConfigError
+
 log = logging.getLogger("trainer")
 
 CLASS_WEIGHT_KINDS = ("none", "inverse", "effective")
@@ -37,17 +39,17 @@ def class_weights(class_counts: Sequence[int], kind: str = "inverse", *, beta: f
     Args:
         class_counts: ``n_c``, training samples of each class (length C, label order), e.g. ``[120, 10]``.
         kind: ``none``, ``inverse`` or ``effective``.
-        beta: ``effective`` only, in [0, 1).
+        beta: ``effective`` only, in [0, 1) (``optim.class_weights_beta``, range checked by the config).
         class_names: only to name classes without samples in the warning.
 
     Returns:
         ``(C,) float32`` weights (0 for a class without samples), or None for ``kind="none"``.
 
     Raises:
-        ValueError: unknown ``kind``, ``beta`` outside [0, 1), a negative count, or no sample at all.
+        ValueError: unknown ``kind``, a negative count, or no sample at all.
     """
     if kind not in CLASS_WEIGHT_KINDS:
-        raise ValueError(f"optim.class_weights must be one of {list(CLASS_WEIGHT_KINDS)}, got {kind!r}")
+        raise ValueError(f"class_weights: kind must be one of {list(CLASS_WEIGHT_KINDS)}, got {kind!r}")
     if kind == "none":
         return None
     counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
@@ -67,8 +69,6 @@ def class_weights(class_counts: Sequence[int], kind: str = "inverse", *, beta: f
     if kind == "inverse":
         w[present] = counts.sum() / (c * counts[present])
     else:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"optim.class_weights_beta must be in [0, 1), got {beta}")
         effective = (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts[present])) / (1.0 - beta)
         inv = 1.0 / effective
         w[present] = inv * c / inv.sum()
@@ -95,7 +95,7 @@ def build_criterion(optim_cfg, class_counts: Sequence[int] | None, *, class_name
     weight = None
     if optim_cfg.class_weights != "none":
         if class_counts is None:
-            raise ValueError(f"optim.class_weights={optim_cfg.class_weights} needs the training split's "
+            raise ConfigError(f"optim.class_weights={optim_cfg.class_weights} needs the training split's "
                              "class_counts in dataset.json")
         weight = class_weights(class_counts, optim_cfg.class_weights, beta=optim_cfg.class_weights_beta,
                                class_names=class_names)

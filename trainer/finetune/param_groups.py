@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable, Mapping, Sequence
 
+from trainer.config.fields import ConfigError
+
 __all__ = ["DEFAULT_NO_DECAY_NAMES", "build_param_groups", "format_group_table", "is_no_decay"]
 
 # Token / position-embedding parameters excluded from weight decay, as in timm's
@@ -81,26 +83,22 @@ def build_param_groups(
         ``{"name": "layer03_decay", "param_names": [...], "layer_id": 3, "lr_scale": float,
         "weight_decay": float}``.
 
+    The ranges of ``weight_decay``, ``layer_decay`` and the scales, and that ``layer_decay`` and
+    ``layer_lr_scale`` exclude each other, are checked by the config (``trainer/config/schema.py``);
+    given both, ``layer_decay`` wins.
+
     Raises:
-        ValueError: ``layer_decay`` and ``layer_lr_scale`` both given (``optim.layer_decay`` /
-            ``optim.layer_lr_scale``), ``layer_decay`` outside (0, 1], negative weight decay or
-            scale, a layer id outside ``[0, num_layers)``, a duplicated parameter, a parameter
-            without layer id, or a ``layer_of`` entry that is not a parameter.
+        ConfigError: a ``layer_lr_scale`` id outside ``[0, num_layers)`` (``finetune.layer_lr_scale``).
+        ValueError: a duplicated parameter, a parameter without layer id, a layer id outside
+            ``[0, num_layers)`` or a ``layer_of`` entry that is not a parameter.
     """
-    if layer_decay is not None and layer_lr_scale is not None:
-        raise ValueError("optim.layer_decay and optim.layer_lr_scale are exclusive: set only one")
-    if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
-        raise ValueError(f"optim.layer_decay must be in (0, 1], got {layer_decay}")
-    if weight_decay < 0:
-        raise ValueError(f"optim.weight_decay must be >= 0, got {weight_decay}")
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     scales = {}
     for lid, s in (layer_lr_scale or {}).items():
-        if not 0 <= int(lid) < num_layers:
-            raise ValueError(f"optim.layer_lr_scale: layer id {lid} outside [0, {num_layers})")
-        if s < 0:
-            raise ValueError(f"optim.layer_lr_scale[{lid}] must be >= 0, got {s}")
+        if not 0 <= int(lid) < num_layers:  # known only once the model is built
+            raise ConfigError(f"finetune.layer_lr_scale: layer id {lid} is not allowed (allowed: [0, "
+                              f"{num_layers - 1}], the model's layer ids)")
         scales[int(lid)] = float(s)
 
     names = [n for n, _ in params]

@@ -15,11 +15,10 @@ checkpoints); resuming at step ``s`` gives exactly the same lrs. Typical use::
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-from trainer.config.schema import Config
+from trainer.config.schema import Config, ConfigError, Phase
 
 __all__ = ["Phase", "lr_factor", "build_phases", "phase_index_at", "group_lr"]
 
@@ -38,17 +37,18 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, *, min_lr_ratio: f
         A factor in ``[min_lr_ratio, 1]`` (or below ``min_lr_ratio`` during warmup), unitless.
 
     Raises:
-        ValueError: ``step < 0``, ``total_steps < 1``, ``warmup_steps`` outside
-            ``[0, total_steps]``, or ``min_lr_ratio`` outside [0, 1] (names the argument).
+        ValueError: ``step < 0``, ``total_steps < 1`` or ``min_lr_ratio`` outside [0, 1] (names the argument).
+        ConfigError: ``warmup_steps`` outside ``[0, total_steps]`` (names ``optim.warmup_steps``).
     """
     if step < 0:
         raise ValueError(f"lr_factor: step must be >= 0, got {step}")
     if total_steps < 1:
         raise ValueError(f"lr_factor: total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"optim.warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        raise ConfigError(f"optim.warmup_steps: {warmup_steps} is more than the run's {total_steps} optimizer "
+                          "steps (allowed: [0, total steps])")
     if not 0.0 <= min_lr_ratio <= 1.0:
-        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        raise ValueError(f"lr_factor: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = total_steps - warmup_steps
@@ -56,52 +56,10 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, *, min_lr_ratio: f
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """One period of the unfreeze timetable, from ``start_epoch`` until the next phase starts.
-
-    Attributes:
-        start_epoch: first epoch (0-based) of the phase.
-        train: ``"head"`` (feature extraction), ``"all"`` (full fine-tuning) or ``int`` N: the top
-            N backbone layer ids are trainable besides the head (0 = head only).
-        lr_scale: lr multiplier for the backbone groups trainable in this phase; the head keeps 1.
-        warmup_steps: optimizer steps of linear lr warmup for those backbone groups after the
-            phase starts (0 = none).
-    """
-
-    start_epoch: int
-    train: str | int
-    lr_scale: float = 1.0
-    warmup_steps: int = 0
-
-    def __post_init__(self):
-        if isinstance(self.train, bool) or not (self.train in ("head", "all") or isinstance(self.train, int)):
-            raise ValueError(f"Phase.train must be 'head', 'all' or an int, got {self.train!r}")
-        if isinstance(self.train, int) and self.train < 0:
-            raise ValueError(f"Phase.train must be >= 0, got {self.train}")
-        if self.start_epoch < 0:
-            raise ValueError(f"Phase.start_epoch must be >= 0, got {self.start_epoch}")
-        if not self.lr_scale > 0:
-            raise ValueError(f"Phase.lr_scale must be > 0, got {self.lr_scale}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"Phase.warmup_steps must be >= 0, got {self.warmup_steps}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (for checkpoints / logs)."""
-        return dataclasses.asdict(self)
-
-
-_PHASE_KEYS = ("start_epoch", "train", "lr_scale", "warmup_steps")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def build_phases(
     *,
     freeze: str = "backbone",
-    phases: list[dict] | None = None,
+    phases: Sequence[Phase] | None = None,
     gradual_every: int = 0,
     gradual_start_epoch: int = 1,
     num_backbone_layers: int,
@@ -109,15 +67,14 @@ def build_phases(
     unfreeze_warmup_steps: int = 0,
     unfrozen_lr_scale: float = 1.0,
 ) -> list[Phase]:
-    """Unfreeze timetable from the ``finetune.*`` config fields.
+    """Unfreeze timetable from the ``finetune.*`` config fields (checked by ``FinetuneConfig`` itself).
 
     Modes (exactly one applies):
 
-    * ``phases`` given: explicit list of ``{"start_epoch", "train", "lr_scale"?, "warmup_steps"?}``;
-      the first must start at epoch 0, start epochs strictly increase and are ``< epochs``. An
-      omitted ``lr_scale`` is ``unfrozen_lr_scale``; an omitted ``warmup_steps`` is
-      ``unfreeze_warmup_steps`` (0 for a phase starting at epoch 0). Not combinable with
-      ``freeze="none"`` or ``gradual_every``.
+    * ``phases`` given: the explicit :class:`~trainer.config.schema.Phase` list (first at epoch 0, start
+      epochs increasing and ``< epochs``: the config checks that). An omitted (None) ``lr_scale`` becomes
+      ``unfrozen_lr_scale``; an omitted ``warmup_steps`` becomes ``unfreeze_warmup_steps`` (0 for the
+      phase starting at epoch 0).
     * ``gradual_every = k > 0`` (with ``freeze="backbone"``): head only for ``gradual_start_epoch``
       epochs, then one more backbone layer id every ``k`` epochs from the top down (ULMFiT gradual
       unfreezing, Howard & Ruder 2018), ``"all"`` once every layer is unfrozen; phases that would
@@ -127,99 +84,40 @@ def build_phases(
 
     Args:
         num_backbone_layers: number of backbone layer ids (``num_layers - 1`` from
-            :func:`trainer.models.layers.layer_ids`).
+            :func:`trainer.models.layers.layer_ids`), >= 1.
         epochs: total epochs of the run.
 
     Returns:
-        Phases sorted by ``start_epoch``, the first starting at 0.
+        Phases sorted by ``start_epoch``, the first starting at 0, every field resolved (no None).
 
     Raises:
-        ValueError: naming the field, e.g. ``finetune.phases[1].train``.
+        ConfigError: a phase's ``train`` N exceeds the backbone's layer ids (names
+            ``finetune.phases[i].train``; only known once the model is built).
     """
-    if freeze not in ("backbone", "none"):
-        raise ValueError(f"finetune.freeze must be 'backbone' or 'none', got {freeze!r}")
-    if not _is_int(epochs) or epochs < 1:
-        raise ValueError(f"train.epochs must be an int >= 1, got {epochs!r}")
-    if not _is_int(num_backbone_layers) or num_backbone_layers < 1:
-        raise ValueError(f"num_backbone_layers must be an int >= 1, got {num_backbone_layers!r}")
-    if not _is_int(gradual_every) or gradual_every < 0:
-        raise ValueError(f"finetune.gradual_every must be an int >= 0, got {gradual_every!r}")
-    if not _is_int(gradual_start_epoch) or gradual_start_epoch < 0:
-        raise ValueError(f"finetune.gradual_start_epoch must be an int >= 0, got {gradual_start_epoch!r}")
-    if not _is_int(unfreeze_warmup_steps) or unfreeze_warmup_steps < 0:
-        raise ValueError(f"finetune.unfreeze_warmup_steps must be an int >= 0, got {unfreeze_warmup_steps!r}")
-    if isinstance(unfrozen_lr_scale, bool) or not isinstance(unfrozen_lr_scale, (int, float)) \
-            or not unfrozen_lr_scale > 0:
-        raise ValueError(f"finetune.unfrozen_lr_scale must be a number > 0, got {unfrozen_lr_scale!r}")
-
     if phases is not None:
-        if freeze == "none":
-            raise ValueError("finetune.phases cannot be combined with finetune.freeze='none' "
-                             "(the phases define what is frozen)")
-        if gradual_every:
-            raise ValueError("finetune.phases and finetune.gradual_every are exclusive: set only one")
-        return _explicit_phases(phases, num_backbone_layers, epochs, unfreeze_warmup_steps, unfrozen_lr_scale)
+        out = []
+        for i, p in enumerate(phases):
+            if isinstance(p.train, int) and p.train > num_backbone_layers:
+                raise ConfigError(f"finetune.phases[{i}].train {p.train} must be in [0, {num_backbone_layers}] "
+                                  f"(the backbone has {num_backbone_layers} layer ids)")
+            warm = p.warmup_steps if p.warmup_steps is not None else \
+                (unfreeze_warmup_steps if p.start_epoch > 0 else 0)
+            lr_scale = p.lr_scale if p.lr_scale is not None else unfrozen_lr_scale
+            out.append(Phase(p.start_epoch, p.train, float(lr_scale), warm))
+        return out
     if freeze == "none":
-        if gradual_every:
-            raise ValueError("finetune.gradual_every needs finetune.freeze='backbone' (got 'none')")
-        return [Phase(0, "all")]
+        return [Phase(0, "all", 1.0, 0)]
     if not gradual_every:
-        return [Phase(0, "head")]
+        return [Phase(0, "head", 1.0, 0)]
 
-    out = [Phase(0, "head")] if gradual_start_epoch > 0 else []
-    n = 1
-    while n <= num_backbone_layers:
+    out = [Phase(0, "head", 1.0, 0)] if gradual_start_epoch > 0 else []
+    for n in range(1, num_backbone_layers + 1):
         start = gradual_start_epoch + (n - 1) * gradual_every
         if start >= epochs:
             break
         out.append(Phase(start, "all" if n == num_backbone_layers else n, float(unfrozen_lr_scale),
                          unfreeze_warmup_steps if start > 0 else 0))
-        n += 1
-    if not out:  # gradual_start_epoch == 0 can not yield an empty list, kept for safety
-        out = [Phase(0, "head")]
-    return out
-
-
-def _explicit_phases(phases, num_backbone_layers, epochs, unfreeze_warmup_steps, unfrozen_lr_scale):
-    if not isinstance(phases, Sequence) or isinstance(phases, (str, bytes)) or len(phases) == 0:
-        raise ValueError(f"finetune.phases must be a non-empty list of mappings, got {phases!r}")
-    out: list[Phase] = []
-    for i, p in enumerate(phases):
-        where = f"finetune.phases[{i}]"
-        if not isinstance(p, Mapping):
-            raise ValueError(f"{where} must be a mapping with keys {list(_PHASE_KEYS)}, got {p!r}")
-        unknown = sorted(set(p) - set(_PHASE_KEYS))
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {list(_PHASE_KEYS)}")
-        for key in ("start_epoch", "train"):
-            if key not in p:
-                raise ValueError(f"{where}.{key} is required")
-        start = p["start_epoch"]
-        if not _is_int(start) or start < 0:
-            raise ValueError(f"{where}.start_epoch must be an int >= 0, got {start!r}")
-        if i == 0 and start != 0:
-            raise ValueError(f"{where}.start_epoch must be 0 (the first phase starts the run), got {start}")
-        if out and start <= out[-1].start_epoch:
-            raise ValueError(f"{where}.start_epoch {start} must be > finetune.phases[{i - 1}].start_epoch "
-                             f"{out[-1].start_epoch}")
-        if start >= epochs:
-            raise ValueError(f"{where}.start_epoch {start} must be < train.epochs {epochs}")
-        train = p["train"]
-        if _is_int(train):
-            if not 0 <= train <= num_backbone_layers:
-                raise ValueError(f"{where}.train {train} must be in [0, {num_backbone_layers}] "
-                                 f"(the backbone has {num_backbone_layers} layer ids)")
-        elif train not in ("head", "all"):
-            raise ValueError(f"{where}.train must be 'head', 'all' or an int N (top N backbone layer "
-                             f"ids), got {train!r}")
-        lr_scale = p.get("lr_scale", unfrozen_lr_scale)
-        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
-            raise ValueError(f"{where}.lr_scale must be a number > 0, got {lr_scale!r}")
-        warm = p.get("warmup_steps", unfreeze_warmup_steps if start > 0 else 0)
-        if not _is_int(warm) or warm < 0:
-            raise ValueError(f"{where}.warmup_steps must be an int >= 0, got {warm!r}")
-        out.append(Phase(start, train, float(lr_scale), warm))
-    return out
+    return out or [Phase(0, "head", 1.0, 0)]
 
 
 def phase_index_at(phases: Sequence[Phase], epoch: int) -> int:
@@ -256,7 +154,7 @@ def group_lr(base_lr: float, group_lr_scale: float, step: int, total_steps: int,
         group_lr_scale: the group's ``lr_scale`` from :func:`trainer.finetune.param_groups.build_param_groups`.
         step: optimizer step (0-based, global over the run).
         total_steps, warmup_steps, min_lr_ratio: see :func:`lr_factor`.
-        phase: the phase active at ``step``.
+        phase: the phase active at ``step`` (resolved, from :func:`build_phases`).
         phase_start_step: optimizer step at which ``phase`` began (``start_epoch * steps_per_epoch``).
         is_head: whether the group is the head (layer id ``num_layers - 1``).
 
@@ -272,6 +170,7 @@ def group_lr(base_lr: float, group_lr_scale: float, step: int, total_steps: int,
     if phase.warmup_steps > 0:
         lr *= min(1.0, (step - phase_start_step + 1) / phase.warmup_steps)
     return lr
+
 
 def build_phases_for(cfg: Config, num_layers: int):
     """The unfreeze timetable of ``cfg`` (``finetune`` section) for a model with ``num_layers`` layer ids."""

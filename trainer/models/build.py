@@ -34,11 +34,13 @@ Weights (``build_model(weights=...)``)
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from trainer.config.fields import ConfigError
 from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.models.efficientnet_lite import (
     LITE_PACKAGES,
@@ -70,6 +72,49 @@ def _weights_kind(weights: str | None) -> str:
     raise ValueError(
         f"model.weights {weights!r} not understood: use 'default'/'imagenet', 'none', a local "
         f"{'/'.join(_STATE_DICT_SUFFIXES)} file, or one of {sorted(LITE_PACKAGES)}")
+
+
+def check_model_names(backbone: str, weights: str | None) -> None:
+    """Check ``model.backbone`` and ``model.weights`` before any work starts (cheap: no model is built).
+
+    Raises:
+        ConfigError: a backbone that neither timm (``timm:<name>``) nor torchvision knows (with close
+            matches), or a ``model.weights`` string that is not understood / a file that does not exist.
+    """
+    problem = backbone_problem(backbone)
+    if problem:
+        raise ConfigError(f"model.backbone: {backbone!r} {problem}")
+    try:
+        kind = _weights_kind(weights)
+        if kind == "package":
+            _lite0_package_path(backbone, weights)
+        elif kind == "file" and not Path(weights).is_file():
+            raise ConfigError(f"model.weights: file {weights} does not exist")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def backbone_problem(backbone: str) -> str | None:
+    """Why ``backbone`` names no model, in words (with up to 3 close matches), or None if it does."""
+    try:
+        library, name = split_backbone(backbone)
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1]
+    if library == "timm":
+        import timm
+
+        if timm.is_model(timm.models.split_model_name_tag(name)[0]):
+            return None
+        known, what = timm.list_models(), "a timm model name"
+    else:
+        from torchvision.models import list_models
+
+        known = list_models()
+        if name in known:
+            return None
+        what = "'timm:<name>' nor a torchvision model name"
+    close = difflib.get_close_matches(name, known, n=3)
+    return f"is not {what}" + (f" (did you mean {', '.join(close)}?)" if close else "")
 
 
 def _tv_default_weights(name: str):
@@ -196,8 +241,9 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
 def _build_timm(backbone, name, kind, weights, offline):
     import timm
 
-    if not timm.is_model(timm.models.split_model_name_tag(name)[0]):
-        raise ValueError(f"model.backbone {backbone!r}: timm has no model named {name!r}")
+    problem = backbone_problem(backbone)
+    if problem:
+        raise ValueError(f"model.backbone: {backbone!r} {problem}")
     if kind == "default":
         path = fetch_weights(backbone, offline=offline, verify=False)
         # load the file directly so timm makes no network request (not even an HF HEAD)
@@ -220,11 +266,11 @@ def _build_timm(backbone, name, kind, weights, offline):
 
 
 def _build_torchvision(backbone, name, kind, weights, offline):
-    from torchvision.models import get_model, list_models
+    from torchvision.models import get_model
 
-    if name not in list_models():
-        raise ValueError(f"model.backbone {backbone!r}: not a torchvision model name and not "
-                         f"'timm:<name>' (e.g. 'resnet18', 'timm:tf_efficientnet_lite0')")
+    problem = backbone_problem(backbone)
+    if problem:
+        raise ValueError(f"model.backbone: {backbone!r} {problem}")
     model = get_model(name, weights=None)
     if kind == "default":
         path = str(fetch_weights(backbone, offline=offline, verify=False))

@@ -20,15 +20,10 @@ from dataclasses import asdict, dataclass
 
 
 def resolve_mode(monitor: str, mode: str) -> str:
-    """``auto`` -> ``min`` when ``loss`` is in the metric name, else ``max``; ``max``/``min`` pass through.
-
-    Raises:
-        ValueError: ``mode`` is not ``auto``, ``max`` or ``min``.
-    """
+    """``auto`` -> ``min`` when ``loss`` is in the metric name, else ``max``; ``max``/``min`` pass through
+    (the valid set is checked by ``EarlyStoppingConfig``)."""
     if mode == "auto":
         return "min" if "loss" in monitor else "max"
-    if mode not in ("max", "min"):
-        raise ValueError(f"train.early_stopping.mode must be auto, max or min, got {mode!r}")
     return mode
 
 
@@ -41,6 +36,8 @@ class EarlyStopping:
         mode: ``max`` / ``min`` / ``auto`` (see :func:`resolve_mode`).
         patience: evaluations without improvement before :attr:`should_stop` (None: never).
         min_delta: required improvement over the best value, in the metric's units (>= 0).
+
+    The ranges are those of :class:`trainer.config.schema.EarlyStoppingConfig`, checked there.
 
     Attributes:
         best: best value so far (None before the first evaluation).
@@ -61,10 +58,6 @@ class EarlyStopping:
 
     def __post_init__(self):
         self.mode = resolve_mode(self.monitor, self.mode)
-        if self.patience is not None and self.patience < 1:
-            raise ValueError(f"train.early_stopping.patience must be >= 1 or None, got {self.patience}")
-        if self.min_delta < 0:
-            raise ValueError(f"train.early_stopping.min_delta must be >= 0, got {self.min_delta}")
 
     @classmethod
     def from_config(cls, es_cfg) -> "EarlyStopping":
