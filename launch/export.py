@@ -193,7 +193,14 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | tuple = F
     return result
 
 
-if __name__ == "__main__":
-    import fire
+def cli() -> None:
+    """Console script ``finetune-export`` (same as ``python launch/export.py``)."""
+    from trainer.cli.errors import run_cli
 
-    fire.Fire(export, serialize=lambda _: None)
+    run_cli(export, prog="finetune-export")
+
+
+if __name__ == "__main__":
+    from trainer.cli.errors import run_cli
+
+    run_cli(export)

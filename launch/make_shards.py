@@ -20,10 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
-import fire
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from trainer.cli.errors import run_cli  # noqa: E402
 from trainer.data.shard_writer import merge_partial_metadata, write_shards  # noqa: E402
 
 
@@ -61,5 +60,10 @@ def main(root: str | None = None, out: str | None = None, max_samples_per_shard:
         print(f"{split}: {m['num_samples']} samples, {m['num_shards']} shards, {m['num_skipped']} skipped")
 
 
+def cli() -> None:
+    """Console script ``finetune-shards`` (same as ``python launch/make_shards.py``)."""
+    run_cli(main, prog="finetune-shards")
+
+
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)

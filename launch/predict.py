@@ -20,9 +20,9 @@ import io
 import sys
 from pathlib import Path
 
-import fire
 import torch
 
+from trainer.cli.errors import run_cli
 from trainer.data.decode import decode_image_bytes
 from trainer.data.transforms import build_transforms
 from trainer.train.checkpoint import load_for_inference
@@ -66,7 +66,17 @@ def predict_logits(model, images: torch.Tensor, *, tta: bool = False) -> torch.T
 
 def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size: int = 32, topk: int = 1,
          tta: bool = False, device: str = "cpu") -> float | None:
-    """Write predictions for every image below ``images`` to ``out``; return top-1 where labels are known."""
+    """Write predictions for every image below ``images`` to ``out``; return top-1 where labels are known.
+
+    Args:
+        checkpoint: ``best.pt`` / ``last.pt`` written by the trainer.
+        images: an image file or a folder (searched recursively; class-named parent folders give labels).
+        out: CSV file to write.
+        batch_size: images per forward pass.
+        topk: labels and probabilities per image in the CSV (at most the number of classes).
+        tta: also classify the horizontally flipped image and average the softmax outputs.
+        device: ``cpu`` or ``cuda``.
+    """
     model, pre, classes = load_for_inference(checkpoint, device)
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
     topk = max(1, min(topk, len(classes)))
@@ -116,5 +126,10 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
     return acc
 
 
+def cli() -> None:
+    """Console script ``finetune-predict`` (same as ``python launch/predict.py``)."""
+    run_cli(main, prog="finetune-predict")
+
+
 if __name__ == "__main__":
-    fire.Fire(main, serialize=lambda _: None)
+    run_cli(main)

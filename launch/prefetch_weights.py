@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import fire
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from trainer.cli.errors import run_cli  # noqa: E402
 from trainer.models.weights import fetch_weights  # noqa: E402
 
 
@@ -45,5 +44,10 @@ def prefetch(*backbones: str) -> None:
         raise SystemExit(1)
 
 
+def cli() -> None:
+    """Console script ``finetune-prefetch-weights`` (same as ``python launch/prefetch_weights.py``)."""
+    run_cli(prefetch, prog="finetune-prefetch-weights")
+
+
 if __name__ == "__main__":
-    fire.Fire(prefetch)
+    run_cli(prefetch)

@@ -2,8 +2,9 @@
 
 The same command without ``accelerate launch`` (``python trainer/main.py ...``) is a single-process
 run, for debugging. ``--dry_run`` prints the parameter-group table of the unfreeze timetable and
-exits without training. Every option is documented in ``trainer/config/schema.py``; a YAML file holds only
-what differs from those defaults, and ``--section.key=value`` overrides win over the file.
+exits without training; ``--print_config`` prints the resolved config; ``--help`` lists every option (type,
+default, range, doc) from ``trainer/config/schema.py``. A YAML file holds only what differs from those
+defaults, and ``--section.key=value`` overrides win over the file.
 
 Examples::
 
@@ -23,55 +24,53 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-import fire  # noqa: E402
-
-from trainer.config.loading import load_config
-from trainer.config.schema import ConfigError  # noqa: E402
+from trainer.cli.errors import run_cli, set_log_dir, write_line  # noqa: E402
+from trainer.config.loading import load_config  # noqa: E402
 
 
-def _error_line(message: str) -> None:
-    """Write one line to stderr in a single write, so lines of several ranks never interleave."""
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (" ".join(message.splitlines()) + "\n").encode())
-
-
-def main(config: str | None = None, dry_run: bool = False, **overrides) -> None:
+def main(config: str | None = None, dry_run: bool = False, print_config: bool = False, **overrides) -> None:
     """Train (or, with ``dry_run``, print the parameter-group table) for ``config`` + overrides.
 
-    Exits with status 2 and one line naming the field or file on a configuration error; with status 3
-    and one line on a launch/rendezvous error (``DistributedSetupError``) or unavailable / corrupt
-    pretrained weights (``trainer.models.weights``). A run stopped by SIGUSR1/SIGTERM exits 0 after its
+    ``print_config`` prints the resolved config (defaults + YAML + overrides) as YAML and exits. A failure
+    the user can fix (config field, file, checkpoint, launcher variable, weights) ends with one line naming
+    it and exit status 2 (``trainer/cli/errors.py``); the checks that need more than the config run before
+    any expensive set-up (``trainer/cli/preflight.py``). A run stopped by SIGUSR1/SIGTERM exits 0 after its
     checkpoint (``trainer/dist/signals.py``).
     """
+    cfg = load_config(config, overrides)
+    if print_config:
+        import yaml
+
+        from trainer.config.launcher import resolve_mixed_precision
+        cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)[0]
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return
+    from trainer.cli.errors import rank
+    from trainer.cli.preflight import preflight
+    for note in preflight(cfg, train=not dry_run):
+        if rank() == 0:
+            write_line(note)
+    if dry_run:
+        from trainer.finetune.dryrun import print_group_table
+        print_group_table(cfg)
+        return
+    set_log_dir(cfg.train.output_dir)
+    from trainer.train.trainer import run
     try:
-        cfg = load_config(config, overrides)
-        from trainer.models.build import check_model_names
-        check_model_names(cfg.model.backbone, cfg.model.weights)
-        if dry_run:
-            from trainer.finetune.dryrun import print_group_table
-            print_group_table(cfg)
-            return
-        from trainer.train.trainer import run
-        try:
-            run(cfg)  # also returns normally after a preemption checkpoint: exit 0, the job requeues
-        finally:
-            # destroy the process group: without it gloo aborts at exit (SIGABRT) and the launcher
-            # reports the run as failed
-            from trainer.dist.accelerator import shutdown
-            shutdown()
-    except ConfigError as e:
-        _error_line(f"config error: {e}")
-        sys.exit(2)
-    except Exception as e:
-        # setup errors whose message says everything (launch variables, rendezvous, offline weights):
-        # one line instead of a traceback per rank
-        from trainer.dist.accelerator import DistributedSetupError
-        from trainer.models.weights import CorruptWeightsError, WeightsUnavailableError
-        if isinstance(e, (DistributedSetupError, WeightsUnavailableError, CorruptWeightsError)):
-            _error_line(f"error: {type(e).__name__}: {e}")
-            sys.exit(3)
-        raise
+        run(cfg)  # also returns normally after a preemption checkpoint: exit 0, the job requeues
+    finally:
+        # destroy the process group: without it gloo aborts at exit (SIGABRT) and the launcher
+        # reports the run as failed
+        from trainer.dist.accelerator import shutdown
+        shutdown()
+
+
+def cli() -> None:
+    """Console script ``finetune`` (same as ``python trainer/main.py``)."""
+    from trainer.cli.help import config_help
+    run_cli(main, help_text=config_help, prog="finetune")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from trainer.cli.help import config_help
+    run_cli(main, help_text=config_help, prog="python trainer/main.py")

@@ -271,8 +271,10 @@ class TrainConfig(Section):
     """Samples per forward/backward pass on one rank."""
     eval_batch_size: Optional[int] = num(None, ge=1)
     """Per-rank batch size for evaluation (default: 2 x micro_batch_size)."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast dtype (Accelerate). ``fp16`` needs a GPU and uses a gradient scaler."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast dtype (Accelerate). ``auto``: the launcher's setting (``accelerate launch --mixed_precision``
+    or ``accelerate config``, i.e. ``ACCELERATE_MIXED_PRECISION``), else ``no``; any other value wins over
+    the launcher. ``fp16`` needs a GPU and uses a gradient scaler. ``config.yaml`` records the value used."""
     seed: int = num(0, ge=0, lt=2**32)
     """Seed for weights of the head, shuffling and augmentation."""
     output_dir: str = "runs/default"

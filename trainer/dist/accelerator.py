@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-
+from trainer.config.launcher import resolve_mixed_precision
 
 
 class DistributedSetupError(RuntimeError):
@@ -171,11 +171,18 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def make_accelerator(mixed_precision: str = "no", *, timeout_s: int = 600) -> Accelerator:
+def _use_cpu() -> bool:
+    """CPU mode: no CUDA device, or the launcher's ``--cpu`` (``ACCELERATE_USE_CPU``)."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or not torch.cuda.is_available()
+
+
+def make_accelerator(mixed_precision: str = "auto", *, timeout_s: int = 600) -> Accelerator:
     """Build the Accelerator for this process.
 
     Args:
-        mixed_precision: ``no``, ``bf16`` or ``fp16`` (``train.mixed_precision``).
+        mixed_precision: ``auto``, ``no``, ``bf16`` or ``fp16`` (``train.mixed_precision``; ``auto``:
+            ``trainer.config.launcher.resolve_mixed_precision``). ``accelerator.mixed_precision`` holds the value used.
         timeout_s: timeout of collective operations, seconds.
 
     Returns:
@@ -187,7 +194,8 @@ def make_accelerator(mixed_precision: str = "no", *, timeout_s: int = 600) -> Ac
             launcher variables (:func:`check_launch_env`), an unreachable ``MASTER_ADDR:MASTER_PORT``,
             or two processes with the same machine + local rank (:func:`check_topology`).
     """
-    use_cpu = not torch.cuda.is_available()
+    mixed_precision, _ = resolve_mixed_precision(mixed_precision)
+    use_cpu = _use_cpu()
     if use_cpu and mixed_precision == "fp16":
         raise DistributedSetupError(
             "train.mixed_precision=fp16 needs a GPU; use bf16 or no on CPU")

@@ -78,6 +78,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.accelerator = make_accelerator(cfg.train.mixed_precision, timeout_s=cfg.train.dist_timeout_s)
+        cfg.train.mixed_precision = self.accelerator.mixed_precision  # "auto" resolved: config.yaml records it
         self.is_main = self.accelerator.is_main_process
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format=f"[rank {self.accelerator.process_index}] %(levelname)s %(message)s")

@@ -1,0 +1,56 @@
+"""Checks and resolutions that need more than the config itself, done before any expensive set-up
+(sharding, model building, process groups): is ``train.output_dir`` writable, does ``model.backbone``
+name a model, and which launcher settings apply.
+
+Launcher settings: ``train.mixed_precision: auto`` takes the launcher's value (``trainer/config/launcher.py``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from trainer.config.fields import ConfigError
+from trainer.config.launcher import resolve_mixed_precision
+from trainer.config.schema import Config
+
+
+def check_output_dir(path: str) -> None:
+    """Make sure ``train.output_dir`` exists (created if needed) and a file can be written in it.
+
+    Raises:
+        ConfigError: names ``train.output_dir``, the path and the reason (not a folder, permission...).
+    """
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(f"train.output_dir: cannot write into {p} ({reason})") from None
+
+
+def preflight(cfg: Config, *, train: bool = True) -> list[str]:
+    """Check ``cfg`` against the machine and the launcher; resolve launcher settings in place.
+
+    Args:
+        train: also check the output folder (not needed for ``--dry_run`` / ``--print_config``).
+
+    Returns:
+        Lines to show once (which launcher setting applies).
+
+    Raises:
+        ConfigError: naming the field or variable.
+    """
+    from trainer.models.build import check_model_names
+
+    notes = []
+    value, note = resolve_mixed_precision(cfg.train.mixed_precision)
+    cfg.train.mixed_precision = value
+    if note:
+        notes.append(note)
+    check_model_names(cfg.model.backbone, cfg.model.weights)
+    if train:
+        check_output_dir(cfg.train.output_dir)
+    return notes
