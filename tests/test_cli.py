@@ -81,7 +81,7 @@ def test_print_config_prints_the_resolved_config(tmp_path):
 def test_mixed_precision_auto_takes_the_launchers_value_unless_the_config_sets_it():
     env = {"ACCELERATE_MIXED_PRECISION": "bf16"}
     assert resolve_mixed_precision("auto", env)[0] == "bf16"
-    assert resolve_mixed_precision("auto", {}) == ("no", "train.mixed_precision=auto -> no (no launcher setting)")
+    assert resolve_mixed_precision("auto", {}) == ("no", None)
     value, note = resolve_mixed_precision("no", env)
     assert value == "no" and "train.mixed_precision=no from the config wins" in note and "=bf16" in note
     assert resolve_mixed_precision("bf16", env) == ("bf16", None)

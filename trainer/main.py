@@ -24,7 +24,7 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 
-from trainer.cli.errors import run_cli, set_log_dir, write_line  # noqa: E402
+from trainer.cli.errors import exit_on_user_error, rank, run_cli, set_log_dir, write_line  # noqa: E402
 from trainer.config.loading import load_config  # noqa: E402
 
 
@@ -37,6 +37,12 @@ def main(config: str | None = None, dry_run: bool = False, print_config: bool = 
     any expensive set-up (``trainer/cli/preflight.py``). A run stopped by SIGUSR1/SIGTERM exits 0 after its
     checkpoint (``trainer/dist/signals.py``).
     """
+    with exit_on_user_error():
+        _run(config, dry_run, print_config, overrides)
+
+
+def _run(config, dry_run, print_config, overrides) -> None:
+    set_log_dir(None)  # no traceback file until the run folder is known to be writable
     cfg = load_config(config, overrides)
     if print_config:
         import yaml
@@ -45,7 +51,6 @@ def main(config: str | None = None, dry_run: bool = False, print_config: bool = 
         cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)[0]
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
-    from trainer.cli.errors import rank
     from trainer.cli.preflight import preflight
     for note in preflight(cfg, train=not dry_run):
         if rank() == 0:

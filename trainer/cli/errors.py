@@ -17,6 +17,7 @@ Any other exception keeps its traceback (a bug to report).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -106,6 +107,17 @@ def report(e: BaseException) -> int:
     return EXIT_USER_ERROR
 
 
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Context: a user error inside is reported (:func:`report`) and ends the process with status 2."""
+    try:
+        yield
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        raise SystemExit(report(e)) from None
+
+
 def run_cli(fn: Callable, *, argv: Sequence[str] | None = None, help_text: Callable[[], str] | None = None,
             prog: str | None = None) -> None:
     """Run ``fn`` as a command (``fire``), with ``-h``/``--help`` and user errors handled.
@@ -125,9 +137,5 @@ def run_cli(fn: Callable, *, argv: Sequence[str] | None = None, help_text: Calla
         raise SystemExit(0)
     import fire
 
-    try:
+    with exit_on_user_error():
         fire.Fire(fn, command=argv, name=prog, serialize=lambda _: None)
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        raise SystemExit(report(e)) from None

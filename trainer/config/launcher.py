@@ -21,7 +21,7 @@ def resolve_mixed_precision(configured: str, env: dict | None = None) -> tuple[s
     """``(value to use, note or None)`` for ``train.mixed_precision`` = ``configured``.
 
     ``auto`` -> the launcher's ``ACCELERATE_MIXED_PRECISION`` if set, else ``no``; any other value wins
-    over the launcher (the note says so when they differ).
+    over the launcher. The note (one line to show) says where a launcher's value went; None without one.
 
     Raises:
         ConfigError: the launcher's value is not one of no/bf16/fp16 (names the variable).
@@ -32,9 +32,9 @@ def resolve_mixed_precision(configured: str, env: dict | None = None) -> tuple[s
         raise ConfigError(f"{MIXED_PRECISION_ENV}={launcher!r} (set by accelerate launch --mixed_precision or "
                           f"accelerate config) is not allowed (allowed: {', '.join(_PRECISIONS)})")
     if configured == "auto":
-        value = launcher or "no"
-        source = f"from the launcher ({MIXED_PRECISION_ENV}={launcher})" if launcher else "(no launcher setting)"
-        return value, f"train.mixed_precision=auto -> {value} {source}"
+        if launcher is None:
+            return "no", None
+        return launcher, f"train.mixed_precision=auto -> {launcher} from the launcher ({MIXED_PRECISION_ENV}={launcher})"
     if launcher is not None and launcher != configured:
         return configured, (f"train.mixed_precision={configured} from the config wins over the launcher's "
                             f"{MIXED_PRECISION_ENV}={launcher}")

@@ -11,6 +11,7 @@ from torch.utils.data import (
     IterableDataset,
 )
 
+from trainer.config.fields import ConfigError
 from trainer.data.sources import resolve_shards
 from trainer.data.stream import _EvalStream, _TrainStream
 
@@ -60,8 +61,9 @@ class TrainLoader:
         prefetch_factor: batches prefetched per worker.
 
     Raises:
-        ValueError: fewer shards than ``world_size x max(num_workers, 1)`` readers (message names both
-            numbers) unless ``resampled``; bad arguments (named).
+        ConfigError: fewer shards than ``world_size x max(num_workers, 1)`` readers (message names both
+            numbers and ``data.num_workers``) unless ``resampled``.
+        ValueError: bad arguments (named).
         FileNotFoundError: from :func:`resolve_shards`.
     """
 
@@ -73,11 +75,11 @@ class TrainLoader:
         _check_common("TrainLoader", self.shards, rank, world_size, micro_batch_size, num_workers, bad_samples)
         self.readers = world_size * max(1, num_workers)
         if not resampled and len(self.shards) < self.readers:
-            raise ValueError(
-                f"TrainLoader: {len(self.shards)} shard(s) for {world_size} rank(s) x {max(1, num_workers)} "
-                f"worker(s) = {self.readers} readers; every reader needs at least one shard. Write more, "
-                f"smaller shards (make_shards.py --max_samples_per_shard), use fewer workers, or set "
-                f"resampled=True (data.resampled) to draw shards with replacement.")
+            raise ConfigError(
+                f"data.num_workers: {len(self.shards)} shard(s) for {world_size} rank(s) x {max(1, num_workers)} "
+                f"worker(s) = {self.readers} readers; every reader needs at least one training shard. "
+                f"Write more, smaller shards (data.samples_per_shard, make_shards.py --max_samples_per_shard), "
+                f"use fewer workers, or set data.resampled=true to draw shards with replacement.")
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
         self._epoch_state = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._dataset = _TrainStream(self.shards, rank=rank, world_size=world_size,

@@ -103,9 +103,9 @@ class Trainer:
                                    run_name=cfg.logging.run_name or cfg.name, run_id=wandb_run_id,
                                    resume_step=self.progress.step if last is not None else None)
             log.info("world_size=%d micro_batch_size=%d grad_accum_steps=%d global_batch_size=%d "
-                     "steps/epoch=%d total_steps=%d classes=%d", self.world_size, cfg.train.micro_batch_size,
-                     self.accum, cfg.train.global_batch_size, self.steps_epoch, self.total_steps,
-                     len(self.class_names))
+                     "steps/epoch=%d total_steps=%d classes=%d mixed_precision=%s", self.world_size,
+                     cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.steps_epoch,
+                     self.total_steps, len(self.class_names), cfg.train.mixed_precision)
         self.reporter = Reporter(self.out_dir, self.class_names, self.accelerator, self.tracker)
         self.preemption = PreemptionHandler()  # installed for the duration of fit()
         self._last_ckpt_time = time.monotonic()
