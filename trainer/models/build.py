@@ -87,10 +87,12 @@ def check_model_names(backbone: str, weights: str | None) -> None:
     try:
         kind = _weights_kind(weights)
         if kind == "package":
-            _lite0_package_path(backbone, weights)
+            lite_package_path(backbone, weights)
         elif kind == "file" and not Path(weights).is_file():
             raise ConfigError(f"model.weights: file {weights} does not exist")
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the weights package is not installed
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(str(e)) from None
 
 
