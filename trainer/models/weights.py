@@ -70,7 +70,6 @@ class WeightsSource:
 
     Attributes:
         backbone: the name as given, e.g. ``"resnet50"`` or ``"timm:convnext_tiny"``.
-        library: ``"torchvision"`` or ``"timm"``.
         kind: ``"url"`` (torch hub ``checkpoints/`` file) or ``"hf"`` (Hugging Face hub cache).
         url: download url (``kind == "url"``) else ``None``.
         hf_repo: Hugging Face repo id (``kind == "hf"``), e.g. ``"timm/convnext_tiny.fb_in1k"``.
@@ -80,7 +79,6 @@ class WeightsSource:
     """
 
     backbone: str
-    library: str
     kind: str
     url: str | None = None
     hf_repo: str | None = None
@@ -143,7 +141,7 @@ def weights_source(backbone: str) -> WeightsSource:
             raise ValueError(f"backbone {backbone!r}: not a torchvision model with weights ({e})") from e
         url = weights.url
         match = torch.hub.HASH_REGEX.search(os.path.basename(urllib.parse.urlparse(url).path))
-        return WeightsSource(backbone, "torchvision", "url", url=url,
+        return WeightsSource(backbone, "url", url=url,
                              hash_prefix=match.group(1) if match and match.group(1) else None)
 
     import timm.models
@@ -155,12 +153,12 @@ def weights_source(backbone: str) -> WeightsSource:
     if cfg.get("hf_hub_id"):
         repo, _, revision = cfg["hf_hub_id"].partition("@")
         files = (cfg["hf_hub_filename"],) if cfg.get("hf_hub_filename") else HF_WEIGHT_FILES
-        return WeightsSource(backbone, "timm", "hf", hf_repo=repo, hf_revision=revision or None,
+        return WeightsSource(backbone, "hf", hf_repo=repo, hf_revision=revision or None,
                              hf_filenames=files)
     if cfg.get("url"):
         url = cfg["url"]
         match = torch.hub.HASH_REGEX.search(os.path.basename(urllib.parse.urlparse(url).path))
-        return WeightsSource(backbone, "timm", "url", url=url,
+        return WeightsSource(backbone, "url", url=url,
                              hash_prefix=match.group(1) if match and match.group(1) else None)
     raise ValueError(f"backbone {backbone!r}: timm's pretrained config has neither hf_hub_id nor url")
 
