@@ -138,3 +138,9 @@ def test_model_normalizes_in_its_memory_format():
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert torch.allclose(y[0, :, 0, 0], torch.tensor([1.0, 2.0, 0.5]))
     assert "mean" not in model.state_dict() and model.mean.shape == (1, 3, 1, 1)  # not saved; follows .to()
+    with pytest.raises(ValueError, match="uint8"):
+        model.normalize(x.float())
+    with pytest.raises(ValueError, match="without preprocessing"):
+        ImageClassifier(nn.Flatten(), 12, 2).normalize(x)
+    with pytest.raises(ValueError, match="0-1 units"):
+        Preprocessing(224, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4), "bilinear", 0.9)
