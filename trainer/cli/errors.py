@@ -118,14 +118,14 @@ def exit_on_user_error():
         raise SystemExit(report(e)) from None
 
 
-def run_cli(fn: Callable, *, argv: Sequence[str] | None = None, help_text: Callable[[], str] | None = None,
+def run_cli(fn: Callable, *, argv: Sequence[str] | None = None, help_text: Callable[[str], str] | None = None,
             prog: str | None = None) -> None:
     """Run ``fn`` as a command (``fire``), with ``-h``/``--help`` and user errors handled.
 
     Args:
         fn: the entry function; its keyword arguments are the options.
         argv: arguments (default ``sys.argv[1:]``).
-        help_text: builds the ``--help`` text (default: from ``fn``'s signature and docstring).
+        help_text: builds the ``--help`` text from ``prog`` (default: from ``fn``'s signature and docstring).
         prog: program name shown in the usage line (default ``python <script>``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -133,7 +133,7 @@ def run_cli(fn: Callable, *, argv: Sequence[str] | None = None, help_text: Calla
     if "-h" in argv or "--help" in argv:
         from trainer.cli.help import function_help
 
-        print(help_text() if help_text else function_help(fn, prog))
+        print(help_text(prog) if help_text else function_help(fn, prog))
         raise SystemExit(0)
     import fire
 

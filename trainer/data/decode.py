@@ -17,10 +17,13 @@ Decoding (fast path first, PIL for the rest):
 
 * JPEG: ``torchvision.io.decode_jpeg(mode=RGB)`` (libjpeg-turbo; also converts CMYK/YCCK and
   grayscale to RGB). A truncated JPEG is an error (both libjpeg-turbo and PIL reject it).
-* PNG, WebP: ``torchvision.io.decode_image(mode=RGB_ALPHA)``; 16-bit images are scaled to 8 bits
-  (``to_dtype(scale=True)``), transparency is composited over :data:`TRANSPARENCY_BACKGROUND`.
-* GIF and everything else (BMP, TIFF, ...), and any file torchvision rejects: PIL. GIF goes to PIL
-  because torchvision's GIF decoder ignores the transparent colour index. Palette/LA/RGBA/PA images
+* WebP: ``torchvision.io.decode_image(mode=RGB_ALPHA)``; transparency is composited over
+  :data:`TRANSPARENCY_BACKGROUND`.
+* PNG, GIF and everything else (BMP, TIFF, ...), and any file torchvision rejects: PIL. GIF goes to PIL
+  because torchvision's GIF decoder ignores the transparent colour index; PNG because torchvision 0.29's
+  libpng path crashes the process (SIGSEGV) on some corrupt data, where PIL raises.
+* Every path first reads the image size from the header and refuses more than
+  ``PIL.Image.MAX_IMAGE_PIXELS`` pixels before decoding (:func:`check_pixels`). Palette/LA/RGBA/PA images
   are composited over the background, 16-bit grayscale (``I;16``) is scaled by ``>> 8``, the first
   frame of an animation is used.
 * EXIF orientation is applied in both paths (``apply_exif_orientation`` / ``ImageOps.exif_transpose``)
@@ -53,9 +56,12 @@ eval transform stays deterministic.
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
@@ -65,10 +71,44 @@ TRANSPARENCY_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 """RGB colour (0-255) that transparent pixels are composited over (white)."""
 
 
-
-
 class ImageDecodeError(ValueError):
-    """The bytes of a sample are not a decodable image (empty, truncated, unknown format)."""
+    """The bytes of a sample are not a decodable image (empty, truncated, unknown format, too large)."""
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Refuse an image of more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (89,478,485 by default, PIL's own
+    decompression-bomb limit, about 9459 x 9459), read from its header before any pixel is decoded: a
+    50,000 x 50,000 header would otherwise ask for 7.5 GB. Set ``PIL.Image.MAX_IMAGE_PIXELS`` to change the
+    limit (None: no limit). Used by every decoder here and by the shard writer's check.
+
+    Raises:
+        ImageDecodeError: naming the size and the limit.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageDecodeError(f"image is {width} x {height} = {width * height:,} pixels, more than the limit "
+                               f"of {int(limit):,} (PIL.Image.MAX_IMAGE_PIXELS); refused before decoding")
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """``(width, height)`` from the header without decoding pixels; None if the header is unreadable."""
+    if fmt == "jpeg":
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            return width, height
+        except ValueError:
+            return None
+    if fmt == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
+                return im.size
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses at open
+        raise ImageDecodeError(f"cannot decode {fmt} image: {e}") from None
+    except Exception:  # noqa: BLE001 - unreadable header: the decoders report why
+        return None
 
 
 def _sniff_format(data: bytes) -> str:
@@ -96,8 +136,10 @@ def _composite_rgba(img: torch.Tensor, background: Sequence[int]) -> torch.Tenso
 
 
 def _decode_pil(data: bytes, background: Sequence[int]) -> torch.Tensor:
-    """PIL decode of any format PIL knows -> (3, H, W) uint8 RGB. Raises OSError/ValueError on bad data."""
+    """PIL decode of any format PIL knows -> (3, H, W) uint8 RGB. Raises OSError/ValueError on bad data,
+    ImageDecodeError over the pixel limit (:func:`check_pixels`, before decoding)."""
     with Image.open(io.BytesIO(data)) as im:
+        check_pixels(*im.size)
         im.load()  # raises OSError on truncated data (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -124,8 +166,8 @@ def decode_image_bytes(data: bytes, *, background: Sequence[int] = TRANSPARENCY_
         ``(3, H, W)`` ``uint8`` RGB tensor (contiguous, CPU).
 
     Raises:
-        ImageDecodeError: empty, truncated or unrecognised data; the message holds the reasons given
-            by torchvision and PIL.
+        ImageDecodeError: empty, truncated or unrecognised data (the message holds the reasons given
+            by torchvision and PIL), or more pixels than :func:`check_pixels` allows (from the header).
 
     Fast path: torchvision's libjpeg-turbo/libpng/libwebp decoders (about 1.5x faster than PIL on
     the ants/bees JPEGs); PIL handles the rest, see the module docstring.
@@ -134,7 +176,14 @@ def decode_image_bytes(data: bytes, *, background: Sequence[int] = TRANSPARENCY_
         raise ImageDecodeError("empty image data (0 bytes)")
     fmt = _sniff_format(data)
     tv_error = None
-    if fmt in ("jpeg", "png", "webp"):
+    size = _header_size(data, fmt)
+    if size is not None:
+        check_pixels(*size)
+    # PNG goes to PIL: torchvision 0.29's libpng path segfaults on some corrupt IDAT streams (found by
+    # bench/fuzz.py: "libpng error: IDAT: invalid bit length repeat", then SIGSEGV); PIL raises instead
+    # a JPEG header libjpeg-turbo cannot read fails there too, before any allocation; other unreadable
+    # headers go to PIL, which checks the size after opening
+    if fmt == "jpeg" or (fmt == "webp" and size is not None):
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
             if fmt == "jpeg":
@@ -147,6 +196,8 @@ def decode_image_bytes(data: bytes, *, background: Sequence[int] = TRANSPARENCY_
             tv_error = str(exn).strip().splitlines()[-1]
     try:
         return _decode_pil(data, background)
+    except ImageDecodeError:
+        raise
     except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         reason = f"{type(exn).__name__}: {exn}"
         if tv_error:

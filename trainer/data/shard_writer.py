@@ -65,6 +65,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from trainer.data.decode import check_pixels
 from trainer.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,14 @@ def check_image(data: bytes) -> tuple[bytes, str]:
         lossless PNG re-encoding of the first frame (ext png).
 
     Raises:
-        ValueError: empty data, or PIL cannot identify / verify / fully load it (reason in the message).
+        ValueError: empty data, more pixels than ``trainer.data.decode.check_pixels`` allows, or PIL
+            cannot identify / verify / fully load it (reason in the message).
     """
     if not data:
         raise ValueError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as im:
+            check_pixels(*im.size)  # before any pixel is decoded (decompression bombs)
             im.verify()  # structure / checksums (PNG CRC) without decoding pixels
         with Image.open(io.BytesIO(data)) as im:  # verify() leaves the image unusable: reopen
             im.load()  # full decode: catches truncated JPEG/PNG data

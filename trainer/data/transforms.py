@@ -16,6 +16,7 @@ from trainer.data.decode import (
     _DCT_SCALE_DENOMINATORS,
     _sniff_format,
     apply_orientation,
+    check_pixels,
     decode_image_bytes,
     jpeg_exif_orientation,
 )
@@ -88,7 +89,8 @@ class RandomResizedCropFlip:
         through :func:`decode_image_bytes` + :meth:`__call__`.
 
         Raises:
-            ImageDecodeError: the bytes are not a decodable image (from :func:`decode_image_bytes`).
+            ImageDecodeError: the bytes are not a decodable image (from :func:`decode_image_bytes`), or the
+                header announces more pixels than :func:`~trainer.data.decode.check_pixels` allows.
         """
         if _sniff_format(data) != "jpeg":
             return self(decode_image_bytes(data))
@@ -96,6 +98,7 @@ class RandomResizedCropFlip:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:  # not a readable JPEG header: the plain path reports why
             return self(decode_image_bytes(data))
+        check_pixels(width, height)
         if colorspace not in ("RGB", "YCbCr", "Gray") or height < 1 or width < 1:
             return self(decode_image_bytes(data))  # CMYK/YCCK: libjpeg-turbo cannot output RGB
         i, j, h, w = v2.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width),
