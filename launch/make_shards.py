@@ -1,17 +1,18 @@
-"""Image folder -> WebDataset shards + ``dataset.json`` (thin CLI over :func:`trainer.data.shard_writer.write_shards`).
+"""Images -> WebDataset shards + ``dataset.json`` (thin CLI over :mod:`trainer.data.shard_writer`).
 
-    python launch/make_shards.py --root data/hymenoptera_data --out data/shards
-    python launch/make_shards.py --root R --out O --max_samples_per_shard 1000 --splits train,val --strict
+    python launch/make_shards.py --root data/hymenoptera_data --out data/shards      # root/{train,val}/<class>/
+    python launch/make_shards.py --root R --out O --val_fraction 0.2 --test_fraction 0.1   # root/<class>/
+    python launch/make_shards.py --manifest '{train: train.csv, val: validation.csv}' --label_map label_map.json --out O
     python launch/make_shards.py --root R --out O --num_workers 8                 # process pool
     python launch/make_shards.py --root R --out O --num_workers 64 --worker_index $SLURM_ARRAY_TASK_ID
-    python launch/make_shards.py --out O --num_workers 64 --merge                  # redo the merge
+    python launch/make_shards.py --root R --out O --num_workers 64 --merge         # redo the merge
 
-Input ``root/{train,val}/<class>/<image>``; output ``out/{split}-000000.tar ...`` (``{split}-wKK-...``
-with several writers) and ``out/dataset.json`` (class names in label order, per-split sample and
-class counts, shard names). Unreadable files are listed in a warning and never written; ``--strict``
-makes them an error. Millions of images: see the docstring of ``trainer/data/shard_writer.py`` (N writers, each
-taking every N-th file, as a pool here or one per process/node with ``--worker_index``; the last
-writer to finish merges the metadata).
+The source options are the ``data.*`` fields of the trainer (``trainer/config/schema.py``), listed the
+same way (``trainer.data.prepare.build_listing``), so the shards are the ones a run would write.
+Unreadable files are listed in a warning and never written (``--strict``: an error). Leaks (the same
+image in two splits, a path listed twice) are recorded in ``dataset.json`` and, with ``--on_leak
+error`` (default), end this command with status 2 after writing. Bad input: one line, status 2
+(``trainer.cli.errors``); ``finetune-shards`` is the same command as a console script.
 """
 
 from __future__ import annotations
@@ -20,50 +21,67 @@ import logging
 import sys
 from pathlib import Path
 
+import fire
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from trainer.cli.errors import run_cli  # noqa: E402
-from trainer.data.shard_writer import merge_partial_metadata, write_shards  # noqa: E402
+from trainer.config.schema import ConfigError, DataConfig  # noqa: E402
+from trainer.data.prepare import build_listing  # noqa: E402
+from trainer.data.shard_writer import leak_message, merge_partial_metadata, write_listing  # noqa: E402
 
 
-def main(root: str | None = None, out: str | None = None, max_samples_per_shard: int = 1000,
-         max_bytes_per_shard: float = 1e9, splits: str | tuple = "train,val", num_workers: int = 1,
-         worker_index: int | None = None, strict: bool = False, overwrite: bool = False,
-         merge: bool = False) -> None:
+def main(root: str | None = None, out: str | None = None, manifest=None, path_column=None, label_column=None,
+         split_column=None, label_map: str | None = None, val_fraction: float | None = None,
+         test_fraction: float = 0.0, split_seed: int = 0, on_leak: str = "error",
+         max_samples_per_shard: int = 1000, max_bytes_per_shard: float = 1e9, num_workers: int = 1,
+         worker_index: int | None = None, strict: bool = False, overwrite: bool = False, merge: bool = False,
+         progress: bool = True) -> None:
     """Write shards; prints a one-line summary per split.
 
     Args:
-        root: image folder holding ``train/`` (and the other splits).
-        out: output folder for shards and ``dataset.json``.
+        root: image folder ``root/{train,val[,test]}/<class>/`` or ``root/<class>/`` (with ``val_fraction``).
+        out: output folder for shards and ``dataset.json`` (written atomically).
+        manifest, path_column, label_column, split_column, label_map: a CSV/JSONL source instead of ``root``.
+        val_fraction, test_fraction, split_seed: stratified split of class folders.
+        on_leak: ``error`` (exit 2 after writing when images leak across splits) or ``warn``.
         max_samples_per_shard, max_bytes_per_shard: shard size limits (samples; bytes).
-        splits: comma-separated split folder names (fire may pass a tuple for ``a,b``).
         num_workers: N writers; without ``--worker_index`` they run here in a process pool.
         worker_index: run only writer k of N (one per process/node).
         strict: unreadable files are an error instead of a warning.
-        overwrite: replace existing shards in ``out``.
-        merge: only merge ``out/dataset.wKK-of-NN.json`` of N writers into ``out/dataset.json``.
+        overwrite: replace a dataset already in ``out``.
+        merge: only merge the N writers' partial files and commit.
+        progress: show a progress bar.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if out is None:
-        raise SystemExit("make_shards.py: --out is required")
+        raise ConfigError("--out is required")
+    if root is None and manifest is None:
+        raise ConfigError("--root or --manifest is required")
+    if isinstance(manifest, str) and manifest.lstrip().startswith("{"):
+        manifest = yaml.safe_load(manifest)  # '{train: a.csv, val: b.csv}' as on the trainer's command line
+    cfg = DataConfig(root=root, manifest=manifest, path_column=path_column, label_column=label_column,
+                     split_column=split_column, label_map=label_map, val_fraction=val_fraction,
+                     test_fraction=test_fraction, split_seed=split_seed, shard_dir=out)
+    listing = build_listing(cfg)
     if merge:
-        meta = merge_partial_metadata(out, num_workers)
+        meta = merge_partial_metadata(out, num_workers, listing)
     else:
-        if root is None:
-            raise SystemExit("make_shards.py: --root is required")
-        if isinstance(splits, (tuple, list)):
-            splits = ",".join(map(str, splits))
-        meta = write_shards(root, out, splits=splits, max_samples_per_shard=max_samples_per_shard,
-                            max_bytes_per_shard=max_bytes_per_shard, num_workers=num_workers,
-                            worker_index=worker_index, strict=strict, overwrite=overwrite)
+        meta = write_listing(listing, out, max_samples_per_shard=max_samples_per_shard,
+                             max_bytes_per_shard=max_bytes_per_shard, num_workers=num_workers,
+                             worker_index=worker_index, strict=strict, overwrite=overwrite, progress=progress)
     for split, m in meta["splits"].items():
         print(f"{split}: {m['num_samples']} samples, {m['num_shards']} shards, {m['num_skipped']} skipped")
+    leak = leak_message(meta.get("leaks") or {})
+    if leak and on_leak == "error":
+        raise ConfigError(f"--on_leak: {leak} (the shards are written; --on_leak warn accepts them)")
+    if leak:
+        logging.getLogger("make_shards").warning("leak: %s", leak)
 
 
 def cli() -> None:
     """Console script ``finetune-shards`` (same as ``python launch/make_shards.py``)."""
     run_cli(main, prog="finetune-shards")
-
 
 if __name__ == "__main__":
     run_cli(main)

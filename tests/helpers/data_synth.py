@@ -48,3 +48,30 @@ def write_samples(path: Path, samples: list[dict]) -> str:
         for s in samples:
             w.write(s)
     return str(path)
+
+
+def write_class_tree(root: Path, counts: dict[str, int], seed: int = 0, prefix: str = "") -> list[Path]:
+    """``root/<class>/<prefix>img<i>.jpg`` with ``counts[class]`` distinct JPEGs each; returns the paths."""
+    paths = []
+    n = seed
+    for cls, k in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(k):
+            p = root / cls / f"{prefix}img{i:03d}.jpg"
+            p.write_bytes(jpeg_bytes(n))
+            paths.append(p)
+            n += 1
+    return paths
+
+
+def shard_keys_and_paths(shards: list[str]) -> dict[str, bytes]:
+    """``{__key__: raw bytes of <key>.path.txt}`` over the given shards (tar order)."""
+    import tarfile
+
+    out = {}
+    for s in shards:
+        with tarfile.open(s) as tf:
+            for m in tf:
+                if m.name.endswith(".path.txt"):
+                    out[m.name[: -len(".path.txt")]] = tf.extractfile(m).read()
+    return out

@@ -37,6 +37,7 @@ _USER_ERRORS = (
     "trainer.models.weights:WeightsUnavailableError",
     "trainer.models.weights:CorruptWeightsError",
     "trainer.data.stream:BadSampleError",
+    "trainer.data.listing:DataError",
 )
 _OS_ERRORS = (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
 

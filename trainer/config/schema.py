@@ -46,10 +46,42 @@ class DataConfig(Section):
     _where: ClassVar[str] = "data"
 
     root: Optional[str] = None
-    """Image folder ``root/{train,val}/<class>/<image>``. If set and ``shard_dir`` holds no
-    ``dataset.json`` yet, the main process writes shards there before training."""
+    """Image folder: ``root/{train,val[,test]}/<class>/<image>``, or ``root/<class>/<image>`` with
+    ``val_fraction``. The main process writes it once into shards in ``shard_dir`` (reused while the
+    folder's listing is unchanged). A ``root`` that does not exist is an error (see ``download``)."""
+    manifest: Optional[Union[str, dict]] = None
+    """Instead of ``root``: a CSV/JSONL manifest with a split column, or ``{train: f, val: f[, test: f]}``
+    (one file per split); rows' paths are relative to the manifest's folder (``trainer/data/manifest.py``)."""
+    path_column: Optional[Union[int, str]] = None
+    """Manifest column of the image path: a name or 0-based index (default: found by name, e.g. ``path``,
+    ``filename``)."""
+    label_column: Optional[Union[int, str]] = None
+    """Manifest column of the label (class name or integer; default: found by name, e.g. ``label``, ``class``)."""
+    split_column: Optional[Union[int, str]] = None
+    """Column of the split (``train``/``val``/``test``) in a single manifest (default: ``split``)."""
+    label_map: Optional[str] = None
+    """JSON file ``{name: index}`` or ``[names]`` that fixes the class map's order (default: the sorted
+    labels of the training rows)."""
+    val_fraction: Optional[float] = num(None, gt=0, lt=1)
+    """Class folders without a split (``root/<class>/<image>``): fraction in (0, 1) of each class held out
+    for validation; stratified, fixed by the sorted file names and ``split_seed``, recorded in ``dataset.json``."""
+    test_fraction: float = num(0.0, ge=0, lt=1)
+    """With ``val_fraction``: fraction in [0, 1) of each class held out as the test split (0: none)."""
+    split_seed: int = 0
+    """Seed of the stratified split of class folders (changing it later is refused, like the fractions)."""
+    on_leak: Literal["error", "warn"] = "error"
+    """The same image bytes in two splits, or a path listed twice: ``error`` (the run refuses, naming
+    the count and examples) or ``warn`` (logged, the run goes on)."""
+    test_shards: Optional[str] = None
+    """Shard spec of the test split, as ``train_shards`` (default: from ``dataset.json`` when it has one)."""
+    shard_workers: Optional[int] = num(None, ge=1)
+    """Processes writing shards (>= 1; default: the CPU count, at most 8)."""
+    download: bool = False
+    """Fetch ``download_url`` when ``root`` does not exist (into ``download_dir/<basename of root>``).
+    Without ``root``, ``download_url`` is always fetched (into ``download_dir/<archive name>``)."""
     download_url: Optional[str] = None
-    """If ``root`` does not exist: zip archive to fetch once (main process) and unpack into ``download_dir``."""
+    """Zip archive to fetch once (main process) and unpack into ``download_dir``: when ``root`` is unset,
+    or with ``download: true``."""
     download_sha256: Optional[str] = None
     """SHA-256 of the archive at ``download_url``; a mismatch is an error (nothing is unpacked)."""
     tree_sha256: Optional[str] = None
@@ -89,6 +121,15 @@ class DataConfig(Section):
         for key in ("download_dir", "shard_dir"):
             if not getattr(self, key):
                 raise ConfigError(f"data.{key}: empty path is not allowed")
+        if self.root is not None and self.manifest is not None:
+            raise ConfigError("data.manifest: set either data.root (image folders) or data.manifest, not both")
+        if self.test_fraction and self.val_fraction is None:
+            raise ConfigError("data.test_fraction: needs data.val_fraction (a split of class folders)")
+        if self.val_fraction is not None and self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction: val_fraction + test_fraction = "
+                              f"{self.val_fraction + self.test_fraction:g} leaves no training image (must be < 1)")
+        if self.manifest is not None and self.val_fraction is not None:
+            raise ConfigError("data.val_fraction: a manifest gives its own splits (split column or one file per split)")
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Data, from the user's files to uint8 batches.
 
-- ``prepare``: download / write shards once / read metadata (main process), ``shard_writer``: image
-  files -> WebDataset shards, ``meta``: ``dataset.json``;
+- ``listing`` (folders) / ``manifest`` (CSV, JSONL): the user's layout -> per-split files + labels + a
+  fingerprint; ``prepare``: download / write shards once or reuse them / read metadata (main process);
+- ``shard_writer``: listing -> WebDataset shards (``staging``: written aside, renamed into place),
+  ``meta``: ``dataset.json`` (its only reader and writer);
 - ``sources``: shard specs -> shard lists, ``stream`` / ``loader``: rank- and worker-split streams;
 - ``decode``: bytes -> RGB uint8, ``transforms``: crops, flips (the model normalises).
 
-May import ``trainer.config`` and ``trainer.utils``.
+May import ``trainer.config``, ``trainer.utils`` and ``trainer.dist.wait`` (the main process writes
+while the other ranks wait).
 """

@@ -1,25 +1,41 @@
-"""Get the run's data ready: download the image folder if asked, write shards once, read the metadata.
+"""Get the run's data ready: list the source, write shards once (or reuse them), read the metadata.
 
-Only the main process downloads or writes shards; the other ranks wait at a barrier and then read
-the same ``dataset.json``. Shards are written once per ``data.shard_dir`` and reused by later runs.
+Which source (checked in this order, before anything is read or written):
 
-Checksums: a downloaded archive is checked against ``data.download_sha256`` (SHA-256 of the zip) when
-given, and the unpacked image tree against ``data.tree_sha256`` (:func:`tree_sha256`: SHA-256 over the
-sorted relative paths and bytes of every file under ``train/`` and ``val/``), so a corrupted or
-different download is an error before anything trains.
+1. ``data.train_shards`` set: those shards and ``data.meta`` / ``shard_dir/dataset.json``; nothing is written.
+2. ``data.manifest`` (:mod:`trainer.data.manifest`) or ``data.root``: split folders, or class folders
+   with ``data.val_fraction`` (:mod:`trainer.data.listing`). A ``data.root`` that does not exist is an
+   error naming it, also when ``shard_dir`` holds shards, unless ``data.download: true`` fetches
+   ``data.download_url`` into ``download_dir/<basename of root>``.
+3. Neither set: ``shard_dir/dataset.json`` if it exists (shards written before), else ``download_url``
+   fetched into ``download_dir/<archive name>``, else an error.
+
+Reuse: ``dataset.json`` records the source's fingerprint (sorted relative paths + sizes + mtimes of
+the files, or the manifest bytes) and parameters (split fractions and seed, manifest columns). The
+same source reuses the shards; a changed one is refused with one line saying what changed (a
+silently re-drawn split would leak validation images into training): delete ``shard_dir`` or point it
+elsewhere to write new shards.
+
+Only the main process lists and writes; the others wait without a collective deadline
+(:func:`trainer.dist.wait.main_first`). Checksums: a downloaded archive is checked against
+``data.download_sha256``, the unpacked tree against ``data.tree_sha256`` (:func:`tree_sha256`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from trainer.config.schema import ConfigError, DataConfig
+from trainer.data import staging
+from trainer.data.listing import DataError, Listing, list_class_folders, list_split_folders
 from trainer.data.meta import DatasetMeta, read_meta
 from trainer.data.sources import resolve_shards
 from trainer.utils.files import atomic_write, sha256_file
@@ -33,8 +49,8 @@ class PreparedDataset:
 
     Attributes:
         meta: class names (index order) and per-split counts from ``dataset.json``.
-        train_shards, val_shards: resolved shard URLs/paths.
-        num_train_samples, num_val_samples: sample counts from the metadata.
+        train_shards, val_shards: resolved shard URLs/paths; test_shards: None without a test split.
+        num_train_samples, num_val_samples, num_test_samples: sample counts from the metadata (test: 0).
     """
 
     meta: DatasetMeta
@@ -42,6 +58,8 @@ class PreparedDataset:
     val_shards: list[str]
     num_train_samples: int
     num_val_samples: int
+    test_shards: list[str] | None = None
+    num_test_samples: int = 0
 
 
 def tree_sha256(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> str:
@@ -56,10 +74,11 @@ def tree_sha256(root: str | Path, splits: tuple[str, ...] = ("train", "val")) ->
 
 
 def download_image_folder(cfg: DataConfig) -> Path:
-    """Fetch ``cfg.download_url`` (a zip holding ``<name>/{train,val}/...``) into ``cfg.download_dir``.
+    """Fetch ``cfg.download_url`` (a zip holding ``<name>/...``) into ``cfg.download_dir``.
 
     Returns:
-        The unpacked image root ``download_dir/<basename of data.root>``.
+        The unpacked image root ``download_dir/<name>``: ``name`` is the basename of ``data.root`` if
+        set, else the archive's name without ``.zip``.
 
     Raises:
         ConfigError: no URL configured, a checksum mismatch (archive or tree), or a download failure,
@@ -67,14 +86,15 @@ def download_image_folder(cfg: DataConfig) -> Path:
     """
     if not cfg.download_url:
         raise ConfigError(f"data.root: folder not found: {cfg.root} (and no data.download_url to fetch it)")
-    name = Path(cfg.root).name if cfg.root else "images"
+    name = Path(cfg.root).name if cfg.root else Path(urlparse(cfg.download_url).path).stem or "images"
     target = Path(cfg.download_dir) / name
     if target.is_dir():
         return target
-    archive = Path(cfg.download_dir) / Path(cfg.download_url).name
+    archive = Path(cfg.download_dir) / Path(urlparse(cfg.download_url).path).name
     archive.parent.mkdir(parents=True, exist_ok=True)
     if not archive.is_file():
         log.info("downloading %s -> %s", cfg.download_url, archive)
+
         def download(tmp: Path) -> None:
             with urllib.request.urlopen(cfg.download_url, timeout=30) as r, open(tmp, "wb") as f:
                 shutil.copyfileobj(r, f)
@@ -85,68 +105,150 @@ def download_image_folder(cfg: DataConfig) -> Path:
     if cfg.download_sha256 and sha256_file(archive) != cfg.download_sha256:
         raise ConfigError(f"data.download_sha256: {archive} has SHA-256 {sha256_file(archive)}, "
                           f"expected {cfg.download_sha256} (delete it to download again)")
-    staging = Path(cfg.download_dir) / f".{name}.unpack"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging_dir = Path(cfg.download_dir) / f".{name}.unpack"
+    shutil.rmtree(staging_dir, ignore_errors=True)
     with zipfile.ZipFile(archive) as z:
-        z.extractall(staging)
-    unpacked = staging / name if (staging / name).is_dir() else staging
+        z.extractall(staging_dir)
+    unpacked = staging_dir / name if (staging_dir / name).is_dir() else staging_dir
     if cfg.tree_sha256:
         got = tree_sha256(unpacked)
         if got != cfg.tree_sha256:
             raise ConfigError(f"data.tree_sha256: images unpacked from {archive} hash to {got}, "
                               f"expected {cfg.tree_sha256}")
     unpacked.rename(target)
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging_dir, ignore_errors=True)
     return target
 
 
-def _ensure_shards(cfg: DataConfig) -> None:
-    """Main process only: write shards from ``cfg.root`` into ``cfg.shard_dir`` unless already there."""
-    from trainer.data.shard_writer import write_shards
-
-    meta_path = Path(cfg.shard_dir) / "dataset.json"
-    if meta_path.is_file():
-        return
-    if cfg.root is None:
-        raise ConfigError(f"data.shard_dir: no dataset.json in {cfg.shard_dir} and data.root is not set "
-                          "(set data.root to an image folder, or data.train_shards/val_shards + data.meta)")
-    root = Path(cfg.root)
-    if not root.is_dir():
-        root = download_image_folder(cfg)
-    if not (root / "train").is_dir():
-        raise ConfigError(f"data.root: {root} has no train/ folder (expected root/{{train,val}}/<class>/<image>)")
-    log.info("writing shards from %s to %s", root, cfg.shard_dir)
-    write_shards(root, cfg.shard_dir, max_samples_per_shard=cfg.samples_per_shard)
-
-
-def prepare_dataset(cfg: DataConfig, accelerator) -> PreparedDataset:
-    """Make sure shards and metadata exist (main process writes them), then resolve them on every rank.
+def build_listing(cfg: DataConfig) -> Listing | None:
+    """The run's source as a :class:`Listing`, or None when existing shards are used as they are.
 
     Raises:
-        ConfigError: missing folder / metadata / shards, naming the config field and path.
+        ConfigError / DataError: naming the field, folder, file or row.
     """
+    if cfg.manifest is not None:
+        from trainer.data.manifest import list_manifest
+        manifest = cfg.manifest if isinstance(cfg.manifest, str) else dict(cfg.manifest)
+        return list_manifest(manifest, path_column=cfg.path_column, label_column=cfg.label_column,
+                             split_column=cfg.split_column, label_map=cfg.label_map)
+    if cfg.root is None:
+        if (Path(cfg.shard_dir) / "dataset.json").is_file():
+            return None
+        if not cfg.download_url:
+            raise ConfigError(f"data.root: not set, and data.shard_dir {cfg.shard_dir} holds no dataset.json "
+                              "(set data.root or data.manifest, or data.train_shards/val_shards + data.meta)")
+        root = download_image_folder(cfg)
+    else:
+        root = Path(cfg.root)
+        if not root.is_dir():
+            if not cfg.download:
+                raise ConfigError(f"data.root: folder not found: {cfg.root}"
+                                  + (" (set data.download: true to fetch data.download_url)" if cfg.download_url
+                                     else ""))
+            root = download_image_folder(cfg)
+    if (root / "train").is_dir():
+        if cfg.val_fraction is not None:
+            raise ConfigError(f"data.val_fraction: {root} already has train/ (split folders); unset val_fraction")
+        return list_split_folders(root)
+    if cfg.val_fraction is None:
+        raise ConfigError(f"data.val_fraction: {root} has no train/ folder; for class folders without a split "
+                          "(root/<class>/<image>) set data.val_fraction (and optionally data.test_fraction)")
+    return list_class_folders(root, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                              seed=cfg.split_seed)
+
+
+def source_change(old: dict, new: dict, shard_dir: str) -> str | None:
+    """Why the shards in ``shard_dir`` (written from ``old``) do not fit the source ``new``, or None."""
+    if not old:
+        return None  # format 1: no record to compare (written by an older version)
+    hint = f"delete {shard_dir} (or set data.shard_dir to a new folder) to write new shards"
+    if old.get("layout") != new["layout"]:
+        return f"data.shard_dir: {shard_dir} was written from a {old.get('layout')} source, this run has a " \
+               f"{new['layout']} source; {hint}"
+    for k, v in new["params"].items():
+        if old.get("params", {}).get(k) != v:
+            return f"data.{k}: {v!r} differs from the {old.get('params', {}).get(k)!r} the shards in {shard_dir} " \
+                   f"were written with (the split would change); set it back, or {hint}"
+    if old.get("files_sha256") != new["files_sha256"]:
+        return f"data.shard_dir: the source changed since the shards in {shard_dir} were written " \
+               f"({old.get('num_files')} -> {new['num_files']} files, or files renamed/modified); {hint}"
+    return None
+
+
+def ensure_shards(cfg: DataConfig, *, progress: bool = False) -> None:
+    """Main process: make ``shard_dir`` hold shards of the configured source (write or reuse).
+
+    Raises:
+        ConfigError: a bad field or a changed source (one line naming it).
+    """
+    from trainer.data.shard_writer import write_listing
+
+    out = Path(cfg.shard_dir)
+    staging.recover(out)
+    try:
+        listing = build_listing(cfg)
+        if listing is None:
+            return
+        if (out / "dataset.json").is_file():
+            problem = source_change(read_meta(out).source, listing.source, cfg.shard_dir)
+            if problem:
+                raise ConfigError(problem)
+            return
+        workers = cfg.shard_workers or min(8, os.cpu_count() or 1)
+        log.info("writing shards of %s into %s (%d process(es))", listing.source["location"], out, workers)
+        write_listing(listing, out, max_samples_per_shard=cfg.samples_per_shard, num_workers=workers,
+                      progress=progress)
+    except (DataError, FileExistsError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def _leak_check(meta: DatasetMeta, on_leak: str) -> None:
+    from trainer.data.shard_writer import leak_message
+
+    msg = leak_message(meta.leaks)
+    if msg is None:
+        return
+    if on_leak == "error":
+        raise ConfigError(f"data.on_leak: {msg}; fix the data, or set data.on_leak: warn to train anyway")
+    log.warning("data.on_leak=warn: %s", msg)
+
+
+def prepare_dataset(cfg: DataConfig, accelerator, *, progress: bool = False) -> PreparedDataset:
+    """Make sure shards and metadata exist (main process writes them; the others wait without a
+    deadline), then resolve them on every rank.
+
+    Raises:
+        ConfigError: a bad field, a missing folder / metadata / shards, a changed source, leaks under
+            ``data.on_leak: error``, a training class without a readable image; names the field and path.
+    """
+    from trainer.dist.wait import main_first
+
     explicit = cfg.train_shards is not None
     if not explicit:
-        err = None
-        if accelerator.is_main_process:
-            try:
-                _ensure_shards(cfg)
-            except Exception as e:  # let the other ranks leave the barrier, then raise everywhere
-                err = e
-        accelerator.wait_for_everyone()
-        if err is not None:
-            raise err
+        main_first(lambda: ensure_shards(cfg, progress=progress), accelerator, what="writing shards",
+                   errors=(ConfigError,))
     meta_path = Path(cfg.meta) if cfg.meta else Path(cfg.shard_dir) / "dataset.json"
     if not meta_path.is_file():
         raise ConfigError(f"data.meta: dataset metadata not found: {meta_path}")
-    meta = read_meta(meta_path)
+    try:
+        meta = read_meta(meta_path)
+    except ValueError as e:
+        raise ConfigError(f"data.meta: {e}") from None
+    _leak_check(meta, cfg.on_leak)
+    counts = meta.splits["train"].class_counts if "train" in meta.splits else []
+    if 0 in counts:
+        raise ConfigError(f"data.shard_dir: training class {meta.classes[counts.index(0)]!r} has no readable image "
+                          f"in {meta_path} (see its 'skipped' list)")
     try:
         train = resolve_shards(cfg.train_shards) if explicit else meta.shard_urls("train")
         val = resolve_shards(cfg.val_shards) if cfg.val_shards else meta.shard_urls("val")
+        test = resolve_shards(cfg.test_shards) if cfg.test_shards else \
+            (meta.shard_urls("test") if meta.splits.get("test") and meta.splits["test"].num_samples else None)
     except KeyError as e:
         raise ConfigError(f"data.meta: {e.args[0]}") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"data.train_shards/val_shards/test_shards: {e}") from None
     return PreparedDataset(meta=meta, train_shards=train, val_shards=val,
                            num_train_samples=meta.splits["train"].num_samples,
-                           num_val_samples=meta.splits["val"].num_samples)
-
-
+                           num_val_samples=meta.splits["val"].num_samples, test_shards=test,
+                           num_test_samples=meta.splits["test"].num_samples if test and "test" in meta.splits else 0)

@@ -1,136 +1,70 @@
-"""Image folder -> WebDataset shards + ``dataset.json`` (the implementation of ``launch/make_shards.py``).
+"""A :class:`~trainer.data.listing.Listing` -> WebDataset shards + ``dataset.json`` (also ``launch/make_shards.py``).
 
-Input layout: ``root/{train,val}/<class>/<image>`` (sub-folders inside a class folder are read too).
-The class map is the sorted list of training class folder names (hidden names, starting with '.',
-are ignored everywhere); it serves every split. A class folder in another split that training does
-not know is an error naming it; an empty class folder is fine (count 0).
+Output in ``out`` (written in a staging folder and renamed into place when complete, see
+:mod:`trainer.data.staging`: a kill at any moment leaves the old state or the finished one):
 
-Output in ``out``:
-
-* ``{split}-{000000..}.tar`` (one writer) or ``{split}-w{KK}-{000000..}.tar`` (writer KK of N), made
-  with ``webdataset.ShardWriter`` (at most ``max_samples_per_shard`` samples / ``max_bytes_per_shard``
-  bytes per shard, whichever comes first). One sample = three tar members with the same key:
+* ``{split}-{000000..}.tar``: shard ``i`` of a split holds the listed items ``i*S .. (i+1)*S - 1``
+  (``S = max_samples_per_shard``, the listing's fixed order) minus the unreadable ones; a shard that
+  reaches ``max_bytes_per_shard`` continues in ``{split}-{i:06d}_1.tar``, ``_2``... The names do not
+  depend on how many processes wrote them. One sample = three tar members (PAX format) with one key:
 
   - ``<key>.<ext>``: the image bytes. JPEG, PNG, WebP and GIF are stored byte for byte as found
-    (``ext`` from the *detected* format: jpg, png, webp, gif, so a PNG named .jpg is stored as png);
-    any other format PIL reads (BMP, TIFF, PPM, ...) is re-encoded losslessly to PNG (first frame).
+    (``ext`` from the *detected* format, so a PNG named .jpg is stored as png); any other format PIL
+    reads (BMP, TIFF, PPM, ...) is re-encoded losslessly to PNG (first frame).
   - ``<key>.cls``: the integer label as ASCII text (the WebDataset convention).
-  - ``<key>.path.txt``: the path relative to ``root`` (UTF-8), e.g. ``train/ants/0013035.jpg``.
+  - ``<key>.path.txt``: the item's name (relative to the data root or the manifest's folder) as the
+    raw bytes of the file name (``os.fsencode``): UTF-8 text for UTF-8 names, and any other name
+    byte for byte (decode with ``os.fsdecode``, which round-trips through surrogate escapes).
 
-  The key is that relative path without its extension, with '.' replaced by '_' (WebDataset splits
-  the key from the extension at the first dot), e.g. ``train/ants/0013035``; a clash (``a.jpg`` and
-  ``a.png``) gets a ``_1``, ``_2`` suffix, in sorted path order.
-* ``dataset.json``::
+  The key is that name without its extension, as printable UTF-8 (:func:`trainer.data.listing.printable`:
+  undecodable bytes and control characters such as a newline become ``\\xNN`` / ``\\n``), with '.'
+  replaced by '_' (WebDataset splits key and extension at the first dot), prefixed with ``<split>/``
+  for class-folder and manifest layouts, and cut to 180 characters + a hash when longer; a clash gets
+  ``_1``, ``_2`` in listing order. Examples: ``train/ants/0013035``, ``val/AnnualCrop/AnnualCrop_1``.
+* ``dataset.json`` (:mod:`trainer.data.meta`): classes, per-split counts, shards, skipped files
+  (``path``, ``reason``, ``where``: manifest file and line), the source's fingerprint, and leaks.
 
-    {"format_version": 1, "classes": [names in index order],
-     "splits": {"train": {"num_samples": N, "num_shards": S, "class_counts": [..], "shards": [..],
-                          "shard_sizes": [samples per shard], "num_skipped": K,
-                          "skipped": [{"path": .., "reason": ..}]}, "val": {...}}}
+Every file is decoded before it is written (PIL ``verify()`` then a full ``load()``): missing, empty,
+truncated or unreadable files are never written; they are listed in one warning per split and in
+``skipped``. ``strict=True`` raises instead, listing them all, and nothing is committed.
 
-Every file is decoded before it is written (PIL ``verify()`` then a full ``load()`` on a fresh
-handle): empty, truncated or unreadable files are never written; they are listed (path and reason)
-in one warning per split and in ``skipped``, with a count. ``strict=True`` raises instead, listing
-every bad file, and removes the shards this call wrote.
+Leaks: every written image's bytes are hashed (SHA-256); the same bytes in two splits
+(``cross_split``), a path listed in two rows (``repeated_paths``) and the same bytes twice in one split
+(``duplicates_within_split``) are counted with examples in ``dataset.json``'s ``leaks``;
+:func:`leak_message` says what the run refuses under ``data.on_leak: error``.
 
-Sharding millions of images
----------------------------
-Listing, checking and writing is embarrassingly parallel. Writer ``k`` of ``N`` takes every N-th file
-(``files[k::N]`` of the sorted listing) of every split and writes its own shard sequence
-``{split}-wKK-*.tar``; the per-writer counts are merged into ``dataset.json``. Two ways to run it:
-
-* one machine: ``--num_workers N`` runs the N writers in a process pool, then merges;
-* several processes or nodes (e.g. a Slurm array ``0..N-1`` over a shared file system)::
-
-    python launch/make_shards.py --root R --out O --num_workers N --worker_index $SLURM_ARRAY_TASK_ID
-
-  Writer k writes its shards and ``O/dataset.wKK-of-NN.json``; whichever writer finishes last
-  (sees all N partial files) merges them into ``O/dataset.json`` (atomic rename, so concurrent
-  merges are harmless). ``--merge`` (``merge_partial_metadata``) redoes the merge by hand.
-
-Every writer lists the whole tree (sorted), so all agree on the class map, the keys and who writes
-what, without talking to each other.
+Many images: shards are independent jobs. ``num_workers=N`` writes them with a process pool (progress
+bar with ``progress=True``); ``worker_index=k`` writes only shards ``k, k+N, ...`` into the shared
+staging folder ``.<out>.staging-of-N`` plus a partial metadata file, and the writer that finds all N
+partial files merges them and commits (e.g. one writer per Slurm array task; every writer lists the
+source itself, deterministically).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import logging
 import os
-import re
+import tarfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
+from trainer.data import staging
 from trainer.data.decode import check_pixels
-from trainer.utils.files import atomic_write
+from trainer.data.listing import DataError, Item, Listing, list_split_folders, printable
+from trainer.data.meta import META_NAME, build_meta, load_json, write_meta
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
 _PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def training_classes(root: str | os.PathLike) -> list[str]:
-    """Sorted non-hidden folder names of ``root/train``: the class map (index = label).
-
-    Raises:
-        FileNotFoundError: ``root/train`` is missing. ValueError: it holds no class folder.
-    """
-    train = Path(root) / "train"
-    if not train.is_dir():
-        raise FileNotFoundError(f"write_shards: no training folder {train} (expected root/train/<class>/<image>)")
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not _is_hidden(p.name))
-    if not classes:
-        raise ValueError(f"write_shards: {train} holds no class folder")
-    return classes
-
-
-def _list_split(root: Path, split: str, classes: list[str]) -> list[tuple[str, int]]:
-    """Sorted ``(path relative to root, label)`` for every non-hidden file of ``root/split``."""
-    split_dir = root / split
-    index = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[str, int]] = []
-    for entry in sorted(split_dir.iterdir()):
-        if _is_hidden(entry.name):
-            continue
-        if not entry.is_dir():
-            log.warning("write_shards: %s is not inside a class folder; ignored", entry)
-            continue
-        if entry.name not in index:
-            raise ValueError(f"write_shards: class folder {entry} of split '{split}' is not a class of the "
-                             f"training split {root / 'train'} (classes: {classes})")
-        for dirpath, dirnames, filenames in os.walk(entry):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            for fn in sorted(filenames):
-                if not _is_hidden(fn):
-                    rel = Path(dirpath, fn).relative_to(root).as_posix()
-                    items.append((rel, index[entry.name]))
-    items.sort()
-    return items
-
-
-def _assign_keys(rel_paths: Sequence[str]) -> list[str]:
-    """Unique WebDataset keys: relative path without extension, '.' -> '_', clashes get _1, _2..."""
-    keys, used = [], set()
-    for rel in rel_paths:
-        stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
-        base = stem.replace(".", "_")
-        key, n = base, 0
-        while key in used:
-            n += 1
-            key = f"{base}_{n}"
-        used.add(key)
-        keys.append(key)
-    return keys
+_MAX_KEY = 180
+_EXAMPLES = 5
 
 
 def check_image(data: bytes) -> tuple[bytes, str]:
@@ -164,105 +98,133 @@ def check_image(data: bytes) -> tuple[bytes, str]:
         raise ValueError(f"not a readable image: {type(exn).__name__}: {exn}") from None
 
 
-def _shard_pattern(split: str, worker_index: int, num_workers: int) -> str:
-    if num_workers == 1:
-        return f"{split}-%06d.tar"
-    width = max(2, len(str(num_workers - 1)))
-    return f"{split}-w{worker_index:0{width}d}-%06d.tar"
+def assign_keys(items: Sequence[Item], split: str, prefix: bool) -> list[str]:
+    """Unique WebDataset keys for ``items`` (rules: module docstring)."""
+    keys, used = [], set()
+    for it in items:
+        rel = printable(it.rel).replace(os.sep, "/")
+        base_name = rel.rsplit("/", 1)[-1]
+        stem = rel.rsplit(".", 1)[0] if "." in base_name else rel
+        base = (f"{split}/{stem}" if prefix else stem).replace(".", "_")
+        if len(base) > _MAX_KEY:
+            base = base[:_MAX_KEY - 17] + "_" + hashlib.sha256(os.fsencode(it.rel)).hexdigest()[:16]
+        key, n = base, 0
+        while key in used:
+            n += 1
+            key = f"{base}_{n}"
+        used.add(key)
+        keys.append(key)
+    return keys
 
 
-def _existing_shards(out: Path, pattern: str) -> list[Path]:
-    regex = re.compile("^" + re.escape(pattern).replace("%06d", r"\d{6}") + "$")
-    return sorted(p for p in out.iterdir() if regex.match(p.name)) if out.is_dir() else []
+def _chunks(listing: Listing, per_shard: int) -> list[tuple[str, int, list[tuple[Item, str]]]]:
+    """``(split, shard index, [(item, key)])`` for every shard, in split and index order."""
+    jobs = []
+    for split, items in listing.splits.items():
+        pairs = list(zip(items, assign_keys(items, split, listing.key_prefix)))
+        jobs += [(split, i // per_shard, pairs[i:i + per_shard]) for i in range(0, len(pairs), per_shard)]
+    return jobs
 
 
-def _write_worker(root: str, out: str, classes: list[str], splits: Sequence[str], worker_index: int,
-                  num_workers: int, max_samples_per_shard: int, max_bytes_per_shard: float, strict: bool,
-                  overwrite: bool) -> dict:
-    """Writer ``worker_index`` of ``num_workers``: check and write its files, return per-split metadata."""
-    root_p, out_p = Path(root), Path(out)
-    result: dict = {}
-    for split in splits:
-        items = _list_split(root_p, split, classes)
-        keys = _assign_keys([rel for rel, _ in items])
-        mine = list(zip(items, keys))[worker_index::num_workers]
-        pattern = _shard_pattern(split, worker_index, num_workers)
-        stale = _existing_shards(out_p, pattern)
-        if stale:
-            if not overwrite:
-                raise FileExistsError(f"write_shards: {out_p} already holds {len(stale)} '{split}' shard(s) "
-                                      f"({stale[0].name}, ...); pass overwrite=True (--overwrite) to replace them")
-            for p in stale:
-                p.unlink()
-        counts = [0] * len(classes)
-        shard_names: list[str] = []
-        shard_sizes: list[int] = []
-        skipped: list[dict] = []
-        writer = None
-        try:
-            for (rel, label), key in mine:
-                try:
-                    payload, ext = check_image((root_p / rel).read_bytes())
-                except (OSError, ValueError) as exn:
-                    skipped.append({"path": str(root_p / rel), "reason": str(exn)})
-                    continue
-                if writer is None:
-                    writer = wds.ShardWriter(str(out_p / pattern), maxcount=max_samples_per_shard,
-                                             maxsize=max_bytes_per_shard, verbose=0, encoder=False, mtime=0)
-                writer.write({"__key__": key, ext: payload, "cls": str(label).encode(),
-                              "path.txt": rel.encode("utf-8")})
-                name = Path(writer.fname).name
-                if not shard_names or shard_names[-1] != name:
-                    shard_names.append(name)
-                    shard_sizes.append(0)
-                shard_sizes[-1] += 1
-                counts[label] += 1
-        finally:
-            if writer is not None:
-                writer.close()
-        result[split] = {"num_samples": sum(counts), "num_shards": len(shard_names), "class_counts": counts,
-                         "shards": shard_names, "shard_sizes": shard_sizes, "num_skipped": len(skipped),
-                         "skipped": skipped}
-    return result
+def _write_chunk(folder: str, split: str, index: int, pairs: list[tuple[Item, str]], num_classes: int,
+                 max_bytes: float) -> dict:
+    """Check and write one shard (+ overflow files); return its counts, skipped files and hashes."""
+    shards, sizes, counts, skipped, hashes = [], [], [0] * num_classes, [], []
+    writer, nbytes = None, 0
+    try:
+        for item, key in pairs:
+            try:
+                with open(item.file, "rb") as f:
+                    data = f.read()
+                payload, ext = check_image(data)
+            except (OSError, ValueError) as exn:
+                reason = "file not found" if isinstance(exn, FileNotFoundError) else \
+                    (str(exn) if isinstance(exn, ValueError) else f"{type(exn).__name__}: {exn.strerror}")
+                skipped.append({"path": item.file, "reason": reason, "where": item.where})
+                continue
+            if writer is None or nbytes >= max_bytes:
+                if writer is not None:
+                    writer.close()
+                name = f"{split}-{index:06d}" + (f"_{len(shards)}" if shards else "") + ".tar"
+                writer = wds.TarWriter(os.path.join(folder, name), encoder=False, mtime=0, format="PAX_FORMAT")
+                shards.append(name)
+                sizes.append(0)
+                nbytes = 0
+            nbytes += writer.write({"__key__": key, ext: payload, "cls": str(item.label).encode(),
+                                    "path.txt": os.fsencode(item.rel)})
+            sizes[-1] += 1
+            counts[item.label] += 1
+            hashes.append([hashlib.sha256(data).hexdigest()[:32], split, item.where or printable(item.rel)])
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"split": split, "index": index, "shards": shards, "shard_sizes": sizes, "class_counts": counts,
+            "skipped": skipped, "hashes": hashes}
 
 
-def _merge(classes: list[str], parts: Sequence[dict]) -> dict:
-    """Merge per-writer split metadata (in writer order) into the ``dataset.json`` dict."""
-    splits: dict = {}
-    for part in parts:
-        for split, r in part.items():
-            m = splits.setdefault(split, {"num_samples": 0, "num_shards": 0, "class_counts": [0] * len(classes),
-                                          "shards": [], "shard_sizes": [], "num_skipped": 0, "skipped": []})
-            m["num_samples"] += r["num_samples"]
-            m["num_shards"] += r["num_shards"]
-            m["class_counts"] = [a + b for a, b in zip(m["class_counts"], r["class_counts"])]
-            m["shards"] += r["shards"]
-            m["shard_sizes"] += r["shard_sizes"]
-            m["num_skipped"] += r["num_skipped"]
-            m["skipped"] += r["skipped"]
-    return {"format_version": FORMAT_VERSION, "classes": list(classes), "splits": splits}
+def _merge(listing_classes: list[str], split_names: Sequence[str], parts: Sequence[dict]) -> dict:
+    """Chunk results (any order) -> ``{split: split metadata}``."""
+    splits = {s: {"num_samples": 0, "num_shards": 0, "class_counts": [0] * len(listing_classes), "shards": [],
+                  "shard_sizes": [], "num_skipped": 0, "skipped": []} for s in split_names}
+    for r in sorted(parts, key=lambda r: (list(split_names).index(r["split"]), r["index"])):
+        m = splits[r["split"]]
+        m["num_samples"] += sum(r["shard_sizes"])
+        m["num_shards"] += len(r["shards"])
+        m["class_counts"] = [a + b for a, b in zip(m["class_counts"], r["class_counts"])]
+        m["shards"] += r["shards"]
+        m["shard_sizes"] += r["shard_sizes"]
+        m["num_skipped"] += len(r["skipped"])
+        m["skipped"] += r["skipped"]
+    return splits
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    atomic_write(path, json.dumps(obj, indent=1) + "\n")
+def find_leaks(parts: Sequence[dict], repeated: Sequence) -> dict:
+    """Cross-split images, repeated paths and within-split duplicates (counts + examples) from chunk hashes."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for r in parts:
+        for digest, split, name in r["hashes"]:
+            groups.setdefault(digest, []).append((split, name))
+    cross = [g for g in groups.values() if len({s for s, _ in g}) > 1]
+    within = [g for g in groups.values() if len(g) > 1 and len({s for s, _ in g}) == 1]
+
+    def show(g):
+        return " = ".join(f"{s}:{n}" for s, n in g[:3])
+    return {"cross_split": {"count": len(cross), "examples": [show(g) for g in cross[:_EXAMPLES]]},
+            "repeated_paths": {"count": len(repeated),
+                               "examples": [f"{printable(p)} in {', '.join(w[:3])}" for p, w in repeated[:_EXAMPLES]]},
+            "duplicates_within_split": {"count": len(within), "examples": [show(g) for g in within[:_EXAMPLES]]}}
 
 
-def _report(meta: dict, strict: bool, out: Path) -> None:
-    """Log the unreadable files and counts; with ``strict``, delete the shards in ``meta`` and raise."""
-    bad = [(split, s) for split, m in meta["splits"].items() for s in m["skipped"]]
+def leak_message(leaks: dict) -> str | None:
+    """One line describing images shared by two splits and paths listed twice, or None if there are none."""
+    parts = []
+    cross, rep = leaks.get("cross_split") or {}, leaks.get("repeated_paths") or {}
+    if cross.get("count"):
+        parts.append(f"{cross['count']} image(s) with the same bytes in two splits (e.g. {'; '.join(cross['examples'][:3])})")
+    if rep.get("count"):
+        parts.append(f"{rep['count']} path(s) listed more than once (e.g. {'; '.join(rep['examples'][:3])})")
+    return " and ".join(parts) or None
+
+
+def _report(meta: dict, strict: bool) -> None:
+    """Log unreadable files, counts and leaks; with ``strict`` raise on unreadable files."""
+    bad = []
     for split, m in meta["splits"].items():
         if m["skipped"]:
-            listing = "\n".join(f"  {s['path']}: {s['reason']}" for s in m["skipped"])
-            log.warning("write_shards: split '%s': %d unreadable file(s) not written:\n%s",
-                        split, len(m["skipped"]), listing)
+            listing = "\n".join(f"  {printable(s['path'])}{' (' + s['where'] + ')' if s['where'] else ''}: "
+                                f"{s['reason']}" for s in m["skipped"])
+            bad.append(listing)
+            log.warning("write_shards: split '%s': %d unreadable file(s) not written:\n%s", split,
+                        len(m["skipped"]), listing)
         log.info("write_shards: split '%s': %d samples in %d shard(s), %d skipped", split, m["num_samples"],
                  m["num_shards"], m["num_skipped"])
+    dup = meta["leaks"]["duplicates_within_split"]
+    if dup["count"]:
+        log.warning("write_shards: %d image(s) appear more than once within a split, e.g. %s", dup["count"],
+                    "; ".join(dup["examples"][:3]))
     if bad and strict:
-        for m in meta["splits"].values():
-            for name in m["shards"]:
-                (out / name).unlink(missing_ok=True)
-        listing = "\n".join(f"  {s['path']}: {s['reason']}" for _, s in bad)
-        raise ValueError(f"write_shards(strict=True): {len(bad)} unreadable file(s); no shards kept:\n{listing}")
+        n = sum(m["num_skipped"] for m in meta["splits"].values())
+        raise DataError(f"write_shards(strict=True): {n} unreadable file(s); no shards kept:\n" + "\n".join(bad))
 
 
 def _partial_name(worker_index: int, num_workers: int) -> str:
@@ -270,89 +232,130 @@ def _partial_name(worker_index: int, num_workers: int) -> str:
     return f"dataset.w{worker_index:0{width}d}-of-{num_workers:0{width}d}.json"
 
 
-def merge_partial_metadata(out: str | os.PathLike, num_workers: int) -> dict:
-    """Merge ``out/dataset.wKK-of-NN.json`` of writers 0..N-1 into ``out/dataset.json``; return it.
+def _run_chunks(jobs, folder: Path, num_classes: int, max_bytes: float, num_workers: int, progress: bool):
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(len(j[2]) for j in jobs), unit="img", desc="writing shards", dynamic_ncols=True)
+    results = []
+    try:
+        if num_workers <= 1:
+            for split, index, pairs in jobs:
+                results.append(_write_chunk(str(folder), split, index, pairs, num_classes, max_bytes))
+                if bar is not None:
+                    bar.update(len(pairs))
+        else:
+            with ProcessPoolExecutor(num_workers) as pool:
+                futures = {pool.submit(_write_chunk, str(folder), s, i, p, num_classes, max_bytes): len(p)
+                           for s, i, p in jobs}
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    if bar is not None:
+                        bar.update(futures[fut])
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
 
-    Raises:
-        FileNotFoundError: a writer's partial file is missing (named). ValueError: class maps differ.
-    """
-    out_p = Path(out)
-    parts, classes = [], None
-    for k in range(num_workers):
-        p = out_p / _partial_name(k, num_workers)
-        if not p.is_file():
-            raise FileNotFoundError(f"merge_partial_metadata: {p} missing (writer {k} of {num_workers} not done)")
-        part = json.loads(p.read_text())
-        if classes is not None and part["classes"] != classes:
-            raise ValueError(f"merge_partial_metadata: {p} has classes {part['classes']}, writer 0 has {classes}")
-        classes = part["classes"]
-        parts.append(part["splits"])
-    meta = _merge(classes, parts)
-    _write_json_atomic(out_p / "dataset.json", meta)
-    return meta
 
-
-def write_shards(root: str | os.PathLike, out: str | os.PathLike, *,
-                 splits: Sequence[str] | str = ("train", "val"), max_samples_per_shard: int = 1000,
-                 max_bytes_per_shard: float = 1e9, num_workers: int = 1, worker_index: int | None = None,
-                 strict: bool = False, overwrite: bool = False) -> dict:
-    """Write WebDataset shards and ``out/dataset.json`` from an image folder (format: module docstring).
+def write_listing(listing: Listing, out: str | os.PathLike, *, max_samples_per_shard: int = 1000,
+                  max_bytes_per_shard: float = 1e9, num_workers: int = 1, worker_index: int | None = None,
+                  strict: bool = False, overwrite: bool = False, progress: bool = False) -> dict:
+    """Write ``listing`` as shards + ``dataset.json`` into ``out``, atomically (format: module docstring).
 
     Args:
-        root: image folder with ``train/<class>/...`` (and the other ``splits``).
-        out: output folder (created).
-        splits: split folder names, a sequence or a comma-separated string; ``train`` always defines
-            the class map, even when it is not written.
         max_samples_per_shard, max_bytes_per_shard: shard size limits (samples; bytes).
-        num_workers: N writers (files ``[k::N]`` each); with ``worker_index=None`` all N run here in
-            a process pool.
-        worker_index: run only writer k of N (multi-node); writes ``dataset.wKK-of-NN.json`` and merges
-            into ``dataset.json`` once all N partial files exist.
-        strict: unreadable files are an error (listing them all) instead of a warning.
-        overwrite: replace existing shards of the same names; otherwise they are an error.
+        num_workers: N writer processes (``worker_index=None``: a local pool), or N independent writers.
+        worker_index: write only shards ``k::N`` of N independent writers; the last one to finish commits.
+        strict: unreadable files are an error (listing them all) instead of a warning; nothing is committed.
+        overwrite: replace a complete dataset already in ``out``.
+        progress: tqdm progress bar (images).
 
     Returns:
-        the ``dataset.json`` dict (for ``worker_index`` set: this writer's partial dict, with the same
-        layout).
+        the ``dataset.json`` dict (``worker_index`` set and others not done yet: this writer's partial dict).
 
     Raises:
-        FileNotFoundError: ``root/train`` or ``root/<split>`` missing (named).
-        ValueError: a class folder unknown to training (named); with ``strict``, unreadable files.
-        FileExistsError: shards already in ``out`` and not ``overwrite``.
+        FileExistsError: ``out`` holds a dataset and not ``overwrite``. DataError: ``out`` holds other
+            files. ValueError: bad arguments; with ``strict``, unreadable files.
     """
-    root_p, out_p = Path(root), Path(out)
-    split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else list(splits)
+    out = Path(out)
     if num_workers < 1 or (worker_index is not None and not 0 <= worker_index < num_workers):
         raise ValueError(f"write_shards: need num_workers >= 1 and 0 <= worker_index < num_workers, "
                          f"got num_workers={num_workers} worker_index={worker_index}")
     if max_samples_per_shard < 1 or max_bytes_per_shard <= 0:
         raise ValueError(f"write_shards: max_samples_per_shard ({max_samples_per_shard}) and "
                          f"max_bytes_per_shard ({max_bytes_per_shard}) must be positive")
-    classes = training_classes(root_p)
-    for split in split_list:
-        if not (root_p / split).is_dir():
-            raise FileNotFoundError(f"write_shards: split folder {root_p / split} not found (splits={split_list})")
-        _list_split(root_p, split, classes)  # fail early on unknown class folders, before any writing
-    out_p.mkdir(parents=True, exist_ok=True)
-    args = (str(root_p), str(out_p), classes, split_list)
-    rest = (max_samples_per_shard, max_bytes_per_shard, strict, overwrite)
-    if worker_index is not None:
-        part = _write_worker(*args, worker_index, num_workers, *rest)
-        meta = _merge(classes, [part])
-        _report(meta, strict, out_p)
-        _write_json_atomic(out_p / _partial_name(worker_index, num_workers), meta)
-        if all((out_p / _partial_name(k, num_workers)).is_file() for k in range(num_workers)):
-            merge_partial_metadata(out_p, num_workers)
-        return meta
-    if num_workers == 1:
-        parts = [_write_worker(*args, 0, 1, *rest)]
-    else:
-        with ProcessPoolExecutor(num_workers) as pool:
-            futures = [pool.submit(_write_worker, *args, k, num_workers, *rest) for k in range(num_workers)]
-            parts = [f.result() for f in futures]
-    meta = _merge(classes, parts)
-    _report(meta, strict, out_p)
-    _write_json_atomic(out_p / "dataset.json", meta)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging.recover(out)
+    staging.check_target(out, overwrite)
+    jobs = _chunks(listing, max_samples_per_shard)
+    split_names = list(listing.splits)
+    folder = staging.staging_dir(out, num_workers if worker_index is not None else None)
+    folder.mkdir(exist_ok=True)
+    try:
+        if worker_index is not None:
+            mine = jobs[worker_index::num_workers]
+            partial = folder / _partial_name(worker_index, num_workers)
+            partial.unlink(missing_ok=True)
+            parts = _run_chunks(mine, folder, len(listing.classes), max_bytes_per_shard, 1, progress)
+            write_meta(partial, {"parts": parts})
+            names = [folder / _partial_name(k, num_workers) for k in range(num_workers)]
+            if not all(p.is_file() for p in names):
+                return build_meta(listing.classes, _merge(listing.classes, split_names, parts))
+            parts = [r for p in names for r in load_json(p)["parts"]]
+        else:
+            parts = _run_chunks(jobs, folder, len(listing.classes), max_bytes_per_shard, num_workers, progress)
+        meta = build_meta(listing.classes, _merge(listing.classes, split_names, parts), source=listing.source,
+                          leaks=find_leaks(parts, listing.repeated))
+        _report(meta, strict)
+        write_meta(folder / META_NAME, meta)
+        try:
+            staging.commit(folder, out)
+        except FileNotFoundError:  # another independent writer committed first
+            pass
+    except BaseException:
+        if worker_index is None:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return meta
 
 
+def merge_partial_metadata(out: str | os.PathLike, num_workers: int, listing: Listing) -> dict:
+    """Redo the merge and commit of N independent writers of ``listing`` (all partial files must exist).
+
+    Raises:
+        FileNotFoundError: a writer's partial file is missing (named).
+    """
+    out = Path(out)
+    folder = staging.staging_dir(out, num_workers)
+    names = [folder / _partial_name(k, num_workers) for k in range(num_workers)]
+    for k, p in enumerate(names):
+        if not p.is_file():
+            raise FileNotFoundError(f"merge_partial_metadata: {p} missing (writer {k} of {num_workers} not done)")
+    parts = [r for p in names for r in load_json(p)["parts"]]
+    meta = build_meta(listing.classes, _merge(listing.classes, list(listing.splits), parts), source=listing.source,
+                      leaks=find_leaks(parts, listing.repeated))
+    write_meta(folder / META_NAME, meta)
+    staging.check_target(out, overwrite=True)
+    staging.commit(folder, out)
+    return meta
+
+
+def write_shards(root: str | os.PathLike, out: str | os.PathLike, *, splits: Sequence[str] | str | None = None,
+                 **kw) -> dict:
+    """Shards from ``root/{train,val[,test]}/<class>/<image>`` (:func:`list_split_folders` + :func:`write_listing`).
+
+    Args:
+        splits: split folders, a sequence or a comma-separated string (default: train, val, and test
+            if present); ``train`` is always listed first and defines the class map.
+        **kw: as :func:`write_listing`.
+
+    Raises:
+        DataError: no ``train`` folder, an unknown class folder or an empty training class (named);
+            and as :func:`write_listing`.
+    """
+    split_list = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else splits
+    if split_list is not None and "train" not in split_list:
+        split_list = ["train", *split_list]
+    return write_listing(list_split_folders(root, split_list), out, **kw)

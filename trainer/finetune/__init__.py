@@ -2,5 +2,5 @@
 (``requires_grad`` and BatchNorm mode), ``param_groups`` (layer-wise lr, no decay on norms/biases),
 ``optim`` (one optimizer over named groups), ``losses``, ``dryrun`` (the group table).
 
-May import ``trainer.config``, ``trainer.models`` and ``trainer.utils``.
+May import ``trainer.config``, ``trainer.models``, ``trainer.utils`` and ``trainer.data.meta`` (the class count).
 """

@@ -8,10 +8,10 @@ with random weights (the table depends only on the architecture).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from trainer.config.schema import Config
+from trainer.data.meta import read_meta
 from trainer.finetune.freezing import trainable_layer_ids
 from trainer.finetune.param_groups import build_param_groups, format_group_table
 from trainer.finetune.schedule import build_phases_for
@@ -27,7 +27,7 @@ def group_table(cfg: Config, num_classes: int | None = None) -> str:
     """
     if num_classes is None:
         meta = Path(cfg.data.meta or Path(cfg.data.shard_dir) / "dataset.json")
-        num_classes = len(json.loads(meta.read_text())["classes"]) if meta.is_file() else 2
+        num_classes = read_meta(meta).num_classes if meta.is_file() else 2
     model, _ = build_model(cfg.model.backbone, num_classes, "none", drop_rate=cfg.model.drop_rate)
     layer_of, num_layers = layer_ids(model, cfg.model.backbone)
     names = group_names(model, cfg.model.backbone)

@@ -127,25 +127,28 @@ class Reporter:
         _write_csv(folder / f"{stem}_confused_pairs.csv", PAIRS_COLUMNS, pairs)
         return per_class, pairs
 
-    def write_best(self, result, pred: Predictions, *, title: str = "") -> dict[str, Path]:
-        """Write the four best-model reports; returns ``{"confusion"|"per_class"|"mistakes"|"predictions": path}``."""
+    def write_best(self, result, pred: Predictions, *, title: str = "", split: str = "val") -> dict[str, Path]:
+        """Write the four best-model reports of ``split``; returns ``{"confusion"|"per_class"|"mistakes"|
+        "predictions": path}``. Validation reports have the names of ``FILES``; another split's names
+        start with ``<split>_`` (``test_confusion_matrix.png``, ``test_predictions.csv``, ...)."""
+        names = {k: v if split == "val" else f"{split}_{v.removeprefix('val_')}" for k, v in FILES.items()}
         n = result.num_samples
         wrong = n - int(result.correct.sum())
         c = len(self.class_names)
         if c > MAX_MATRIX_CLASSES:
             confusion = plot_confused_pairs(result.confused, result.support, self.class_names,
-                                            self.dir / FILES["confusion"],
-                                            title=f"{title}\n{c} classes, {n} val samples, top-1 {result.top1:.3f}")
+                                            self.dir / names["confusion"],
+                                            title=f"{title}\n{c} classes, {n} {split} samples, top-1 {result.top1:.3f}")
         else:
             confusion = plot_confusion_matrix(result.confusion_dense(), self.class_names,
-                                              self.dir / FILES["confusion"], title=title)
+                                              self.dir / names["confusion"], title=title)
         out = {
             "confusion": confusion,
-            "per_class": plot_per_class_accuracy(result.per_class, self.class_names, self.dir / FILES["per_class"],
+            "per_class": plot_per_class_accuracy(result.per_class, self.class_names, self.dir / names["per_class"],
                                                  class_counts=result.support.tolist(), title=title),
-            "mistakes": plot_mistakes(pred.mistakes, self.class_names, self.dir / FILES["mistakes"],
+            "mistakes": plot_mistakes(pred.mistakes, self.class_names, self.dir / names["mistakes"],
                                       num_wrong=wrong, num_samples=n, title=title),
-            "predictions": write_predictions_csv(pred, self.class_names, self.dir / FILES["predictions"]),
+            "predictions": write_predictions_csv(pred, self.class_names, self.dir / names["predictions"]),
         }
         log.info("reports for the best model (%s) in %s", title, self.dir)
         return out

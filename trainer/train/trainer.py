@@ -15,6 +15,8 @@ only the main process writes files or logs. The sequence:
    ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate,
    reports, ``best.pt`` when the monitored metric improves, ``last.pt`` (also written at the configured
    interval and on preemption), early stopping.
+5. When the data has a test split: ``best.pt`` evaluated on it once (``test/...`` in metrics.jsonl,
+   ``reports/test_*``; :mod:`trainer.train.evaluation`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from trainer.reporting.tracking import Tracker
 from trainer.train import checkpoint as ckpt_lib
 from trainer.train.checkpoint import Progress
 from trainer.train.early_stopping import EarlyStopping
+from trainer.train.evaluation import test_best_checkpoint
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import evaluate, train_step
 
@@ -113,7 +116,8 @@ class Trainer:
     # ---- set-up -----------------------------------------------------------------------------
     def _setup_data(self) -> None:
         cfg = self.cfg
-        self.dataset = prepare_dataset(cfg.data, self.accelerator)
+        self.dataset = prepare_dataset(cfg.data, self.accelerator,
+                                       progress=cfg.logging.progress and self.accelerator.is_main_process)
         self.class_names = self.dataset.meta.classes
         self.steps_epoch = steps_per_epoch(self.dataset.num_train_samples, cfg.train.global_batch_size)
         # the lr schedule always spans the configured epochs; max_steps only stops the run early, so a
@@ -345,6 +349,11 @@ class Trainer:
                 if preempted:
                     break
                 last_eval = self.end_epoch(num_skipped)
+            if not preempted:
+                test_best_checkpoint(self.out_dir, ckpt_lib.checkpoint_dir(self.out_dir) / "best.pt",
+                                     self.dataset.test_shards, accelerator=self.accelerator, tracker=self.tracker,
+                                     step=p.step, num_workers=self.cfg.data.num_workers,
+                                     micro_batch_size=self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size)
             self.reporter.finish(p.step)
         finally:
             self.preemption.restore()

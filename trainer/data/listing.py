@@ -1,0 +1,219 @@
+"""What a dataset is made of, before any image is read: per split, the files and their labels.
+
+Three layouts become the same :class:`Listing` (class map + ``split -> [Item]`` + a fingerprint):
+
+* ``split_folders``: ``root/{train,val[,test]}/<class>/<image>`` (:func:`list_split_folders`);
+* ``class_folders``: ``root/<class>/<image>`` split by :func:`stratified_split` (:func:`list_class_folders`);
+* ``manifest``: CSV / JSONL rows (``trainer.data.manifest``).
+
+Rules shared by the folder layouts: hidden names (starting with '.') are ignored; files inside
+sub-folders of a class folder belong to that class; the class map is the sorted training class
+folder names. A training class folder with no file is an error naming it (a class the head could
+never learn); an empty validation or test class folder is fine (count 0).
+
+File names are whatever the file system holds: Python's ``os.fsdecode`` strings (surrogate escapes for
+bytes that are not UTF-8), so ``os.fsencode(item.rel)`` is always the original name.
+:func:`printable` turns them into one-line text for keys, logs and reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """The data on disk does not fit (empty class folder, unknown label, changed source...); the message
+    names the config field, file, row or folder."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a split.
+
+    Attributes:
+        file: full path to read (``os.fsdecode`` string).
+        rel: the name stored in the shard (``<key>.path.txt``): relative to the data root or manifest folder.
+        label: class index.
+        where: where the item was listed, for messages (``"train.csv line 12"``), or ``""`` for folders.
+    """
+
+    file: str
+    rel: str
+    label: int
+    where: str = ""
+
+
+@dataclass
+class Listing:
+    """A dataset before sharding.
+
+    Attributes:
+        classes: names in label order.
+        splits: split name -> items in a fixed (sorted or manifest) order.
+        source: recorded in ``dataset.json`` (layout, params, fingerprint); compared on reuse.
+        key_prefix: prepend ``<split>/`` to keys (layouts whose ``rel`` does not start with the split).
+        repeated: ``(rel, [where, ...])`` of paths listed more than once (manifests).
+    """
+
+    classes: list[str]
+    splits: dict[str, list[Item]]
+    source: dict
+    key_prefix: bool = False
+    repeated: list[tuple[str, list[str]]] = field(default_factory=list)
+
+
+def printable(name: str) -> str:
+    """One-line, valid UTF-8 text for a file name: undecodable bytes as ``\\xNN``, control characters
+    (newline, tab...) as ``\\n``, ``\\t``, ``\\xNN``. Not reversible; keys, logs and reports use it."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Sorted non-hidden files below ``folder`` (recursive), as paths relative to ``folder``."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        rel_dir = os.path.relpath(dirpath, folder)
+        for fn in filenames:
+            if not _is_hidden(fn):
+                out.append(fn if rel_dir == "." else os.path.join(rel_dir, fn))
+    return sorted(out)
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name)) if folder.is_dir() else []
+
+
+def _rel_list_sha(items: Sequence[Item]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(os.fsencode(it.rel) + f"\0{it.label}\n".encode())
+    return h.hexdigest()
+
+
+def _require_training_files(classes: list[str], per_class: dict[str, list], folder_of) -> None:
+    empty = [folder_of(c) for c in classes if not per_class[c]]
+    if empty:
+        raise DataError(f"data.root: training class folder {printable(str(empty[0]))} holds no image"
+                        + (f" (and {len(empty) - 1} more empty class folder(s))" if len(empty) > 1 else "")
+                        + "; remove it or add images (an empty class could never be learned)")
+
+
+def list_split_folders(root: str | os.PathLike, splits: Sequence[str] | None = None) -> Listing:
+    """``root/{train,val[,test]}/<class>/<image>`` -> :class:`Listing` (``rel`` = path relative to root).
+
+    Args:
+        splits: split folders to list (default: ``train``, ``val`` and ``test`` if present).
+
+    Raises:
+        DataError: no ``train`` folder or no class in it, an empty training class folder, a class
+            folder in another split that training does not have, a requested split folder missing.
+    """
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise DataError(f"data.root: {root} has no train/ folder (expected root/train/<class>/<image>)")
+    wanted = list(splits) if splits is not None else [s for s in SPLITS if s == "train" or (root / s).is_dir()]
+    classes = [p.name for p in _class_folders(root / "train")]
+    if not classes:
+        raise DataError(f"data.root: {root / 'train'} holds no class folder")
+    index = {c: i for i, c in enumerate(classes)}
+    out: dict[str, list[Item]] = {}
+    all_files: list[str] = []
+    for split in wanted:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            raise DataError(f"data.root: split folder {split_dir} not found (splits: {wanted})")
+        per_class: dict[str, list[str]] = {c: [] for c in classes}
+        for entry in sorted(split_dir.iterdir()):
+            if _is_hidden(entry.name) or not entry.is_dir():
+                continue  # loose files beside the class folders are not samples
+            if entry.name not in index:
+                raise DataError(f"data.root: class folder {printable(str(entry))} of split '{split}' is not a "
+                                f"class of the training split {root / 'train'} (classes: {classes})")
+            per_class[entry.name] = _files_under(entry)
+        if split == "train":
+            _require_training_files(classes, per_class, lambda c: split_dir / c)
+        items = [Item(str(split_dir / c / f), f"{split}/{c}/{f}", index[c]) for c in classes for f in per_class[c]]
+        items.sort(key=lambda it: os.fsencode(it.rel))
+        out[split] = items
+        all_files += [it.file for it in items]
+    source = {"layout": "split_folders", "location": str(root), "params": {"splits": wanted},
+              "files_sha256": _tree_fingerprint(root, all_files), "num_files": len(all_files)}
+    return Listing(classes=classes, splits=out, source=source)
+
+
+def _tree_fingerprint(root: Path, files: Sequence[str]) -> str:
+    """SHA-256 over the sorted paths (relative to ``root``), sizes and modification times (ns) of
+    ``files``: one ``stat`` per file; an added, removed, renamed or rewritten file changes it."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=os.fsencode):
+        st = os.stat(f)
+        h.update(os.fsencode(os.path.relpath(f, root)) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def stratified_split(files_by_class: dict[str, list[str]], val_fraction: float, test_fraction: float,
+                     seed: int) -> dict[str, dict[str, list[str]]]:
+    """Per class: shuffle the sorted files with ``Random(f"split/{seed}/{class}")``, then the first
+    ``round(test_fraction * n)`` go to test, the next ``round(val_fraction * n)`` to val, the rest to
+    train (each split's list sorted again). Depends only on the sorted names, the fractions and the seed.
+
+    Returns:
+        ``{"train": {class: files}, "val": {...}, "test": {...}}`` (``test`` only when ``test_fraction > 0``).
+    """
+    out: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
+    if test_fraction > 0:
+        out["test"] = {}
+    for cls, files in files_by_class.items():
+        order = sorted(files, key=os.fsencode)
+        random.Random(f"split/{seed}/{cls}").shuffle(order)
+        n = len(order)
+        n_test = round(test_fraction * n) if test_fraction > 0 else 0
+        n_val = round(val_fraction * n)
+        parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+        for split in out:
+            out[split][cls] = sorted(parts[split], key=os.fsencode)
+    return out
+
+
+def list_class_folders(root: str | os.PathLike, *, val_fraction: float, test_fraction: float = 0.0,
+                       seed: int = 0) -> Listing:
+    """``root/<class>/<image>`` split by :func:`stratified_split` -> :class:`Listing` (``rel`` =
+    ``<class>/<file>``); the split's parameters and per-split file hashes go into ``source``.
+
+    Raises:
+        DataError: no class folder, or an empty class folder (named).
+    """
+    root = Path(root)
+    folders = _class_folders(root)
+    if not folders:
+        raise DataError(f"data.root: {root} holds no class folder (expected root/<class>/<image>, or "
+                        "root/{train,val}/<class>/<image>)")
+    classes = [p.name for p in folders]
+    per_class = {c: _files_under(root / c) for c in classes}
+    _require_training_files(classes, per_class, lambda c: root / c)
+    parts = stratified_split(per_class, val_fraction, test_fraction, seed)
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {s: sorted((Item(str(root / c / f), f"{c}/{f}", index[c]) for c in classes for f in by_cls[c]),
+                        key=lambda it: os.fsencode(it.rel)) for s, by_cls in parts.items()}
+    all_files = [str(root / c / f) for c in classes for f in per_class[c]]
+    source = {"layout": "class_folders", "location": str(root),
+              "params": {"val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": seed},
+              "files_sha256": _tree_fingerprint(root, all_files), "num_files": len(all_files),
+              "split": {"method": "stratified per class, Random(f'split/{seed}/{class}') over sorted names",
+                        "sha256": {s: _rel_list_sha(items) for s, items in splits.items()}}}
+    return Listing(classes=classes, splits=splits, source=source, key_prefix=True)
