@@ -287,3 +287,37 @@ def test_listing_written_with_a_pool_equals_one_process(tmp_path):
     assert one["splits"] == two["splits"]
     assert shard_keys_and_paths(read_meta(tmp_path / "one").shard_urls("train")) == \
         shard_keys_and_paths(read_meta(tmp_path / "two").shard_urls("train"))
+
+
+# ---- two ranks ---------------------------------------------------------------------------------------------------
+
+
+def _rank(rank: int, world: int, port: int, root: str, shard_dir: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        acc = SimpleNamespace(num_processes=world, is_main_process=rank == 0, process_index=rank)
+        prep = prepare_dataset(DataConfig(root=root, val_fraction=0.3, test_fraction=0.2, split_seed=7,
+                                          shard_dir=shard_dir, samples_per_shard=4, shard_workers=1), acc)
+        mine = list_class_folders(root, val_fraction=0.3, test_fraction=0.2, seed=7)  # computed on this rank
+        Path(out, f"rank{rank}.json").write_text(json.dumps({
+            "recorded": prep.meta.source["split"]["sha256"], "own": mine.source["split"]["sha256"],
+            "val_keys": sorted(shard_keys_and_paths(prep.val_shards))}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_same_split_on_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.helpers.realdata import free_port
+
+    root = tmp_path / "imgs"
+    write_class_tree(root, {"a": 11, "b": 9, "c": 6})
+    mp.spawn(_rank, args=(2, free_port(), str(root), str(tmp_path / "shards"), str(tmp_path)), nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and r0["recorded"] == r0["own"] and len(r0["val_keys"]) == 8

@@ -50,8 +50,10 @@ def main_first(fn: Callable[[], None], accelerator, *, what: str, poll_s: float 
             fn()
         except Exception as exn:
             store.set(key, f"{type(exn).__name__}\0{exn}")
+            _wait_for_readers(store, key, accelerator.num_processes - 1)
             raise
         store.set(key, "ok")
+        _wait_for_readers(store, key, accelerator.num_processes - 1)
         return
     t0 = last = time.monotonic()
     while not store.check([key]):
@@ -61,9 +63,18 @@ def main_first(fn: Callable[[], None], accelerator, *, what: str, poll_s: float 
             log.warning("rank %d: waiting for the main process (%s) for %.0f s", accelerator.process_index, what,
                         last - t0)
     status = store.get(key).decode("utf-8", "replace")
+    store.add(f"{key}/seen", 1)
     if status != "ok":
         name, _, msg = status.partition("\0")
         for typ in errors:
             if typ.__name__ == name:
                 raise typ(msg)
         raise RuntimeError(f"the main process failed while {what}: {name}: {msg}")
+
+
+def _wait_for_readers(store, key: str, n: int, limit_s: float = 120.0) -> None:
+    """Main process: wait (briefly; they only had to read a key) until the ``n`` other ranks have read
+    the status, so the store it hosts outlives their reads even if this process exits next."""
+    t0 = time.monotonic()
+    while store.add(f"{key}/seen", 0) < n and time.monotonic() - t0 < limit_s:
+        time.sleep(0.05)
