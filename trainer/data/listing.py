@@ -126,6 +126,8 @@ def list_split_folders(root: str | os.PathLike, splits: Sequence[str] | None = N
     root = Path(root)
     if not (root / "train").is_dir():
         raise DataError(f"data.root: {root} has no train/ folder (expected root/train/<class>/<image>)")
+    if splits is None and not (root / "val").is_dir():
+        raise DataError(f"data.root: {root} has train/ but no val/ folder (expected root/{{train,val}}/<class>/<image>)")
     wanted = list(splits) if splits is not None else [s for s in SPLITS if s == "train" or (root / s).is_dir()]
     classes = [p.name for p in _class_folders(root / "train")]
     if not classes:
