@@ -36,9 +36,9 @@ def test_class_folders_with_test_split_end_with_test_metrics(tmp_path):
     rows = run_metrics(out)
     test = [r for r in rows if "test/top1" in r]
     assert len(test) == 1 and test[0]["test/num_samples"] == 8 and 0 <= test[0]["test/top1"] <= 1
-    assert "test/loss" in test[0] and "test/acc/ants" in test[0]
+    assert "test/loss" in test[0] and "test/balanced_acc" in test[0]
     reports = out / "reports"
     for name in ("test_confusion_matrix.png", "test_per_class_accuracy.png", "test_predictions.csv",
-                 "test_metrics.json"):
+                 "test_per_class.csv", "test_confused_pairs.csv", "test_metrics.json"):
         assert (reports / name).is_file(), name
     assert json.loads((reports / "test_metrics.json").read_text())["test/top1"] == test[0]["test/top1"]
