@@ -25,27 +25,26 @@ log = logging.getLogger("trainer")
 
 
 def evaluate_model(model: torch.nn.Module, pre, shards: Sequence[str], *, class_names: Sequence[str], accelerator,
-                   micro_batch_size: int = 64, num_workers: int = 2, channels_last: bool = True,
-                   bad_samples: str = "skip", on_batch=None) -> EvalResult:
-    """Evaluate ``model`` (plain, unwrapped) on every sample of ``shards`` with its eval transform.
+                   micro_batch_size: int = 64, num_workers: int = 2, bad_samples: str = "skip",
+                   on_batch=None) -> EvalResult:
+    """Evaluate ``model`` (plain, unwrapped; it normalises its uint8 input itself) on every sample of
+    ``shards`` with its eval transform.
 
     Args:
-        pre: the model's :class:`trainer.models.classifier.Preprocessing` (input size, crop, mean, std).
+        pre: the model's :class:`trainer.models.classifier.Preprocessing` (input size, crop, interpolation).
         shards: shard paths/URLs (see :func:`trainer.data.sources.resolve_shards`).
         on_batch: optional ``(batch, logits (B, C) float32 CPU) -> None`` (e.g. a PredictionCollector).
 
     Returns:
-        :class:`EvalResult` over all ranks (loss = mean cross-entropy, top1 in [0, 1], confusion C x C).
+        :class:`EvalResult` over all ranks (loss = mean cross-entropy, top1 in [0, 1], per-class counts).
     """
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
     loader = EvalLoader(list(shards), rank=accelerator.process_index, world_size=accelerator.num_processes,
                         micro_batch_size=micro_batch_size, num_workers=num_workers, transform=tf,
                         bad_samples=bad_samples, num_classes=len(class_names),
                         pin_memory=accelerator.device.type == "cuda")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    result = evaluate(model, iter(loader), num_classes=len(class_names), accelerator=accelerator, mean=pre.mean,
-                      std=pre.std, channels_last=channels_last, on_batch=on_batch)
+    result = evaluate(model, iter(loader), num_classes=len(class_names), accelerator=accelerator,
+                      on_batch=on_batch)
     if loader.last_skipped:
         log.warning("evaluation skipped %d bad sample(s) on rank %d, e.g. %s", len(loader.last_skipped),
                     accelerator.process_index, loader.last_skipped[:3])
