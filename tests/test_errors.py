@@ -34,7 +34,7 @@ def shards(tmp_path_factory):
 
 
 def _overrides(shards: Path, out: Path, **extra) -> dict:
-    ov = {"data.shard_dir": str(shards), "data.num_workers": 1, "data.augment": "none",
+    ov = {"data.root": None, "data.shard_dir": str(shards), "data.num_workers": 1, "data.augment": "none",
           "train.output_dir": str(out), "train.global_batch_size": 8, "train.micro_batch_size": 4,
           "train.max_steps": 1, "logging.wandb": "disabled", "logging.progress": False}
     ov.update(extra)
