@@ -1,0 +1,137 @@
+"""Frozen-backbone features of the selected subset: computed once per rank, gathered once, cached on disk.
+
+Each rank decodes its own selected samples (:func:`trainer.selection.subset.read_subset`) with the
+trainer's evaluation transform at the backbone's own input size / crop / interpolation
+(:func:`trainer.data.transforms.build_transforms`), normalises with the backbone's mean / std and runs
+the backbone in eval mode (no gradients, the run's precision). The ``(key, label, feature)`` rows of
+all ranks are exchanged in ONE ``gather_object`` per backbone (train and val together) and sorted by
+key, so the result does not depend on the number of ranks.
+
+Cache: ``<cache_dir>/<backbone>__<weights>__<digest>.pt`` where the digest covers the backbone,
+weights, preprocessing, precision, the data fingerprint (:func:`trainer.selection.subset.data_fingerprint`),
+subset sizes and seed. Written by the main process only (temp file + rename: a crash leaves no
+partial file); read with ``torch.load(weights_only=True)``. A hit skips reading the shards entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.data.stream import _BadSample, _decode_sample
+from trainer.data.transforms import build_transforms, normalize
+from trainer.models.classifier import ImageClassifier, Preprocessing
+from trainer.selection.subset import SubsetSample
+
+log = logging.getLogger("trainer")
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class SplitFeatures:
+    """Features of one split's subset: ``x`` (N, F) float32, ``y`` (N,) int64, ``keys`` (sorted)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    keys: list[str]
+
+
+def cache_path(cache_dir: str | Path, backbone: str, weights: str, prep: Preprocessing, precision: str,
+               fingerprint: str, subset: dict) -> Path:
+    """Cache file for these features (see the module docstring); the name starts readable."""
+    ident = json.dumps({"format": CACHE_FORMAT, "backbone": backbone, "weights": weights,
+                        "prep": prep.to_dict(), "precision": precision, "data": fingerprint,
+                        "subset": subset}, sort_keys=True)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:20]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{backbone}__{Path(weights).name if weights.endswith('.pth') else weights}")
+    return Path(cache_dir) / f"{slug}__{digest}.pt"
+
+
+def load_cached(path: Path) -> dict[str, SplitFeatures] | None:
+    """The cached splits, or None if there is no (readable) cache file."""
+    if not path.is_file():
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return {s: SplitFeatures(obj[s]["x"], obj[s]["y"], list(obj[s]["keys"])) for s in ("train", "val")}
+    except Exception as e:  # a foreign or damaged file: recompute and overwrite it
+        log.warning("feature cache %s unreadable (%s: %s); recomputing", path, type(e).__name__, e)
+        return None
+
+
+def save_cached(path: Path, splits: dict[str, SplitFeatures]) -> None:
+    """Write atomically (temp file in the same folder + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({s: {"x": f.x, "y": f.y, "keys": f.keys} for s, f in splits.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _batches(samples: list[SubsetSample], transform, batch_size: int, num_classes: int, skipped: list[str]):
+    images, labels, keys = [], [], []
+    for s in samples:
+        try:
+            image, label = _decode_sample(s.raw, transform, num_classes)
+        except _BadSample as e:
+            skipped.append(f"{s.url}:{s.key}: {e}")
+            continue
+        images.append(image)
+        labels.append(label)
+        keys.append(s.key)
+        if len(images) == batch_size:
+            yield torch.stack(images), labels, keys
+            images, labels, keys = [], [], []
+    if images:
+        yield torch.stack(images), labels, keys
+
+
+@torch.no_grad()
+def compute_features(model: ImageClassifier, prep: Preprocessing, samples: dict[str, list[SubsetSample]], *,
+                     num_classes: int, batch_size: int, device: torch.device, autocast, channels_last: bool,
+                     gather_object=None) -> tuple[dict[str, SplitFeatures], list[str]]:
+    """Features of this rank's ``samples`` per split, then of all ranks (one ``gather_object``).
+
+    Args:
+        model: the classifier (only ``forward_features`` is used), on ``device``, eval mode.
+        prep: its preprocessing (input size, crop_pct, interpolation, mean, std).
+        samples: split name -> this rank's selected samples.
+        num_classes, batch_size: labels outside ``[0, num_classes)`` are skipped; images per forward.
+        autocast: a context-manager factory (``accelerator.autocast``).
+        gather_object: ``accelerate.utils.gather_object`` for several ranks (None: single process).
+
+    Returns:
+        ``(splits, skipped)``: all ranks' features per split (rows sorted by key) and the undecodable
+        samples of all ranks (``"shard:key: reason"``).
+    """
+    transform = build_transforms(prep.input_size, train=False, crop_pct=prep.crop_pct,
+                                 interpolation=prep.interpolation)
+    rows, skipped = [], []
+    for split, mine in samples.items():
+        for images, labels, keys in _batches(mine, transform, batch_size, num_classes, skipped):
+            x = normalize(images.to(device), prep.mean, prep.std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                f = model.forward_features(x)
+            f = f.float().cpu()
+            rows += [(split, k, lab, f[i].clone()) for i, (k, lab) in enumerate(zip(keys, labels))]
+    if gather_object is not None:
+        everything = gather_object([(rows, skipped)])
+        rows = [r for part, _ in everything for r in part]
+        skipped = [s for _, part in everything for s in part]
+    out = {}
+    for split in samples:
+        mine = sorted((r for r in rows if r[0] == split), key=lambda r: r[1])
+        if not mine:
+            raise ValueError(f"split {split!r}: no decodable sample in the subset ({len(skipped)} skipped)")
+        out[split] = SplitFeatures(torch.stack([r[3] for r in mine]),
+                                   torch.tensor([r[2] for r in mine], dtype=torch.int64), [r[1] for r in mine])
+    return out, skipped
