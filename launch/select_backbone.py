@@ -53,7 +53,7 @@ def main(config: str | None = None, candidates=None, **kwargs) -> None:
         from trainer.selection.select import SelectionOptions, select_backbones, summary
 
         opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTIONS}
-        unknown = [k for k in kwargs if "." not in k]
+        unknown = [k for k in kwargs if "." not in k and k != "name"]
         if unknown:
             raise ConfigError(f"unknown option --{unknown[0]} (options: {', '.join(_OPTIONS)}, --candidates, "
                               f"--config, --section.key=value)")

@@ -158,3 +158,57 @@ def test_select_end_to_end_table_cache_budget(tiny_folder, tmp_path, monkeypatch
     assert [r.probe_top1 for r in again.rows] == [r.probe_top1 for r in res.rows]
     assert again.chosen is None and "config" not in again.files
     assert not (tmp_path / "out2" / "chosen.yaml").exists()
+
+
+# ---------------------------------------------------------------- several processes
+WORKER = """
+import sys, accelerate.utils
+calls = []
+_orig = accelerate.utils.gather_object
+def counting(obj):
+    calls.append(len(obj))
+    return _orig(obj)
+accelerate.utils.gather_object = counting
+import fire, runpy
+mod = runpy.run_path(sys.argv[1], run_name="not_main")
+try:
+    fire.Fire(mod["main"], command=sys.argv[2:])
+finally:
+    print(f"GATHERS {len(calls)}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_select_two_processes_matches_one(tiny_folder, tmp_path):
+    """2 CPU processes (accelerate launch, gloo): the same subset, features and probe top-1 as 1 process;
+    features gathered once per candidate (plus one (score, class) exchange per split for the subset)."""
+    import subprocess
+
+    from tests.helpers.launch_util import ACCELERATE, PY, REPO, child_env
+    from tests.helpers.realdata import free_port
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    common = [f"--data.root={tiny_folder}", f"--data.shard_dir={tmp_path / 'shards'}", "--data.samples_per_shard=3",
+              "--train.micro_batch_size=4", "--train.global_batch_size=8", "--model.channels_last=false",
+              "--candidates=timm:test_efficientnet=none", "--train_subset=12", "--val_subset=8", "--steps=1"]
+    env = child_env(PYTHONPATH=str(REPO))
+    one = subprocess.run([PY, str(script), str(REPO / "launch/select_backbone.py"), *common,
+                          f"--cache_dir={tmp_path / 'c1'}", f"--out_dir={tmp_path / 'o1'}"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = free_port()
+    two = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+                          str(port), "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                          str(REPO / "launch/select_backbone.py"), *common,
+                          f"--cache_dir={tmp_path / 'c2'}", f"--out_dir={tmp_path / 'o2'}"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("GATHERS 3") == 2, two.stdout[-2000:]  # 2 subset exchanges + 1 feature gather
+    f1 = torch.load(next((tmp_path / "c1").glob("*.pt")), weights_only=True)
+    f2 = torch.load(next((tmp_path / "c2").glob("*.pt")), weights_only=True)
+    for split in ("train", "val"):
+        assert f1[split]["keys"] == f2[split]["keys"] and torch.equal(f1[split]["y"], f2[split]["y"])
+        torch.testing.assert_close(f1[split]["x"], f2[split]["x"], rtol=1e-4, atol=1e-5)
+    with open(tmp_path / "o1/selection.csv") as a, open(tmp_path / "o2/selection.csv") as b:
+        assert [r["probe_top1"] for r in csv.DictReader(a)] == [r["probe_top1"] for r in csv.DictReader(b)]

@@ -13,5 +13,6 @@
   (``launch/select_backbone.py`` is its command line).
 
 The linear probe itself is :mod:`trainer.finetune.linear_probe`. May import ``trainer.config``,
-``trainer.data``, ``trainer.models``, ``trainer.finetune`` and ``trainer.dist``.
+``trainer.data``, ``trainer.models``, ``trainer.finetune``, ``trainer.reporting`` (the PNG writer)
+and ``trainer.utils``; nothing in the trainer imports it.
 """

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from trainer.data.stream import _BadSample, _decode_sample
 from trainer.data.transforms import build_transforms, normalize
 from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.selection.subset import SubsetSample
+from trainer.utils.files import atomic_write
 
 log = logging.getLogger("trainer")
 
@@ -68,11 +68,9 @@ def load_cached(path: Path) -> dict[str, SplitFeatures] | None:
 
 
 def save_cached(path: Path, splits: dict[str, SplitFeatures]) -> None:
-    """Write atomically (temp file in the same folder + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({s: {"x": f.x, "y": f.y, "keys": f.keys} for s, f in splits.items()}, tmp)
-    os.replace(tmp, path)
+    """Write atomically (:func:`trainer.utils.files.atomic_write`)."""
+    atomic_write(path, lambda tmp: torch.save({s: {"x": f.x, "y": f.y, "keys": f.keys} for s, f in splits.items()},
+                                              tmp))
 
 
 def _batches(samples: list[SubsetSample], transform, batch_size: int, num_classes: int, skipped: list[str]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from matplotlib.figure import Figure
 from trainer.config.loading import save_config
 from trainer.config.schema import Config
 from trainer.reporting.plots import _save
+from trainer.utils.files import atomic_write
 
 
 @dataclasses.dataclass
@@ -59,17 +61,13 @@ def format_table(rows: list[Row]) -> str:
 
 
 def write_csv(rows: list[Row], path: str | Path) -> Path:
-    """All :data:`COLUMNS`, one row per candidate (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow(dataclasses.asdict(r))
-    tmp.replace(path)
-    return path
+    """All :data:`COLUMNS`, one row per candidate (written atomically)."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+        w.writerow(dataclasses.asdict(r))
+    return atomic_write(path, buf.getvalue())
 
 
 def pareto_front(rows: list[Row], cost: str = "est_finetune_s") -> list[Row]:
@@ -112,9 +110,10 @@ def plot_accuracy_vs_cost(rows: list[Row], path: str | Path, *, title: str = "",
     if chosen is not None:
         ax.scatter([chosen.est_finetune_s], [chosen.probe_top1], marker="*", s=260, color="tab:red",
                    zorder=5, label="recommended")
-    for r in rows:
+    for i, r in enumerate(sorted(rows, key=lambda r: r.est_finetune_s)):  # labels alternate below / above
         ax.annotate(f"{r.backbone.split(':')[-1]}\n{r.gflops:.2f} GFLOPs, {r.peak_train_mem_mib:.0f} MiB",
-                    (r.est_finetune_s, r.probe_top1), textcoords="offset points", xytext=(6, -14), fontsize=8)
+                    (r.est_finetune_s, r.probe_top1), textcoords="offset points",
+                    xytext=(6, -24 if i % 2 == 0 else 8), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("estimated full fine-tuning time on this machine (s, log scale)")
     ax.set_ylabel("linear-probe val top-1")

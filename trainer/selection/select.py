@@ -119,6 +119,7 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
     rows: list[Row] = []
     for backbone, weights in opts.candidates:
         t0 = time.perf_counter()
+        torch.manual_seed(opts.seed)  # the head (and a randomly initialised backbone) equal on every rank
         model, prep = build_model(backbone, meta.num_classes, weights)
         path = cache_path(opts.cache_dir, backbone, weights, prep, precision, fingerprint, subset_id)
         splits = load_cached(path) if main else None
