@@ -1,6 +1,6 @@
 """Choose the backbone on your own data: linear-probe accuracy against measured fine-tuning cost.
 
-    python launch/select_backbone.py --config configs/ants_bees_lite0.yaml
+    python launch/select_backbone.py --config configs/ants_bees_lite0.yaml   # or: finetune-select-backbone ...
     python launch/select_backbone.py --data.root=/path/images --data.shard_dir=data/shards/x \\
         --candidates=timm:tf_efficientnet_lite0,timm:tf_efficientnet_lite2,resnet50 --time_budget_s=3600
     accelerate launch --multi_gpu --num_processes 2 launch/select_backbone.py --config ...
@@ -10,79 +10,71 @@ the same as ``trainer/main.py``); batch size and precision default to ``train.mi
 ``train.mixed_precision``. Default candidates: every backbone whose weights are available offline
 (:func:`trainer.selection.candidates.offline_candidates`). Prints the table and the recommendation
 (main process); writes ``<out_dir>/selection.csv``, ``selection.png`` and ``chosen.yaml`` (the config
-with the recommended backbone: ``python trainer/main.py --config <out_dir>/chosen.yaml``). Exit
-status 2 with one line on a configuration error, 3 on unavailable weights, 4 when no candidate fits
-the budget. See :mod:`trainer.selection`.
+with the recommended backbone: ``python trainer/main.py --config <out_dir>/chosen.yaml``). A bad
+option, config field or unavailable weights end as one line with exit status 2
+(``trainer/cli/errors.py``). See :mod:`trainer.selection`.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import fire  # noqa: E402
-
-from trainer.config.loading import load_config  # noqa: E402
+from trainer.cli.errors import run_cli  # noqa: E402
 from trainer.config.schema import ConfigError  # noqa: E402
 
 _OPTIONS = ("train_subset", "val_subset", "seed", "batch_size", "steps", "epochs", "cache_dir", "out_dir",
             "time_budget_s", "memory_budget_mib")
 
 
-def _error_line(message: str) -> None:
-    sys.stderr.flush()
-    os.write(sys.stderr.fileno(), (" ".join(message.splitlines()) + "\n").encode())
+def main(config: str | None = None, candidates=None, **options) -> None:
+    """Compare backbones on the dataset of ``config`` (+ ``--section.key=value`` overrides) and recommend one.
 
-
-def main(config: str | None = None, candidates=None, **kwargs) -> None:
-    """Run the selection. Options: see :class:`trainer.selection.select.SelectionOptions`
-    (``--train_subset=1000 --val_subset=500 --seed=0 --batch_size --steps=3 --epochs
-    --cache_dir=data/feature_cache --out_dir=runs/select_backbone --time_budget_s --memory_budget_mib``);
-    ``--candidates=a,b=weights,...``; any other ``--section.key=value`` overrides the config."""
-    import logging
-
-    from trainer.dist.accelerator import shutdown
+    Args:
+        config: YAML config of the run (its data, batch size, precision and epochs are used).
+        candidates: ``a,b=weights,...`` (default: every backbone available offline).
+        options: ``--train_subset=1000 --val_subset=500 --seed=0 --batch_size --steps=3 --epochs
+            --cache_dir=data/feature_cache --out_dir=runs/select_backbone --time_budget_s
+            --memory_budget_mib`` (:class:`trainer.selection.select.SelectionOptions`); any other
+            ``--section.key=value`` overrides the config.
+    """
+    from trainer.config.launcher import resolve_mixed_precision
+    from trainer.config.loading import load_config
+    from trainer.selection.candidates import parse_candidates
+    from trainer.selection.select import SelectionOptions, select_backbones, summary
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-
+    opts = {k: options.pop(k) for k in list(options) if k in _OPTIONS}
+    unknown = [k for k in options if "." not in k and k != "name"]
+    if unknown:
+        raise ConfigError(f"unknown option --{unknown[0]} (options: {', '.join(_OPTIONS)}, --candidates, "
+                          f"--config, --section.key=value)")
+    cfg = load_config(config, options)
+    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)[0]
     try:
-        from trainer.selection.candidates import parse_candidates
-        from trainer.selection.select import SelectionOptions, select_backbones, summary
+        cands = parse_candidates(candidates)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    selection = SelectionOptions(candidates=cands, **opts)
+    selection.check()
+    from trainer.dist.accelerator import make_accelerator, shutdown
 
-        opts = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTIONS}
-        unknown = [k for k in kwargs if "." not in k and k != "name"]
-        if unknown:
-            raise ConfigError(f"unknown option --{unknown[0]} (options: {', '.join(_OPTIONS)}, --candidates, "
-                              f"--config, --section.key=value)")
-        cfg = load_config(config, kwargs)
-        try:
-            cands = parse_candidates(candidates)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        options = SelectionOptions(candidates=cands, **opts)
-        options.check()
-        from trainer.dist.accelerator import make_accelerator
-
-        accelerator = make_accelerator(cfg.train.mixed_precision, timeout_s=cfg.train.dist_timeout_s)
-        result = select_backbones(cfg, options, accelerator)
+    accelerator = make_accelerator(cfg.train.mixed_precision, timeout_s=cfg.train.dist_timeout_s)
+    try:
+        result = select_backbones(cfg, selection, accelerator)
         if accelerator.is_main_process:
-            print(summary(result, options), flush=True)
+            print(summary(result, selection), flush=True)
+    finally:
         shutdown()
-        if accelerator.is_main_process and result.chosen is None:
-            sys.exit(4)
-    except ConfigError as e:
-        _error_line(f"config error: {e}")
-        sys.exit(2)
-    except (RuntimeError, ValueError) as e:
-        from trainer.models.weights import CorruptWeightsError, WeightsUnavailableError
-        if isinstance(e, (WeightsUnavailableError, CorruptWeightsError)) or "weights" in str(e):
-            _error_line(f"error: {type(e).__name__}: {e}")
-            sys.exit(3)
-        raise
+
+
+def cli() -> None:
+    """Console script ``finetune-select-backbone`` (same as ``python launch/select_backbone.py``)."""
+    run_cli(main, prog="finetune-select-backbone")
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(main)
