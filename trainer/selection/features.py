@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trainer.data.stream import _BadSample, _decode_sample
-from trainer.data.transforms import build_transforms, normalize
+from trainer.data.transforms import build_transforms
 from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.selection.subset import SubsetSample
 from trainer.utils.files import atomic_write
@@ -93,12 +93,11 @@ def _batches(samples: list[SubsetSample], transform, batch_size: int, num_classe
 
 @torch.no_grad()
 def compute_features(model: ImageClassifier, prep: Preprocessing, samples: dict[str, list[SubsetSample]], *,
-                     num_classes: int, batch_size: int, device: torch.device, autocast, channels_last: bool,
-                     gather_object=None) -> tuple[dict[str, SplitFeatures], list[str]]:
+                     num_classes: int, batch_size: int, device: torch.device, autocast, gather_object=None) -> tuple[dict[str, SplitFeatures], list[str]]:
     """Features of this rank's ``samples`` per split, then of all ranks (one ``gather_object``).
 
     Args:
-        model: the classifier (only ``forward_features`` is used), on ``device``, eval mode.
+        model: the classifier (``normalize`` + ``forward_features``), on ``device``, eval mode.
         prep: its preprocessing (input size, crop_pct, interpolation, mean, std).
         samples: split name -> this rank's selected samples.
         num_classes, batch_size: labels outside ``[0, num_classes)`` are skipped; images per forward.
@@ -114,9 +113,7 @@ def compute_features(model: ImageClassifier, prep: Preprocessing, samples: dict[
     rows, skipped = [], []
     for split, mine in samples.items():
         for images, labels, keys in _batches(mine, transform, batch_size, num_classes, skipped):
-            x = normalize(images.to(device), prep.mean, prep.std)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = model.normalize(images.to(device))  # the model's mean / std and memory format
             with autocast():
                 f = model.forward_features(x)
             f = f.float().cpu()

@@ -121,7 +121,7 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
     for backbone, weights in opts.candidates:
         t0 = time.perf_counter()
         torch.manual_seed(opts.seed)  # the head (and a randomly initialised backbone) equal on every rank
-        model, prep = build_model(backbone, meta.num_classes, weights)
+        model, prep = build_model(backbone, meta.num_classes, weights, channels_last=cfg.model.channels_last)
         path = cache_path(opts.cache_dir, backbone, weights, prep, precision, fingerprint, subset_id)
         splits = load_cached(path) if main else None
         hit = [splits is not None]
@@ -137,11 +137,9 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
                     samples[split], bad = read_subset(shards, counts, size, seed=opts.seed, rank=rank,
                                                       world_size=world, gather_object=gather)
                     skipped += bad
-            model = model.to(device, memory_format=torch.channels_last if cfg.model.channels_last else
-                             torch.contiguous_format).eval()
+            model = model.to(device, memory_format=model.memory_format).eval()
             splits, bad = compute_features(model, prep, samples, num_classes=meta.num_classes, batch_size=batch,
-                                           device=device, autocast=accelerator.autocast,
-                                           channels_last=cfg.model.channels_last, gather_object=gather)
+                                           device=device, autocast=accelerator.autocast, gather_object=gather)
             if main:
                 save_cached(path, splits)
                 if bad:
