@@ -1,6 +1,6 @@
 """Export a trained checkpoint to TorchScript and ONNX, with its preprocessing written beside it.
 
-    python launch/export.py --checkpoint runs/ants_bees_lite0/checkpoints/best.pt [--out_dir runs/ants_bees_lite0/export]
+    python launch/export.py --checkpoint runs/ants_bees_lite0/checkpoints/best [--out_dir runs/ants_bees_lite0/export]
 
 Writes into ``out_dir`` (default: ``<run>/export`` next to the run's ``checkpoints/``):
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.train.checkpoint import load, load_for_inference
+from trainer.train.inference_checkpoint import load_for_inference, read_meta, resolve
 from trainer.utils.files import atomic_write
 
 FORMATS = ("torchscript", "onnx")
@@ -131,10 +131,11 @@ def onnx_logits(path: str | Path, images: torch.Tensor) -> torch.Tensor:
 
 def export(checkpoint: str, out_dir: str | None = None, formats: str | tuple = FORMATS, opset: int = 17,
            check: bool = True, atol: float = 1e-3) -> dict:
-    """Export ``checkpoint`` (``best.pt`` or ``last.pt``) to the given formats plus ``preprocessing.json``.
+    """Export ``checkpoint`` to the given formats plus ``preprocessing.json``.
 
     Args:
-        checkpoint: path of a checkpoint written by the trainer.
+        checkpoint: an inference checkpoint folder (``<run>/checkpoints/best``, ``model.safetensors`` +
+            ``model.json``), a file in it, a run folder, or a ``best.pt`` / ``last.pt``.
         out_dir: output folder (default ``<run>/export``).
         formats: comma-separated or tuple of ``torchscript``, ``onnx``.
         opset: ONNX opset version.
@@ -152,12 +153,12 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | tuple = F
     bad = [f for f in fmts if f not in FORMATS]
     if bad:
         raise ValueError(f"--formats: unknown {bad}, choose from {list(FORMATS)}")
-    ckpt_path = Path(checkpoint)
+    ckpt_path = resolve(checkpoint)
     out = Path(out_dir) if out_dir else ckpt_path.resolve().parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     model, pre, class_names = load_for_inference(ckpt_path, "cpu")
     model = LogitsModule(model.to(memory_format=torch.contiguous_format)).eval()
-    meta = load(ckpt_path)
+    meta = read_meta(ckpt_path)
     s = pre.input_size
     example = torch.zeros(1, 3, s, s)
     result: dict = {"max_abs_diff": {}}

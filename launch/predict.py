@@ -1,10 +1,11 @@
 """Classify a folder of images with a trained checkpoint and write a CSV.
 
-    python launch/predict.py --checkpoint runs/ants_bees_lite0/checkpoints/best.pt \
+    python launch/predict.py --checkpoint runs/ants_bees_lite0/checkpoints/best \
         --images ../shared/data/hymenoptera_data/val --out predictions.csv [--topk 2] [--tta]
 
-The checkpoint is self-contained (weights, class names, backbone, preprocessing); nothing is
-downloaded. Every image file below ``--images`` is classified (recursively, sorted). When an image's
+The checkpoint (``model.safetensors`` + ``model.json``, see ``trainer/train/inference_checkpoint.py``)
+is self-contained (weights, class names, backbone, preprocessing); nothing is downloaded. Every image
+file below ``--images`` is classified (recursively, sorted). When an image's
 parent folder is named like a class (e.g. ``val/ants/x.jpg``), that is taken as its true label and the
 top-1 accuracy over those images is printed. Unreadable files are reported and listed in the CSV with
 an empty prediction. ``--tta`` averages the softmax of the image and its horizontal flip.
@@ -25,7 +26,7 @@ import torch
 from trainer.cli.errors import run_cli
 from trainer.data.decode import decode_image_bytes
 from trainer.data.transforms import build_transforms
-from trainer.train.checkpoint import load_for_inference
+from trainer.train.inference_checkpoint import load_for_inference
 from trainer.utils.files import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}

@@ -63,3 +63,111 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
     target.write_bytes(data[: len(data) // 2])
     with pytest.raises(ck.CheckpointError, match=str(target)):
         ck.load(target)
+
+
+class _Payload:
+    """Pickles as a call of ``os.system`` (what a crafted checkpoint would carry)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_checkpoint_with_code_payload_is_refused_and_never_runs(tmp_path, how):
+    import pickle
+    import sys
+
+    from trainer.train.inference_checkpoint import load_for_inference
+
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "best.pt"
+    evil = {"format_version": ck.FORMAT_VERSION, "model": {"w": torch.zeros(1)}, "x": _Payload(marker)}
+    with open(path, "wb") as f:
+        torch.save(evil, f) if how == "torch.save" else pickle.dump(evil, f)
+    for loader in (ck.load, load_for_inference):
+        with pytest.raises(ck.CheckpointError) as e:
+            loader(path)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and "refused" in msg, msg
+    assert not marker.exists()
+    if how != "torch.save":
+        return
+    # and through the user-facing script: one line, exit 2, no traceback, payload not run
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "launch/predict.py", "--checkpoint", str(path), "--images", str(tmp_path),
+                        "--out", str(tmp_path / "p.csv")], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert [ln for ln in p.stderr.splitlines() if ln.strip()] == [f"error: {msg}"], p.stderr
+    assert not marker.exists() and not (tmp_path / "p.csv").exists()
+
+
+def test_pickle_payload_is_live(tmp_path):
+    """The payload of the test above does run when unpickled without the weights-only guard."""
+    import pickle
+
+    marker = tmp_path / "payload_ran"
+    pickle.loads(pickle.dumps(_Payload(marker)))  # noqa: S301
+    assert marker.exists()
+
+
+
+def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # a cached gaussian in the python state
+    path = tmp_path / "last.pt"
+    ck.atomic_save({"format_version": ck.FORMAT_VERSION, "rng": [ck.rng_state()]}, path)
+    expected = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ck.set_rng_state(ck.load(path)["rng"][0])  # ck.load = weights_only=True
+    got = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), torch.rand(3))
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
+
+
+def test_inference_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeypatch):
+    import json
+
+    from trainer.train import inference_checkpoint as ic
+
+    state = {"w": torch.randn(3, 4).t(), "b": torch.tensor([1.0, float("nan")])}  # non-contiguous + NaN
+    kw = dict(class_names=["a", "b"], backbone="x", drop_rate=0.0, preprocessing={"input_size": 8},
+              config={"optim": {"lr": 1e-3}}, metrics={"val/loss": float("inf"), "step": 3})
+    folder = ic.save(ic.best_dir(tmp_path / "run"), state, **kw)
+    assert sorted(os.listdir(folder)) == ["model.json", "model.safetensors"]
+    meta, sd = ic.load_state(folder)
+    assert meta["metrics"] == {"val/loss": None, "step": 3} and meta["class_names"] == ["a", "b"]
+    assert torch.equal(sd["w"], state["w"]) and torch.equal(sd["b"].isnan(), state["b"].isnan())
+    for p in (folder, folder / "model.json", folder / "model.safetensors", tmp_path / "run"):  # accepted spellings
+        assert ic.resolve(p) == folder
+    first_id = meta["write_id"]
+    # a kill between the two files: new weights, old JSON
+    import trainer.train.inference_checkpoint as mod
+
+    real_write = mod.atomic_write
+
+    def die_at_json(path, content):
+        if str(path).endswith("model.json"):
+            raise KeyboardInterrupt
+        return real_write(path, content)
+
+    monkeypatch.setattr(mod, "atomic_write", die_at_json)
+    with pytest.raises(KeyboardInterrupt):
+        ic.save(folder, {"w": torch.zeros(4, 3), "b": torch.zeros(2)}, **kw)
+    monkeypatch.undo()
+    assert json.loads((folder / "model.json").read_text())["write_id"] == first_id
+    with pytest.raises(ck.CheckpointError, match="different writes"):
+        ic.load_state(folder)
+    assert ic.repair(folder)  # the next start completes the write
+    meta, sd = ic.load_state(folder)
+    assert meta["write_id"] != first_id and torch.equal(sd["w"], torch.zeros(4, 3))
+    assert sorted(os.listdir(folder)) == ["model.json", "model.safetensors"]
+    assert not ic.repair(folder)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from helpers.realdata import HYMENOPTERA, run_metrics, subset_folder
 
 from trainer.config.loading import load_config
 from trainer.config.schema import ConfigError
+from trainer.train import checkpoint as ckpt_lib
 from trainer.train.early_stopping import EarlyStopping
+from trainer.train.inference_checkpoint import read_meta
 
 
 def feed(es, values, key="val/top1"):
@@ -104,9 +105,9 @@ def test_run_stops_early_and_keeps_the_best_checkpoint(tiny):
     res = run_in_process(tiny / "images", tiny / "shards", out, **NO_IMPROVEMENT)
     assert res.early_stopped and res.epoch == 3 and res.step == 6  # 2 steps per epoch
     assert [r["epoch"] for r in val_records(out)] == [1, 2, 3]
-    best = torch.load(out / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    best = read_meta(out / "checkpoints/best")
     assert best["metrics"]["epoch"] == 1 and best["metrics"]["val/loss"] == val_records(out)[0]["val/loss"]
-    last = torch.load(out / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    last = ckpt_lib.load(out / "checkpoints/last.pt")
     assert last["early_stopping"]["wait"] == 2 and last["early_stopping"]["best_epoch"] == 1
 
 

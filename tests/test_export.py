@@ -31,9 +31,9 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(tmp_path):
     from torchvision.transforms import v2
 
     from trainer.data.transforms import build_transforms
-    from trainer.train.checkpoint import load_for_inference
+    from trainer.train.inference_checkpoint import load_for_inference
 
-    ckpt = make_checkpoint(tmp_path / "run/checkpoints/best.pt")
+    ckpt = make_checkpoint(tmp_path / "run/checkpoints/best")
     result = export(str(ckpt))  # default out_dir: <run>/export
     out = tmp_path / "run/export"
     assert result["onnx"] == out / "model.onnx" and result["torchscript"] == out / "model.torchscript.pt"

@@ -27,7 +27,7 @@ def setup(tmp_path_factory):
         for p in sorted((HYMENOPTERA / "val" / c).glob("*.jpg"))[:3]:
             shutil.copy(p, root / "images" / c / p.name)
     (root / "images/bees/broken.jpg").write_bytes(b"not an image")
-    return root, make_checkpoint(root / "best.pt")
+    return root, make_checkpoint(root / "best")
 
 
 def read(path):
@@ -40,7 +40,7 @@ def test_topk_columns_and_tta_average(setup):
 
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.train.checkpoint import load_for_inference
+    from trainer.train.inference_checkpoint import load_for_inference
 
     root, ckpt = setup
     acc = main(str(ckpt), str(root / "images"), out=str(root / "plain.csv"), topk=2)

@@ -21,6 +21,7 @@ from helpers.realdata import (
 from PIL import Image
 
 from trainer.reporting import plots, predictions
+from trainer.train.inference_checkpoint import read_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,9 +217,9 @@ def check_reports(out: Path, keys: list[str]):
         png_size(rep / name)
     rows = list(csv.DictReader((rep / "val_predictions.csv").open()))
     assert [r["key"] for r in rows] == keys  # every val sample exactly once, sorted
-    best = torch.load(out / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    best = read_meta(out / "checkpoints/best")
     acc = sum(r["true"] == r["pred"] for r in rows) / len(rows)
-    assert acc == pytest.approx(best["metrics"]["val/top1"], abs=1e-6)  # the CSV describes best.pt
+    assert acc == pytest.approx(best["metrics"]["val/top1"], abs=1e-6)  # the CSV describes checkpoints/best
     for r in rows:
         assert float(r["prob1"]) + float(r["prob2"]) == pytest.approx(1.0, abs=2e-6)
     per_class = list(csv.DictReader((rep / "val_per_class.csv").open()))

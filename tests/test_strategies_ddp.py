@@ -109,7 +109,7 @@ def _train(tmp: Path, shards: Path, name: str, cfg: dict, *, nproc: int = 2, **o
 
 
 def _last(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 def _bn_buffers(state: dict) -> dict:
@@ -148,7 +148,7 @@ def test_case9_phase_change_under_ddp(tmp_path):
     assert res.returncode == 0, (res.stdout + res.stderr)[-6000:]
 
     def load(mode, rank, tag):
-        return torch.load(tmp_path / f"{mode}_rank{rank}_{tag}.pt", weights_only=False)
+        return torch.load(tmp_path / f"{mode}_rank{rank}_{tag}.pt", weights_only=True)
 
     for mode in ("unfreeze", "freeze"):
         init = load(mode, 0, "init")["state"]

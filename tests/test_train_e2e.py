@@ -17,6 +17,9 @@ from helpers.realdata import (
     tiny_overrides,
 )
 
+from trainer.train import checkpoint as ckpt_lib
+from trainer.train.inference_checkpoint import read_meta
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 ACCELERATE = str(Path(PY).parent / "accelerate")
@@ -50,13 +53,13 @@ def test_single_process_run_on_real_images_then_predict(data):
     assert evals[-1]["val/top1"] >= 0.8  # frozen ImageNet Lite0 features separate ants from bees
     assert any("train/images_per_s" in r for r in rows)
     assert (out / "config.yaml").is_file()
-    best = torch.load(out / "checkpoints/best.pt", map_location="cpu", weights_only=False)
+    best = read_meta(out / "checkpoints/best")
     assert best["class_names"] == ["ants", "bees"] and best["backbone"] == "timm:tf_efficientnet_lite0"
     assert best["preprocessing"]["mean"] == [0.5, 0.5, 0.5] or tuple(best["preprocessing"]["mean"]) == (0.5,) * 3
 
     # predict.py with the best checkpoint labels the val images with the accuracy measured in training
     csv_path = data / "pred.csv"
-    p = run_cmd([PY, "launch/predict.py", "--checkpoint", str(out / "checkpoints/best.pt"),
+    p = run_cmd([PY, "launch/predict.py", "--checkpoint", str(out / "checkpoints/best"),
                  "--images", str(data / "images/val"), "--out", str(csv_path), "--topk", "2"])
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -83,7 +86,7 @@ def test_two_process_ddp_run_keeps_replicas_identical(data):
     # weights really moved (fine-tuning everything): compare with the pretrained backbone
     from trainer.models.build import build_model
     ref, _ = build_model("timm:tf_efficientnet_lite0", 2, "package:efficientnet-lite0")
-    last = torch.load(out / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    last = ckpt_lib.load(out / "checkpoints/last.pt")
     moved = [k for k, v in ref.state_dict().items() if k.startswith("backbone.") and v.is_floating_point()
              and not torch.equal(v, last["model"][k])]
     assert len(moved) > 100 and last["step"] == 3

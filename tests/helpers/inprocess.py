@@ -27,11 +27,11 @@ def run_in_process(images: Path, shard_dir: Path, out_dir: Path, **overrides):
 
 
 def make_checkpoint(path: Path, class_names=("ants", "bees"), seed: int = 0) -> Path:
-    """A ``best.pt``-style inference checkpoint: Lite0 with its offline ImageNet weights and a seeded
-    random head (no training), for export / predict tests."""
+    """An inference checkpoint folder at ``path`` (``model.safetensors`` + ``model.json``): Lite0 with its
+    offline ImageNet weights and a seeded random head (no training), for export / predict tests."""
     from trainer.config.schema import Config
     from trainer.models.build import build_model
-    from trainer.train import checkpoint as ckpt_lib
+    from trainer.train import inference_checkpoint
 
     torch.manual_seed(seed)
     cfg = Config()
@@ -39,8 +39,7 @@ def make_checkpoint(path: Path, class_names=("ants", "bees"), seed: int = 0) -> 
     with torch.no_grad():  # a head with clearly non-zero logits
         model.head.weight.normal_(0, 0.05)
         model.head.bias.zero_()
-    payload = ckpt_lib.inference_payload(model.state_dict(), class_names=list(class_names),
-                                         backbone=cfg.model.backbone, preprocessing=pre.to_dict(),
-                                         config=cfg.to_dict(), metrics={"epoch": 0, "step": 0})
-    ckpt_lib.atomic_save(payload, path)
-    return path
+    return inference_checkpoint.save(path, model.state_dict(), class_names=list(class_names),
+                                     backbone=cfg.model.backbone, drop_rate=cfg.model.drop_rate,
+                                     preprocessing=pre.to_dict(), config=cfg.to_dict(),
+                                     metrics={"epoch": 0, "step": 0})

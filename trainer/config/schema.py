@@ -277,13 +277,13 @@ class OptimConfig(Section):
 
 @dataclass
 class EarlyStoppingConfig(Section):
-    """Which validation metric selects ``best.pt``, and when training stops early (``trainer/train/early_stopping.py``)."""
+    """Which validation metric selects the best checkpoint, and when training stops early (``trainer/train/early_stopping.py``)."""
 
     _where: ClassVar[str] = "train.early_stopping"
 
     monitor: str = "val/top1"
     """Metric compared after every evaluation: a ``val/...`` key of metrics.jsonl (``val/top1``,
-    ``val/loss``, ``val/balanced_acc``, ``val/top5``). ``best.pt`` is written whenever it improves."""
+    ``val/loss``, ``val/balanced_acc``, ``val/top5``). ``checkpoints/best/`` is written whenever it improves."""
     mode: Literal["auto", "max", "min"] = "auto"
     """``max``: higher is better; ``min``: lower is better; ``auto``: ``min`` for a name containing
     ``loss``, else ``max``."""
@@ -343,7 +343,7 @@ class TrainConfig(Section):
     """Agree on preemption (and on ``checkpoint_every_minutes``) every this many optimizer steps: each
     check is an all-reduce that waits for the device; a signal then stops the run up to N-1 steps later."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    """Monitored metric (selects ``best.pt``) and early stopping, e.g.
+    """Monitored metric (selects ``checkpoints/best/``) and early stopping, e.g.
     ``{monitor: val/top1, mode: max, patience: 3, min_delta: 0.0}``."""
 
     def _check(self) -> None:

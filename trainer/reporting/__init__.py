@@ -1,6 +1,6 @@
 """What a run reports: ``metrics`` (exact metrics across ranks), ``tracking`` (``metrics.jsonl`` and
 W&B, the only module that touches W&B), ``plots``, ``predictions`` (the best model's val predictions
-and mistakes), ``reporter`` (keeps ``reports/`` in step with ``best.pt``).
+and mistakes), ``reporter`` (keeps ``reports/`` in step with ``checkpoints/best/``).
 
 May import ``trainer.config`` and ``trainer.utils``.
 """

@@ -22,12 +22,12 @@ run's W&B run (through :class:`trainer.reporting.tracking.Tracker`, the only mod
                                 of every param group over optimizer steps, from metrics.jsonl.
 ==============================  ==============================================================
 
-When: all but ``latest/`` and the curves describe the model in ``best.pt``. Each evaluation collects
+When: all but ``latest/`` and the curves describe the model in ``checkpoints/best/``. Each evaluation collects
 this rank's predictions (cheap: top-5 classes per sample and the few most confident mistakes with
-their images) and writes ``latest/``; only when the monitored metric improves (``best.pt`` is
+their images) and writes ``latest/``; only when the monitored metric improves (``checkpoints/best/`` is
 written, see :mod:`trainer.train.early_stopping`) are the predictions gathered to the main process
 (``accelerate.utils.gather_object``) and the files rewritten, so no extra validation pass is needed
-and the files always match ``best.pt``, also after a crash. The training curves are drawn when the
+and the files always match ``checkpoints/best/``, also after a crash. The training curves are drawn when the
 run ends (also on preemption or early stopping); ``python -m trainer.reporting.reporter <output_dir>``
 redraws them from ``metrics.jsonl`` at any time. Nothing here grows with ``C x C``: the confusion
 matrix is sparse (``trainer.reporting.metrics``), and ``metrics.jsonl`` holds scalars only.

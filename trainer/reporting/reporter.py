@@ -1,4 +1,4 @@
-"""Reporter: what the Trainer calls at each evaluation to keep ``reports/`` in step with ``best.pt``."""
+"""Reporter: what the Trainer calls at each evaluation to keep ``reports/`` in step with ``checkpoints/best/``."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class Reporter:
       precision, recall, f1) and ``reports/latest/val_confused_pairs.csv`` (every non-zero off-diagonal
       cell of the confusion matrix, most frequent first: with the ``correct`` column, the whole matrix,
       sparse), and the same rows (capped at ``max_table_rows``) as W&B tables;
-    * when the monitored metric improved (``best.pt`` was just written): the same two tables in
+    * when the monitored metric improved (``checkpoints/best/`` was just written): the same two tables in
       ``reports/``, the confusion plot, per-class plot, mistakes grid and the predictions CSV.
 
     Args:

@@ -1,13 +1,18 @@
-"""Checkpoints: atomic writes, the latest complete one for resume, a self-contained best model.
+"""Checkpoints: atomic writes, safe loading, the latest complete one for resume.
 
-Two files live in ``<output_dir>/checkpoints/``:
+Files in ``<output_dir>/checkpoints/``:
 
 * ``last.pt`` - everything needed to continue: model, optimizer state matched by parameter *name*,
   grad scaler, RNG states of every rank, epoch / step / samples_seen, class map, W&B run id,
   early-stopping state and the resolved config. Built by :func:`resume_state`, read back by
   :func:`restore_resume_state` (the only two places that know its keys).
-* ``best.pt`` - a self-contained model for inference (``launch/predict.py``, ``launch/export.py``):
-  weights, class names, backbone name, preprocessing (input size, mean, std), config.
+  RNG states are tensors and plain numbers.
+* ``best/`` - the inference checkpoint (``model.safetensors`` + ``model.json``), written and read by
+  :mod:`trainer.train.inference_checkpoint`.
+
+Loading is always ``torch.load(weights_only=True)``: a file holds tensors and plain data (dict, list,
+tuple, str, numbers, None) only, so a crafted checkpoint cannot run code when it is read; anything
+else is refused with :class:`CheckpointError` (one line, naming the file and the refused object).
 
 Every write goes through :func:`trainer.utils.files.atomic_write` (temp file, fsync, rename), so a
 crash or ``kill -9`` in the middle of a write leaves the previous checkpoint intact and never a
@@ -17,7 +22,10 @@ half-written file under the real name.
 from __future__ import annotations
 
 import logging
+import pickle
 import random
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,10 @@ from trainer.utils.files import atomic_write
 
 log = logging.getLogger("trainer")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""``last.pt`` layout version. 2: RNG states stored as tensors / plain numbers (loadable with
+``weights_only=True``). A version-1 ``best.pt`` (plain data) still loads for inference."""
+READABLE_VERSIONS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -55,20 +66,50 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def load(path: str | Path) -> dict:
-    """Load a checkpoint dict on CPU.
+def _refusal(path: Path, err: Exception) -> str:
+    """One line for a file the weights-only unpickler refused (names the object it would have built)."""
+    text = str(err)
+    m = re.search(r"(unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+|"
+                  r"Unsupported class \S+)", text, re.IGNORECASE)
+    detail = m.group(1) if m else text.strip().splitlines()[-1] if text.strip() else type(err).__name__
+    hint = (" (a last.pt of an older trainer version stores NumPy objects: start a fresh train.output_dir)"
+            if "numpy" in detail else "")
+    return (f"refused to load {path}: it holds Python objects beyond tensors and plain data, which could "
+            f"run code when unpickled ({detail}); only checkpoints written by this trainer load{hint}")
+
+
+def safe_torch_load(path: str | Path):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
 
     Raises:
-        CheckpointError: missing, truncated or not a checkpoint of this project (names the file).
+        CheckpointError: missing file; a pickle that needs anything beyond tensors and plain data (its
+            code never runs: the weights-only unpickler stops at the first such object); a truncated
+            or otherwise unreadable file. The message is one line naming the file.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle error, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
+        with warnings.catch_warnings():  # "pickle protocol 4" notices for files not written by torch.save
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_refusal(path, e)) from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        first = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
+
+
+def load(path: str | Path) -> dict:
+    """Load a checkpoint dict of this trainer on CPU, safely (:func:`safe_torch_load`).
+
+    Raises:
+        CheckpointError: missing, refused (code payload), truncated or not a checkpoint of this
+            project (one line naming the file).
+    """
+    path = Path(path)
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer (format_version "
                               f"{FORMAT_VERSION} expected)")
     return ckpt
@@ -215,8 +256,20 @@ def load_optimizer_state_by_name(optimizer: torch.optim.Optimizer, saved: dict, 
 
 
 def rng_state() -> dict:
-    """This process's Python, NumPy, torch (and CUDA) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's Python, NumPy, torch (and CUDA) RNG states, as tensors and plain numbers.
+
+    Plain data so that ``last.pt`` loads with ``weights_only=True``: Python's Mersenne Twister
+    state (625 words) and NumPy's (624 uint32 keys) become int64 tensors.
+    """
+    py_version, py_words, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": {"version": int(py_version), "state": torch.tensor(py_words, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -224,55 +277,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Inverse of :func:`rng_state`."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(w) for w in py["state"].tolist()), py["gauss_next"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# inference checkpoint
-
-
-def inference_payload(model_state: dict, *, class_names: list[str], backbone: str,
-                      preprocessing: dict, config: dict, metrics: dict) -> dict:
-    """The dict stored as ``best.pt``: everything needed to rebuild and run the model offline."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "inference",
-        "model": model_state,
-        "class_names": list(class_names),
-        "backbone": backbone,
-        "drop_rate": config["model"]["drop_rate"],
-        "preprocessing": preprocessing,
-        "config": config,
-        "metrics": metrics,
-    }
-
-
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the model of a ``best.pt`` / ``last.pt`` checkpoint without any download.
-
-    Returns:
-        (model in eval mode on ``device``, Preprocessing, class_names)
-
-    Raises:
-        CheckpointError: unreadable file, or weights that do not fit the stored backbone / class count.
-    """
-    from trainer.models.build import build_model
-    from trainer.models.classifier import Preprocessing
-
-    ckpt = load(path)
-    class_names = ckpt["class_names"]
-    pre = Preprocessing.from_dict(ckpt["preprocessing"])
-    model, _ = build_model(ckpt["backbone"], len(class_names), weights="none",
-                           drop_rate=ckpt.get("drop_rate", 0.0), preprocessing=pre)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit backbone {ckpt['backbone']} with "
-                              f"{len(class_names)} classes: {e}") from e
-    return model.to(device).eval(), pre, class_names
-
-

@@ -1,12 +1,12 @@
-"""The monitored validation metric: which evaluation is "best" (``best.pt``) and when to stop early.
+"""The monitored validation metric: which evaluation is "best" (``checkpoints/best/``) and when to stop early.
 
 After every evaluation :meth:`EarlyStopping.update` compares the monitored metric (config
 ``train.early_stopping.monitor``, e.g. ``val/top1``) with the best value so far. An evaluation
 *improves* when it beats the best by more than ``min_delta`` (``value > best + min_delta`` in ``max``
 mode, ``value < best - min_delta`` in ``min`` mode); the first evaluation always improves. On an
-improvement the run writes ``best.pt`` and the wait counter resets; otherwise the counter grows, and
+improvement the run writes ``checkpoints/best/`` and the wait counter resets; otherwise the counter grows, and
 when it reaches ``patience`` training stops (the same rule as Keras' ``EarlyStopping`` and Lightning's
-``EarlyStopping`` callback). ``best.pt`` therefore always holds the model of the best evaluation.
+``EarlyStopping`` callback). ``checkpoints/best/`` therefore always holds the model of the best evaluation.
 
 Every rank sees the same reduced metrics, so every rank takes the same decision without talking.
 The state (best value, its step/epoch, wait counter, stopped flag) is stored in ``last.pt``
@@ -82,7 +82,7 @@ class EarlyStopping:
             step, epoch: where the evaluation happened (stored with the best value).
 
         Returns:
-            True if it improved (the caller writes ``best.pt``).
+            True if it improved (the caller writes ``checkpoints/best/``).
 
         Raises:
             KeyError: the monitored metric is not in ``metrics`` (names it and the available keys).

@@ -13,7 +13,7 @@ only the main process writes files or logs. The sequence:
    ``freezing.apply_phase`` sets ``requires_grad`` and the model is re-wrapped in DDP; each optimizer
    step sets every group's lr from the pure schedule; ranks agree on preemption every
    ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate,
-   reports, ``best.pt`` when the monitored metric improves, ``last.pt`` (also written at the configured
+   reports, ``checkpoints/best/`` when the monitored metric improves, ``last.pt`` (also written at the configured
    interval and on preemption), early stopping.
 5. When the data has a test split: ``best.pt`` evaluated on it once (``test/...`` in metrics.jsonl,
    ``reports/test_*``; :mod:`trainer.train.evaluation`).
@@ -48,6 +48,7 @@ from trainer.reporting.reporter import Reporter
 from trainer.reporting.tracking import Tracker
 from trainer.train import checkpoint as ckpt_lib
 from trainer.train.checkpoint import Progress
+from trainer.train import inference_checkpoint as infer_ckpt
 from trainer.train.early_stopping import EarlyStopping
 from trainer.train.evaluation import test_best_checkpoint
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
@@ -92,7 +93,7 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_loaders()
-        self.stopper = EarlyStopping.from_config(cfg.train.early_stopping)  # best.pt + early stopping
+        self.stopper = EarlyStopping.from_config(cfg.train.early_stopping)  # checkpoints/best/ + early stopping
         self.progress, wandb_run_id = Progress(), None
         last = ckpt_lib.latest_checkpoint(self.out_dir) if cfg.train.resume else None
         if last is not None:
@@ -200,14 +201,15 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
 
     def save_best(self, last_eval: dict) -> None:
-        """Write the self-contained ``best.pt`` (main process) for the current weights and their evaluation."""
+        """Write the inference checkpoint ``checkpoints/best/`` (main process) for the current weights and
+        their evaluation (:mod:`trainer.train.inference_checkpoint`)."""
         if self.is_main:
-            payload = ckpt_lib.inference_payload(
-                unwrap(self.model).state_dict(), class_names=self.class_names, backbone=self.cfg.model.backbone,
+            infer_ckpt.save(
+                infer_ckpt.best_dir(self.out_dir), unwrap(self.model).state_dict(), class_names=self.class_names,
+                backbone=self.cfg.model.backbone, drop_rate=self.cfg.model.drop_rate,
                 preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
                 metrics={"epoch": self.progress.epoch, "step": self.progress.step,
                          **last_eval})
-            ckpt_lib.atomic_save(payload, ckpt_lib.checkpoint_dir(self.out_dir) / "best.pt")
 
     def _interval_checkpoint_due(self, check_now: bool) -> bool:
         """``train.checkpoint_every_steps`` / ``checkpoint_every_minutes`` reached (same answer on every rank)."""
@@ -294,7 +296,7 @@ class Trainer:
         return preempted, num_skipped
 
     def end_epoch(self, num_skipped: int) -> dict:
-        """Evaluate, log (with ``num_skipped`` bad samples of the epoch), update reports / ``best.pt`` /
+        """Evaluate, log (with ``num_skipped`` bad samples of the epoch), update reports / ``checkpoints/best/`` /
         early stopping, write ``last.pt``.
 
         Returns:
@@ -316,7 +318,7 @@ class Trainer:
         if self.is_main:
             log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f", p.epoch, p.step, res.loss, res.top1)
         improved = self.stopper.update(last_eval, step=p.step, epoch=p.epoch)
-        if improved:  # best.pt follows train.early_stopping.monitor; best_top1 is top-1 of that model
+        if improved:  # checkpoints/best/ follows train.early_stopping.monitor; best_top1 is top-1 of that model
             p.best_top1 = res.top1
             self.save_best(last_eval)
             self.tracker.summary({"best/val_top1": p.best_top1, "best/epoch": p.epoch, **self.stopper.summary()})

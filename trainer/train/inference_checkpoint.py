@@ -1,0 +1,234 @@
+"""The inference checkpoint: a folder with ``model.safetensors`` + ``model.json`` (the one home of its format).
+
+The trainer writes it as ``<output_dir>/checkpoints/best/`` whenever the monitored metric improves;
+``launch/predict.py``, ``launch/export.py`` and ``launch/evaluate.py`` read it. Nothing in it is
+unpickled, so a checkpoint from a shared folder cannot run code.
+
+* ``model.safetensors`` - the classifier's ``state_dict`` (tensors by parameter name). Its header
+  metadata holds ``format``, ``write_id`` and the text of the ``model.json`` written with it.
+* ``model.json`` - ``format`` (:data:`FORMAT`), ``format_version``, ``write_id`` (the same random id
+  as the weights' header: the pair belongs together), ``class_names`` (output order), ``backbone``,
+  ``drop_rate``, ``preprocessing`` (``input_size``, ``mean``, ``std``, ``interpolation``,
+  ``crop_pct``), ``metrics`` (``epoch``, ``step``, ``val/...``; NaN / inf written as null),
+  ``config`` (the resolved config of the run), plus any fields the caller adds (``extra``).
+
+Writing (:func:`save`): the weights, then the JSON, each with :func:`trainer.utils.files.atomic_write`
+(temp file, fsync, rename). A kill between the two leaves weights and JSON of different writes:
+readers detect that by ``write_id`` and refuse with one line, and the next start of the run
+(:func:`repair`) rewrites ``model.json`` from the weights' header.
+
+A ``best.pt`` of an earlier trainer version (plain data, read with ``weights_only=True``) and a
+``last.pt`` are read too, so old runs still predict and export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from pathlib import Path
+
+import torch
+
+from trainer.train.checkpoint import CheckpointError, checkpoint_dir, load
+from trainer.utils.files import atomic_write
+
+FORMAT = "finetune-trainer.inference"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+BEST_DIR = "best"
+
+
+def best_dir(output_dir: str | Path) -> Path:
+    """``<output_dir>/checkpoints/best``: the run's inference checkpoint folder."""
+    return checkpoint_dir(output_dir) / BEST_DIR
+
+
+def _plain(value):
+    """JSON-safe copy: tuples -> lists, tensors -> numbers / lists, NaN / inf -> None, others -> str."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if torch.is_tensor(value):
+        return _plain(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def save(folder: str | Path, model_state: dict[str, torch.Tensor], *, class_names: list[str], backbone: str,
+         drop_rate: float, preprocessing: dict, config: dict, metrics: dict, extra: dict | None = None) -> Path:
+    """Write ``folder/model.safetensors`` + ``folder/model.json`` (see the module docstring).
+
+    Args:
+        model_state: the classifier's ``state_dict()`` (any device, any memory format; copied to
+            contiguous CPU tensors, so tied weights are stored once per name).
+        class_names: C names in output order. preprocessing: ``Preprocessing.to_dict()``.
+        config: ``Config.to_dict()``. metrics: numbers describing this model (non-finite -> null).
+        extra: further JSON fields (e.g. which weights these are); may not replace the fields above.
+
+    Returns:
+        ``folder``.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    write_id = uuid.uuid4().hex
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "write_id": write_id,
+            "class_names": list(class_names), "backbone": backbone, "drop_rate": float(drop_rate),
+            "preprocessing": _plain(preprocessing), "metrics": _plain(metrics), "config": _plain(config),
+            "weights": WEIGHTS_FILE}
+    clash = set(extra or {}) & set(meta)
+    if clash:
+        raise ValueError(f"inference checkpoint: extra fields {sorted(clash)} would replace standard ones")
+    meta.update(_plain(extra or {}))
+    text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
+    header = {"format": FORMAT, "write_id": write_id, META_FILE: text}
+    atomic_write(folder / WEIGHTS_FILE, lambda t: save_file(tensors, str(t), metadata=header))
+    atomic_write(folder / META_FILE, text)  # the commit: from here on both files are this write's
+    return folder
+
+
+def resolve(path: str | Path) -> Path:
+    """The checkpoint a user named: an inference folder, or a ``.pt`` file.
+
+    Accepts the folder, either file inside it, a run folder (``<run>/checkpoints/best``) or a
+    ``best.pt`` / ``last.pt``.
+
+    Raises:
+        CheckpointError: nothing of the kind at ``path`` (one line naming it).
+    """
+    p = Path(path)
+    if p.is_file() and p.name in (META_FILE, WEIGHTS_FILE):
+        return p.parent
+    if p.is_file():
+        return p
+    for folder in (p, best_dir(p)):
+        if (folder / META_FILE).is_file():
+            return folder
+    raise CheckpointError(f"checkpoint not found: {p} (expected a folder with {META_FILE} + {WEIGHTS_FILE}, "
+                          f"a run folder, or a .pt file)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an inference checkpoint of this trainer (format {FORMAT!r} expected)")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format_version {meta.get('format_version')}, newer than this trainer "
+                              f"reads ({FORMAT_VERSION}): update the trainer")
+    return meta
+
+
+def _weights_header(path: Path) -> dict:
+    """The safetensors header metadata of ``path`` (``format``, ``write_id``, ``model.json``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # truncated / not a safetensors file
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def read_meta(path: str | Path) -> dict:
+    """The description of a checkpoint without its weights (``model.json``, or a ``.pt``'s fields).
+
+    Raises:
+        CheckpointError: missing, unreadable, refused (:func:`trainer.train.checkpoint.load`) or not
+            an inference checkpoint of this trainer.
+    """
+    src = resolve(path)
+    if src.is_dir():
+        return _read_json(src / META_FILE)
+    return {k: v for k, v in load(src).items() if k not in ("model", "optimizer", "rng", "scaler")}
+
+
+def load_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(meta, state_dict)`` of a checkpoint (see :func:`resolve` for what ``path`` may be).
+
+    Raises:
+        CheckpointError: as :func:`read_meta`, or weights and JSON from different writes (an
+            interrupted write; the run's next start repairs it).
+    """
+    from safetensors.torch import load_file
+
+    src = resolve(path)
+    if not src.is_dir():
+        ckpt = load(src)
+        if "model" not in ckpt or "class_names" not in ckpt:
+            raise CheckpointError(f"{src} holds no model weights with class names")
+        return {k: v for k, v in ckpt.items() if k != "model"}, ckpt["model"]
+    meta = _read_json(src / META_FILE)
+    weights = src / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint not found: {weights} (beside {META_FILE})")
+    if _weights_header(weights).get("write_id") != meta.get("write_id"):
+        raise CheckpointError(f"{weights} and {META_FILE} come from different writes (one was interrupted): "
+                              "start the run once more to repair it, or use a copy made before")
+    try:
+        return meta, load_file(str(weights), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"cannot read {weights}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the model of a checkpoint without any download (see :func:`resolve` for ``path``).
+
+    Returns:
+        (model in eval mode on ``device``, Preprocessing, class_names)
+
+    Raises:
+        CheckpointError: unreadable, refused or mismatched files, or weights that do not fit the stored
+            backbone / class count (one line naming the file).
+    """
+    from trainer.models.build import build_model
+    from trainer.models.classifier import Preprocessing
+
+    meta, state = load_state(path)
+    class_names = list(meta["class_names"])
+    try:
+        pre = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: preprocessing: {' '.join(str(e).split())}") from None
+    model, _ = build_model(meta["backbone"], len(class_names), weights="none",
+                           drop_rate=meta.get("drop_rate") or 0.0, preprocessing=pre)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit backbone {meta['backbone']} with "
+                              f"{len(class_names)} classes: {' '.join(str(e).split())[:300]}") from None
+    return model.to(device).eval(), pre, class_names
+
+
+def repair(folder: str | Path) -> bool:
+    """Complete a write that a kill interrupted between its two files; True if it did.
+
+    The weights of the interrupted write are in place but ``model.json`` is the previous one (or
+    missing): ``model.json`` is rewritten from the weights' header. Call from one process at start-up.
+    """
+    folder = Path(folder)
+    weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
+    if not weights.is_file():
+        return False
+    try:
+        header = _weights_header(weights)
+    except CheckpointError:  # damaged weights: nothing to rebuild from
+        return False
+    try:
+        current = json.loads(meta_path.read_text()).get("write_id") if meta_path.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable / cut / not an object
+        current = None
+    text = header.get(META_FILE)
+    if not text or header.get("write_id") == current:
+        return False
+    atomic_write(meta_path, text)
+    return True
