@@ -45,7 +45,7 @@ def test_interval_minutes_then_resume_on_one_process(tmp_path):
     bad = subprocess.run([sys.executable, "trainer/main.py", *args(**{"train.max_steps": 4,
                                                                       "train.global_batch_size": 4})],
                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "train.global_batch_size=2" in bad.stderr, bad.stderr[-3000:]
+    assert bad.returncode == 2 and "train.global_batch_size: 2 -> 4" in bad.stderr, bad.stderr[-3000:]
 
     # the same run continued by ONE process: state restored, RNG per rank not (warned), steps continue
     one = subprocess.run([sys.executable, "trainer/main.py", *args(**{"train.max_steps": 4})],

@@ -112,7 +112,7 @@ def test_bad_configs_end_with_one_clear_message(tmp_path):
 
 
 @pytest.mark.slow
-def test_class_count_mismatch_with_checkpoint_is_named(data, tmp_path):
+def test_other_data_into_a_run_folder_is_refused_naming_the_keys(data, tmp_path):
     out = tmp_path / "run"
     run_cmd([PY, "trainer/main.py", "--config", "configs/ants_bees_lite0.yaml",
              *tiny_overrides(data / "images", data / "shards", out, **{"train.max_steps": 1})])
@@ -123,4 +123,5 @@ def test_class_count_mismatch_with_checkpoint_is_named(data, tmp_path):
             (three / split / "wasps" / p.name).write_bytes(p.read_bytes())
     msg = _config_error(["--config", "configs/ants_bees_lite0.yaml",
                          *tiny_overrides(three, tmp_path / "shards3", out, **{"train.max_steps": 1})], tmp_path)
-    assert "last.pt" in msg and "2 classes" in msg and "3 classes" in msg
+    # other data into the same run folder: refused before any work, naming the changed keys
+    assert "last.pt" in msg and "data.root" in msg and "data.shard_dir" in msg

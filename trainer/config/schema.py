@@ -319,9 +319,13 @@ class TrainConfig(Section):
     seed: int = num(0, ge=0, lt=2**32)
     """Seed for weights of the head, shuffling and augmentation."""
     output_dir: str = "runs/default"
-    """Run directory: config, metrics.jsonl, checkpoints. An existing run there is resumed."""
+    """Run directory: config, metrics.jsonl, checkpoints; it holds one run. An existing run there is
+    resumed if its config differs only in settings resuming may change (``trainer/train/run_folder.py``)."""
     resume: bool = True
-    """Resume from ``output_dir/checkpoints/last.pt`` if it exists."""
+    """Resume from ``output_dir/checkpoints/last.pt`` if it exists. ``false`` into a folder holding a
+    run is refused unless ``overwrite`` is set."""
+    overwrite: bool = False
+    """With ``resume: false``: delete the run in ``output_dir`` first (only a run folder is ever deleted)."""
     checkpoint_every_steps: int = num(0, ge=0)
     """Also write ``last.pt`` every this many optimizer steps (0: only at epoch ends)."""
     checkpoint_every_minutes: float = num(0.0, ge=0)

@@ -125,7 +125,7 @@ class Progress:
 
     Attributes:
         step: optimizer steps done. epoch: epochs completed. samples_seen: step x global_batch_size.
-        best_top1: val top-1 of the model in ``best.pt`` (-1 before the first evaluation).
+        best_top1: val top-1 of the model in ``checkpoints/best/`` (-1 before the first evaluation).
     """
 
     step: int = 0

@@ -1,15 +1,18 @@
 """One training run: wires config, data, model, freezing, optimizer, loop, checkpoints and tracking.
 
-:func:`run` builds a :class:`Trainer` and calls :meth:`Trainer.fit`. Every rank runs the same code;
-only the main process writes files or logs. The sequence:
+:func:`run` decides what to do with ``train.output_dir`` (:mod:`trainer.train.run_folder`: new run,
+resume, refusal, or "finished"), builds a :class:`Trainer` and calls :meth:`Trainer.fit`. Every rank
+runs the same code; only the main process writes files or logs. The sequence:
 
-1. Build the Accelerator (DDP over gloo on CPU, NCCL on GPU) and check the world size.
+1. Build the Accelerator (DDP over gloo on CPU, NCCL on GPU) and check the world size; the main
+   process clears the folder (``train.overwrite``), completes an interrupted ``best/`` write and
+   removes dead writers' temp files.
 2. Make sure the shards exist (the main process writes them from ``data.root`` if needed) and read
    the class map + sample counts from ``dataset.json``.
 3. Build the model with the backbone's own preprocessing, layer ids, named param groups, and the
    unfreeze timetable; one optimizer holds every parameter for the whole run (frozen ones simply have
    no gradient), so optimizer state survives phase changes and resumes.
-4. Resume from ``last.pt`` if present. Then epochs (:meth:`Trainer.train_epoch`): at a phase change
+4. Resume from ``last.pt`` if the plan says so. Then epochs (:meth:`Trainer.train_epoch`): at a phase change
    ``freezing.apply_phase`` sets ``requires_grad`` and the model is re-wrapped in DDP; each optimizer
    step sets every group's lr from the pure schedule; ranks agree on preemption every
    ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate,
@@ -22,6 +25,8 @@ only the main process writes files or logs. The sequence:
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +58,7 @@ from trainer.train.early_stopping import EarlyStopping
 from trainer.train.evaluation import test_best_checkpoint
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import evaluate, train_step
+from trainer.train.run_folder import StartPlan, clean_start, clear_folder, plan_start
 
 log = logging.getLogger("trainer")
 
@@ -79,7 +85,7 @@ class Trainer:
         trainer.train.checkpoint.CheckpointError: an unreadable checkpoint (names the file).
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, plan: StartPlan | None = None):
         self.cfg = cfg
         self.accelerator = make_accelerator(cfg.train.mixed_precision, timeout_s=cfg.train.dist_timeout_s)
         cfg.train.mixed_precision = self.accelerator.mixed_precision  # "auto" resolved: config.yaml records it
@@ -89,23 +95,33 @@ class Trainer:
         self.world_size = self.accelerator.num_processes
         self.accum = grad_accum_steps(cfg, self.world_size)
         self.out_dir = Path(cfg.train.output_dir)
+        self.plan = plan or plan_start(cfg)
+        if self.is_main:  # the run folder as the plan says: cleared (train.overwrite), no dead writers' files
+            if self.plan.clear:
+                clear_folder(self.out_dir)
+            clean_start(self.out_dir)
+            for change in self.plan.changes:
+                log.info("%s with a changed setting %s", self.plan.action, change)
+        self.accelerator.wait_for_everyone()
         set_seed(cfg.train.seed)
         self._setup_data()
         self._setup_model()
         self._setup_loaders()
         self.stopper = EarlyStopping.from_config(cfg.train.early_stopping)  # checkpoints/best/ + early stopping
         self.progress, wandb_run_id = Progress(), None
-        last = ckpt_lib.latest_checkpoint(self.out_dir) if cfg.train.resume else None
+        last = self.plan.last
         if last is not None:
             self.progress, wandb_run_id = self.restore(last)
         self.tracker = Tracker.disabled()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out_dir / "config.yaml")
+            save_config(cfg, self.out_dir / "config.yaml")  # the config this folder's run trains with
+            # resume: history after the checkpoint's step is rewound; restart (no checkpoint yet): all of it
+            resume_step = self.progress.step if last is not None else 0 if self.plan.action == "restart" else None
             self.tracker = Tracker(self.out_dir, cfg.to_dict(), mode=cfg.logging.wandb,
                                    project=cfg.logging.project, entity=cfg.logging.entity,
                                    run_name=cfg.logging.run_name or cfg.name, run_id=wandb_run_id,
-                                   resume_step=self.progress.step if last is not None else None)
+                                   resume_step=resume_step)
             log.info("world_size=%d micro_batch_size=%d grad_accum_steps=%d global_batch_size=%d "
                      "steps/epoch=%d total_steps=%d classes=%d mixed_precision=%s", self.world_size,
                      cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.steps_epoch,
@@ -370,10 +386,22 @@ class Trainer:
 
 
 def run(cfg: Config) -> RunResult:
-    """Train (or resume) the run described by ``cfg``: ``Trainer(cfg).fit()``.
+    """Train (or resume) the run described by ``cfg``: ``Trainer(cfg).fit()``, after deciding what to
+    do with ``train.output_dir`` (:func:`trainer.train.run_folder.plan_start`). A run that already
+    reached its end says so and returns its counters without touching any file.
 
     Raises:
-        ConfigError: config fields that do not fit the data or the launch (names the field).
+        ConfigError: config fields that do not fit the data, the launch or the run folder (names the field).
         trainer.train.checkpoint.CheckpointError: a checkpoint that does not fit this run (names the file).
     """
-    return Trainer(cfg).fit()
+    plan = plan_start(cfg)
+    if plan.action != "finished":
+        return Trainer(cfg, plan).fit()
+    st = plan.state
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run in {cfg.train.output_dir} is finished (epoch {st['epoch']}, step {st['step']}): nothing to do; "
+              "a larger train.epochs or train.max_steps continues it", file=sys.stderr, flush=True)
+    by_length = st["epoch"] >= cfg.train.epochs or (cfg.train.max_steps is not None
+                                                     and st["step"] >= cfg.train.max_steps)
+    return RunResult(output_dir=Path(cfg.train.output_dir), best_top1=st.get("best_top1", -1.0), last_eval={},
+                     step=st["step"], epoch=st["epoch"], preempted=False, early_stopped=not by_length)

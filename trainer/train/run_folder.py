@@ -1,0 +1,208 @@
+"""Run folders with one meaning: one ``train.output_dir`` holds one run, and its ``config.yaml`` is the
+config that run trained with.
+
+:func:`plan_start` decides, before anything in the folder is written and on every rank alike (it
+only reads), what a start does with ``train.output_dir``:
+
+============================================  ===============================  ==========================
+folder holds                                   ``train.resume: true``           ``train.resume: false``
+============================================  ===============================  ==========================
+nothing (missing or empty)                     new run                          new run
+``checkpoints/last.pt``                        resume, or refuse (1)            refuse (2)
+``config.yaml`` but no ``last.pt`` (a start    start over, or refuse (1)        refuse (2)
+that died before its first checkpoint)
+other files                                    refuse (3)                       refuse (3)
+============================================  ===============================  ==========================
+
+(1) The config saved with the run (``last.pt``'s, else ``config.yaml``) is compared with this one,
+key by key. Keys in :data:`RESUMABLE` may differ (more epochs, a new ``max_steps``, logging, loader
+workers, checkpoint intervals, ...); any other difference is refused with one line listing the keys
+as ``old -> new``. A run that already reached its end (epochs, ``max_steps`` or early stopping of
+this config) says so and does nothing (exit 0).
+(2) Refused unless ``train.overwrite: true``, which deletes the folder's content first.
+(3) A folder without ``config.yaml``, ``checkpoints/`` or ``logs/`` is not a run folder: nothing there is
+deleted, not even with ``train.overwrite``; choose another ``train.output_dir``.
+
+Keys present in only one of the two configs (a field added or removed by another trainer version)
+are not compared.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from trainer.config.schema import Config, ConfigError
+from trainer.train import checkpoint as ckpt_lib
+from trainer.utils.files import remove_stale_temp_files
+
+log = logging.getLogger("trainer")
+
+RESUMABLE = (
+    "name", "logging.",
+    "train.epochs", "train.max_steps", "train.resume", "train.overwrite", "train.output_dir",
+    "train.checkpoint_every_steps", "train.checkpoint_every_minutes", "train.log_every_steps",
+    "train.preempt_check_every_steps", "train.dist_timeout_s", "train.eval_batch_size",
+    "train.micro_batch_size", "train.early_stopping.patience", "train.early_stopping.min_delta",
+    "data.num_workers", "data.pin_memory", "model.compile",
+)
+"""Config keys (exact, or a prefix ending in ``.``) that may change between the starts of one run:
+they change how long it runs, what it logs, or how fast it goes, not what it computes per step
+(``train.micro_batch_size`` changes only how ``train.global_batch_size`` is split; a new
+``train.epochs`` stretches the rest of the lr schedule from the current step). Helpers adding a
+setting of this kind (e.g. an evaluation or checkpoint interval) add it here."""
+
+
+@dataclass
+class StartPlan:
+    """What a start does with its run folder (see the module docstring).
+
+    Attributes:
+        action: ``new`` (empty folder), ``resume`` (from ``last``), ``restart`` (same config, no
+            checkpoint yet: train from step 0, earlier metrics rewound), ``finished`` (nothing to do).
+        last: ``checkpoints/last.pt`` to resume from. clear: delete the folder's content first
+            (``train.overwrite``). changes: allowed differences ``key: old -> new`` (logged).
+        state: the loaded ``last.pt`` (``finished`` only: its counters for the result).
+    """
+
+    action: str
+    last: Path | None = None
+    clear: bool = False
+    changes: list[str] = field(default_factory=list)
+    state: dict | None = None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resumable(key: str) -> bool:
+    """True if ``key`` (``section.field``) may differ between starts of one run (:data:`RESUMABLE`)."""
+    return any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE)
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """Differences between two ``Config.to_dict()`` as ``"key: old -> new"``, split into
+    (refused, allowed by :data:`RESUMABLE`). Keys present on one side only are skipped."""
+    a, b = _flatten(old), _flatten(new)
+    refused, allowed = [], []
+    for key in sorted(a.keys() & b.keys()):
+        if a[key] != b[key]:
+            (allowed if resumable(key) else refused).append(f"{key}: {a[key]!r} -> {b[key]!r}")
+    return refused, allowed
+
+
+def is_finished(state: dict, cfg: Config) -> bool:
+    """True if a run at ``last.pt`` state ``state`` has nothing left to do under ``cfg``."""
+    t = cfg.train
+    if state.get("epoch", 0) >= t.epochs or (t.max_steps is not None and state.get("step", 0) >= t.max_steps):
+        return True
+    es = state.get("early_stopping") or {}
+    return (t.early_stopping.patience is not None and es.get("monitor") == t.early_stopping.monitor
+            and es.get("mode") == t.early_stopping.mode and int(es.get("wait", 0)) >= t.early_stopping.patience)
+
+
+ERROR_LOGS = "logs"
+"""Folder of error tracebacks (``trainer/cli/errors.py``), also written by a start that was refused:
+on its own it does not make a folder a run."""
+
+
+def _is_run_folder(out: Path) -> bool:
+    return (out / "config.yaml").is_file() or (out / "checkpoints").is_dir() or (out / ERROR_LOGS).is_dir()
+
+
+def plan_start(cfg: Config) -> StartPlan:
+    """Decide what this start does with ``train.output_dir`` (module docstring); reads, never writes.
+
+    Raises:
+        ConfigError: the folder holds a run of another config (the differing keys, ``old -> new``),
+            a run while ``train.resume`` is false and ``train.overwrite`` is not set, or files that
+            are not a run's. One line naming ``train.output_dir``.
+        trainer.train.checkpoint.CheckpointError: an unreadable or refused ``last.pt``.
+    """
+    out = Path(cfg.train.output_dir)
+    if not out.is_dir() or not any(p.name != ERROR_LOGS for p in out.iterdir()):
+        return StartPlan("new")
+    if not _is_run_folder(out):
+        entries = sorted(p.name for p in out.iterdir())
+        raise ConfigError(f"train.output_dir {out} holds files that are not a run's ({', '.join(entries[:5])}"
+                          f"{', ...' if len(entries) > 5 else ''}): choose an empty or new folder")
+    if not cfg.train.resume:
+        if cfg.train.overwrite:
+            return StartPlan("new", clear=True)
+        raise ConfigError(f"train.output_dir {out} already holds a run and train.resume is false: set "
+                          "train.overwrite: true to delete it, or choose another train.output_dir")
+    last = ckpt_lib.latest_checkpoint(out)
+    state = ckpt_lib.load(last) if last is not None else None
+    if state is not None and isinstance(state.get("config"), dict):
+        saved, source = state["config"], last
+    elif (out / "config.yaml").is_file():
+        try:
+            saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read {out / 'config.yaml'}: {' '.join(str(e).split())}") from None
+        source = out / "config.yaml"
+    else:
+        saved, source = {}, last
+    refused, allowed = config_changes(saved, cfg.to_dict())
+    if refused:
+        raise ConfigError(
+            f"train.output_dir {out} holds a run of another config ({source.name}): {'; '.join(refused)}. "
+            "A run folder holds one run: choose another train.output_dir (or train.resume: false with "
+            "train.overwrite: true to replace it); keys resuming may change are listed in "
+            "trainer/train/run_folder.py RESUMABLE")
+    if state is None:
+        return StartPlan("restart", changes=allowed)
+    if is_finished(state, cfg):
+        return StartPlan("finished", last=last, changes=allowed, state=state)
+    return StartPlan("resume", last=last, changes=allowed)
+
+
+def clear_folder(out: Path) -> None:
+    """Delete the content of run folder ``out`` (``train.overwrite``), keeping the folder itself.
+
+    Raises:
+        ConfigError: ``out`` is not a run folder (nothing is deleted).
+    """
+    if not out.is_dir():
+        return
+    if not _is_run_folder(out):
+        raise ConfigError(f"train.overwrite: {out} is not a run folder; nothing deleted")
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    log.info("train.overwrite: deleted the previous run in %s", out)
+
+
+def clean_start(out: Path) -> list[Path]:
+    """Start-up clean-up of a run folder (main process, before anything reads the checkpoints):
+    complete an inference-checkpoint write that a kill interrupted, then delete the temp files of dead
+    writers in the folder, ``checkpoints/`` and ``checkpoints/best/``.
+
+    Returns:
+        The temp files removed.
+    """
+    from trainer.train import inference_checkpoint as infer_ckpt
+
+    best = infer_ckpt.best_dir(out)
+    if infer_ckpt.repair(best):
+        log.warning("completed the interrupted write of %s/%s", best, infer_ckpt.META_FILE)
+    removed = []
+    for folder in (out, ckpt_lib.checkpoint_dir(out), best):
+        removed += remove_stale_temp_files(folder)
+    if removed:
+        log.info("removed %d temp file(s) of killed writers: %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
