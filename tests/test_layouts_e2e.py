@@ -1,4 +1,4 @@
-"""End to end: a run on class folders with a held-out test split ends with best.pt evaluated on it."""
+"""End to end: a run on class folders with a held-out test split ends with checkpoints/best evaluated on it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Evaluate a trained model or checkpoint on a split's shards: metrics, per-class accuracy, confusion, reports.
 
-Used at the end of a run (``best.pt`` on the test split, once: :func:`test_best_checkpoint`) and by
+Used at the end of a run (``checkpoints/best/`` on the test split, once: :func:`test_best_checkpoint`) and by
 ``launch/evaluate.py`` (:func:`evaluate_checkpoint`, any checkpoint and split). Every rank must call
 these functions (the metrics end in one all-reduce; each sample is read by exactly one rank).
 """
@@ -54,7 +54,8 @@ def evaluate_model(model: torch.nn.Module, pre, shards: Sequence[str], *, class_
 def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accelerator, split: str = "test",
                         out_dir: str | Path | None = None, tracker=None, step: int = 0,
                         micro_batch_size: int = 64, num_workers: int = 2) -> tuple[EvalResult, dict]:
-    """Load an inference checkpoint (``best.pt``) and evaluate it on ``shards``.
+    """Load an inference checkpoint (``checkpoints/best/``, see :mod:`trainer.train.inference_checkpoint`) and
+    evaluate it on ``shards``.
 
     Args:
         split: name used in metric keys (``<split>/top1``...) and report files (``<split>_...``).
@@ -71,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
         trainer.train.checkpoint.CheckpointError: unreadable checkpoint.
     """
     from trainer.reporting.tracking import Tracker
-    from trainer.train.checkpoint import load_for_inference
+    from trainer.train.inference_checkpoint import load_for_inference
 
     model, pre, class_names = load_for_inference(checkpoint, device=accelerator.device)
     reporter = Reporter(out_dir or ".", class_names, accelerator, tracker or Tracker.disabled())
@@ -96,18 +97,20 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
 
 def test_best_checkpoint(out_dir: Path, best: Path, test_shards: Sequence[str] | None, *, accelerator, tracker,
                          step: int, micro_batch_size: int, num_workers: int) -> dict | None:
-    """At the end of a run: evaluate ``best.pt`` on the test split once (skipped when there is no test
-    split, no ``best.pt``, or ``reports/test_metrics.json`` is newer than ``best.pt``).
+    """At the end of a run: evaluate the inference checkpoint folder ``best`` on the test split once (skipped
+    when there is no test split, no checkpoint, or ``reports/test_metrics.json`` is newer than its ``model.json``).
 
     Returns:
         the ``test/...`` record, or None when skipped.
     """
-    done = Path(out_dir) / "reports" / "test_metrics.json"
-    if not test_shards or not best.is_file() or (done.is_file() and done.stat().st_mtime >= best.stat().st_mtime):
+    from trainer.train.inference_checkpoint import META_FILE
+
+    done, meta = Path(out_dir) / "reports" / "test_metrics.json", Path(best) / META_FILE
+    if not test_shards or not meta.is_file() or (done.is_file() and done.stat().st_mtime >= meta.stat().st_mtime):
         return None
     result, record = evaluate_checkpoint(best, test_shards, accelerator=accelerator, split="test", out_dir=out_dir,
                                          tracker=tracker, step=step, micro_batch_size=micro_batch_size,
                                          num_workers=num_workers)
-    log.info("test split (best.pt): test/loss %.4f test/top1 %.4f on %d samples", result.loss, result.top1,
+    log.info("test split (checkpoints/best): test/loss %.4f test/top1 %.4f on %d samples", result.loss, result.top1,
              result.num_samples)
     return record

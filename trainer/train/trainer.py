@@ -18,7 +18,7 @@ runs the same code; only the main process writes files or logs. The sequence:
    ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate,
    reports, ``checkpoints/best/`` when the monitored metric improves, ``last.pt`` (also written at the configured
    interval and on preemption), early stopping.
-5. When the data has a test split: ``best.pt`` evaluated on it once (``test/...`` in metrics.jsonl,
+5. When the data has a test split: ``checkpoints/best/`` evaluated on it once (``test/...`` in metrics.jsonl,
    ``reports/test_*``; :mod:`trainer.train.evaluation`).
 """
 
@@ -368,7 +368,7 @@ class Trainer:
                     break
                 last_eval = self.end_epoch(num_skipped)
             if not preempted:
-                test_best_checkpoint(self.out_dir, ckpt_lib.checkpoint_dir(self.out_dir) / "best.pt",
+                test_best_checkpoint(self.out_dir, infer_ckpt.best_dir(self.out_dir),
                                      self.dataset.test_shards, accelerator=self.accelerator, tracker=self.tracker,
                                      step=p.step, num_workers=self.cfg.data.num_workers,
                                      micro_batch_size=self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size)
