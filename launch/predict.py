@@ -70,7 +70,8 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
     """Write predictions for every image below ``images`` to ``out``; return top-1 where labels are known.
 
     Args:
-        checkpoint: ``best.pt`` / ``last.pt`` written by the trainer.
+        checkpoint: the inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run
+            folder, or a ``best.pt`` / ``last.pt`` (see ``trainer.train.inference_checkpoint.resolve``).
         images: an image file or a folder (searched recursively; class-named parent folders give labels).
         out: CSV file to write.
         batch_size: images per forward pass.
