@@ -109,9 +109,40 @@ class DataConfig(Section):
     resampled: bool = False
     """Sample shards with replacement in every worker (for fewer shards than ranks x workers)."""
     augment: Literal["standard", "none"] = "standard"
-    """Training augmentation: RandomResizedCrop + flip, or none (eval transform; enables the feature cache)."""
+    """Training augmentation: RandomResizedCrop + flip (+ the options below), or none (the eval transform
+    and no batch augmentation; enables the feature cache)."""
     pin_memory: bool = True
     """Pin host memory of batches (only has an effect on GPU)."""
+    image_size: Optional[int] = num(None, ge=16, le=1024)
+    """Network input side S in pixels for training, evaluation and the saved model (predict, export);
+    null: the backbone's pretraining size (224 for EfficientNet-Lite0). Eval resizes the short side to
+    ``S / crop_pct`` and centre-crops S, so small images (EuroSAT's 64x64) are upsampled whole."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """RandomResizedCrop area range ``[min, max]`` as fractions of the image, ``0 < min <= max <= 1``.
+    The ImageNet default 0.08 cuts 18x18 px out of a 64x64 image; 0.25 suits fine-tuning on small or
+    low-resolution images (the shipped fine-tuning recipes use [0.25, 1.0])."""
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    """Policy on the uint8 crop in the loader workers: ``randaugment`` (torchvision v2 RandAugment, Cubuk
+    et al. 2020, ``auto_augment_ops`` ops at ``auto_augment_magnitude``), ``trivialaugment`` (v2
+    TrivialAugmentWide, Mueller & Hutter 2021) or ``none``."""
+    auto_augment_magnitude: int = num(9, ge=0, le=30)
+    """RandAugment magnitude (bins of v2.RandAugment; timm's ImageNet recipes use 9)."""
+    auto_augment_ops: int = num(2, ge=1, le=10)
+    """RandAugment operations per image."""
+    random_erasing: float = num(0.0, ge=0, le=1)
+    """Probability of erasing one random rectangle (2-33% of the area) per training image with per-pixel
+    normal noise (timm RandomErasing, Zhong et al. 2020), on the device after normalisation."""
+    mixup_alpha: float = num(0.0, ge=0)
+    """Mixup (Zhang et al. 2018) Beta(alpha, alpha) parameter (0: off; 0.2-0.8 typical), on the device per
+    micro-batch (timm Mixup; needs an even ``train.micro_batch_size``); the loss becomes soft-target
+    cross-entropy with ``optim.label_smoothing`` folded into the mixed targets."""
+    cutmix_alpha: float = num(0.0, ge=0)
+    """CutMix (Yun et al. 2019) Beta parameter (0: off; 1.0 typical). With mixup on too, each micro-batch
+    uses one of them (``mixup_switch_prob``)."""
+    mixup_prob: float = num(1.0, ge=0, le=1)
+    """Probability that a micro-batch is mixed at all (mixup or cutmix)."""
+    mixup_switch_prob: float = num(0.5, ge=0, le=1)
+    """Probability of cutmix instead of mixup when both alphas are > 0."""
 
     def _check(self) -> None:
         for key in ("download_sha256", "tree_sha256"):
@@ -130,6 +161,9 @@ class DataConfig(Section):
                               f"{self.val_fraction + self.test_fraction:g} leaves no training image (must be < 1)")
         if self.manifest is not None and self.val_fraction is not None:
             raise ConfigError("data.val_fraction: a manifest gives its own splits (split column or one file per split)")
+        cs = self.crop_scale
+        if len(cs) != 2 or not 0.0 < cs[0] <= cs[1] <= 1.0:
+            raise ConfigError(f"data.crop_scale: {cs} is not allowed (allowed: [min, max] with 0 < min <= max <= 1)")
 
 
 @dataclass
@@ -147,6 +181,10 @@ class ModelConfig(Section):
     ``timm:tf_efficientnet_lite0`` / ``1`` / ``2``)."""
     drop_rate: float = num(0.0, ge=0, lt=1)
     """Dropout before the new head."""
+    drop_path_rate: float = num(0.0, ge=0, lt=1)
+    """Stochastic depth (Huang et al. 2016) inside the backbone: the rate of the last block (timm scales it
+    linearly with depth). timm backbones only (``timm.create_model(drop_path_rate=...)``); 0.1-0.2 for
+    fine-tuning; no effect while the backbone is frozen (frozen layers run in eval mode)."""
     channels_last: bool = True
     """Use the channels_last memory format (faster convolutions on GPU with mixed precision)."""
     compile: bool = False
@@ -183,6 +221,19 @@ class FinetuneConfig(Section):
 
     _where: ClassVar[str] = "finetune"
 
+    strategy: Literal["epochs", "linear_probe", "lp_ft"] = "epochs"
+    """``epochs``: train for ``train.epochs`` with the timetable below (``freeze``, ``phases``,
+    ``gradual_every``). ``linear_probe``: frozen backbone, features of the train and val splits computed
+    once (eval transform), a multinomial logistic-regression head solved to convergence by full-batch
+    L-BFGS with the L2 strength chosen on val from ``lp_l2_grid`` (Kornblith et al. 2019), written into
+    ``best.pt``; no epochs run. ``lp_ft``: that linear probe first, then ``train.epochs`` of the timetable
+    below starting from its head (LP-FT, Kumar et al. 2022; use with ``freeze: none``)."""
+    lp_l2_grid: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0])
+    """Linear probe: L2 strengths ``lambda`` > 0 tried (loss = mean cross-entropy + lambda/2 * ||W||^2 on
+    standardised features). The one with the best val top-1 (ties: val loss) is kept. The default spans
+    weak (large data) to strong (a few hundred images: ants/bees picks 10)."""
+    lp_max_iter: int = num(200, ge=10, le=10000)
+    """Linear probe: L-BFGS iterations per L2 value (warm-started along the grid)."""
     freeze: Literal["backbone", "none"] = "backbone"
     """``backbone``: feature extraction (only the head trains); ``none``: fine-tune everything.
     Ignored when ``phases`` or ``gradual_every`` is set."""
@@ -212,6 +263,12 @@ class FinetuneConfig(Section):
     """Default lr multiplier for unfrozen backbone layers in gradual mode (phases set their own)."""
 
     def _check(self) -> None:
+        if not self.lp_l2_grid or any(not v > 0 for v in self.lp_l2_grid):
+            raise ConfigError(f"finetune.lp_l2_grid: {self.lp_l2_grid} is not allowed (allowed: a non-empty list "
+                              "of numbers > 0)")
+        if self.strategy == "linear_probe" and (self.freeze != "backbone" or self.phases or self.gradual_every):
+            raise ConfigError("finetune.strategy=linear_probe trains only the head on a frozen backbone: leave "
+                              "finetune.freeze=backbone and finetune.phases/gradual_every unset")
         if self.layer_decay is not None and self.layer_lr_scale is not None:
             raise ConfigError("finetune.layer_decay and finetune.layer_lr_scale are mutually exclusive: set only one")
         for lid, s in (self.layer_lr_scale or {}).items():
@@ -346,6 +403,11 @@ class TrainConfig(Section):
     preempt_check_every_steps: int = num(1, ge=1)
     """Agree on preemption (and on ``checkpoint_every_minutes``) every this many optimizer steps: each
     check is an all-reduce that waits for the device; a signal then stops the run up to N-1 steps later."""
+    ema_decay: Optional[float] = num(None, gt=0, lt=1)
+    """Model EMA (timm ModelEmaV3 with its decay warm-up ``1 - (1 + step) ** (-2/3)``) with this largest
+    decay, e.g. 0.999 for a few thousand steps; null: off. The EMA weights are evaluated beside the raw ones
+    (``val_ema/top1``, ...); ``best.pt`` holds whichever is better on the monitored metric and records which
+    (``metrics.weights: ema|raw``). The EMA is saved in ``last.pt`` and restored on resume."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Monitored metric (selects ``checkpoints/best/``) and early stopping, e.g.
     ``{monitor: val/top1, mode: max, patience: 3, min_delta: 0.0}``."""
@@ -398,6 +460,24 @@ class Config(Section):
         if self.train.feature_cache and self.data.augment != "none":
             raise ConfigError(f"train.feature_cache needs data.augment=none (random augmentation changes the "
                               f"features every epoch), got data.augment={self.data.augment!r}")
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """Rules between the augmentation / EMA / strategy fields and the rest."""
+        d = self.data
+        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
+            if self.train.micro_batch_size % 2:
+                raise ConfigError(f"data.mixup_alpha/cutmix_alpha need an even train.micro_batch_size (pairs are "
+                                  f"mixed within a micro-batch), got {self.train.micro_batch_size}")
+            if self.optim.class_weights != "none":
+                raise ConfigError("data.mixup_alpha/cutmix_alpha do not combine with optim.class_weights "
+                                  f"({self.optim.class_weights!r}): the soft-target loss has no class weights")
+        if self.model.drop_path_rate > 0 and not self.model.backbone.startswith("timm:"):
+            raise ConfigError(f"model.drop_path_rate needs a timm backbone ('timm:<name>'), got "
+                              f"{self.model.backbone!r}")
+        if self.finetune.strategy != "epochs" and self.train.feature_cache:
+            raise ConfigError(f"train.feature_cache is for finetune.strategy=epochs; strategy "
+                              f"{self.finetune.strategy!r} computes its features itself")
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON serialisable)."""

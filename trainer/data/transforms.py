@@ -27,6 +27,7 @@ _INTERPOLATIONS = {
     "bicubic": v2.InterpolationMode.BICUBIC,
 }
 _AUGMENTS = ("standard", "none")
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 
 
@@ -51,20 +52,24 @@ class RandomResizedCropFlip:
             least twice the output size (see the module docstring); False decodes at full size.
         fast_dct: libjpeg-turbo's fast integer IDCT (``JDCT_IFAST``) in :meth:`from_bytes`: about
             4% faster decoding, pixel values within a few levels of the accurate IDCT.
+        policy: optional ``(3, S, S) uint8 -> (3, S, S) uint8`` applied last to every crop (a
+            torchvision v2 ``RandAugment`` / ``TrivialAugmentWide``, see :func:`build_transforms`).
     """
 
     def __init__(self, size: int, *, scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR, hflip_p: float = 0.5,
-                 dct_scaling: bool = True, fast_dct: bool = False):
+                 dct_scaling: bool = True, fast_dct: bool = False, policy: Callable | None = None):
         self.size, self.scale, self.ratio = size, list(scale), list(ratio)
         self.interpolation, self.hflip_p = interpolation, hflip_p
         self.dct_scaling, self.fast_dct = dct_scaling, fast_dct
+        self.policy = policy
 
     def __repr__(self) -> str:
         return (f"RandomResizedCropFlip(size={self.size}, scale={tuple(self.scale)}, "
                 f"ratio={tuple(round(r, 4) for r in self.ratio)}, interpolation={self.interpolation.value}, "
-                f"hflip_p={self.hflip_p}, dct_scaling={self.dct_scaling}, fast_dct={self.fast_dct})")
+                f"hflip_p={self.hflip_p}, dct_scaling={self.dct_scaling}, fast_dct={self.fast_dct}, "
+                f"policy={self.policy})")
 
     def _finish(self, crop: torch.Tensor, orientation: int = 1) -> torch.Tensor:
         # a dense channels-last crop takes torch's vectorised uint8 antialias kernel (about 1.5x faster
@@ -74,6 +79,8 @@ class RandomResizedCropFlip:
         out = apply_orientation(out, orientation)
         if torch.rand(1).item() < self.hflip_p:
             out = out.flip(-1)
+        if self.policy is not None:
+            out = self.policy(out)
         return out  # channels-last memory (HWC): the batch collate copies it into (B, 3, S, S) anyway
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
@@ -122,7 +129,9 @@ class RandomResizedCropFlip:
 
 def build_transforms(input_size: int, *, train: bool, crop_pct: float = 0.875,
                      interpolation: str = "bilinear", augment: str = "standard",
-                     scale: tuple[float, float] = (0.08, 1.0)) -> Callable[[torch.Tensor], torch.Tensor]:
+                     scale: tuple[float, float] = (0.08, 1.0), auto_augment: str = "none",
+                     auto_augment_magnitude: int = 9,
+                     auto_augment_ops: int = 2) -> Callable[[torch.Tensor], torch.Tensor]:
     """Train or eval transform, ``(3, H, W) uint8 -> (3, S, S) uint8`` with ``S = input_size``.
 
     Args:
@@ -135,6 +144,11 @@ def build_transforms(input_size: int, *, train: bool, crop_pct: float = 0.875,
             RandomHorizontalFlip (the ImageNet-reference augmentation, Szegedy et al. 2015);
             'none' = the deterministic eval transform (for feature caching / feature extraction).
         scale: RandomResizedCrop area range (fraction of the image), torchvision default (0.08, 1).
+        auto_augment: training with ``augment='standard'`` only: a policy on the uint8 crop, after
+            the flip: 'randaugment' (``v2.RandAugment(num_ops=auto_augment_ops,
+            magnitude=auto_augment_magnitude)``, Cubuk et al. 2020), 'trivialaugment'
+            (``v2.TrivialAugmentWide()``, Mueller & Hutter 2021) or 'none'. Their geometric ops
+            (rotate, shear, translate) interpolate bilinearly (v2 on tensors has no bicubic) and fill with 0.
 
     Returns:
         training with ``augment='standard'``: a :class:`RandomResizedCropFlip` (callable on a decoded
@@ -143,7 +157,7 @@ def build_transforms(input_size: int, *, train: bool, crop_pct: float = 0.875,
         per worker).
 
     Raises:
-        ValueError: a bad ``input_size``, ``crop_pct``, ``interpolation`` or ``augment`` (named).
+        ValueError: a bad ``input_size``, ``crop_pct``, ``interpolation``, ``augment`` or ``auto_augment`` (named).
     """
     if not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"build_transforms: input_size must be a positive int, got {input_size!r}")
@@ -154,10 +168,17 @@ def build_transforms(input_size: int, *, train: bool, crop_pct: float = 0.875,
                          f"got {interpolation!r}")
     if augment not in _AUGMENTS:
         raise ValueError(f"build_transforms: augment must be one of {list(_AUGMENTS)}, got {augment!r}")
+    if auto_augment not in AUTO_AUGMENTS:
+        raise ValueError(f"build_transforms: auto_augment must be one of {list(AUTO_AUGMENTS)}, got {auto_augment!r}")
     mode = _INTERPOLATIONS[interpolation]
     if train and augment == "standard":
+        policy, bilinear = None, v2.InterpolationMode.BILINEAR  # v2's tensor affine: nearest/bilinear only
+        if auto_augment == "randaugment":
+            policy = v2.RandAugment(num_ops=auto_augment_ops, magnitude=auto_augment_magnitude, interpolation=bilinear)
+        elif auto_augment == "trivialaugment":
+            policy = v2.TrivialAugmentWide(interpolation=bilinear)
         return RandomResizedCropFlip(input_size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=mode,
-                                     fast_dct=True)
+                                     fast_dct=True, policy=policy)
     return v2.Compose([
         v2.Resize(int(input_size / crop_pct), interpolation=mode, antialias=True),
         v2.CenterCrop(input_size),

@@ -76,8 +76,12 @@ def class_weights(class_counts: Sequence[int], kind: str = "inverse", *, beta: f
 
 
 def build_criterion(optim_cfg, class_counts: Sequence[int] | None, *, class_names: Sequence[str] | None = None,
-                    device: torch.device | str = "cpu") -> torch.nn.CrossEntropyLoss:
+                    device: torch.device | str = "cpu", soft_targets: bool = False) -> torch.nn.Module:
     """The training criterion of a run: cross-entropy with ``optim.label_smoothing`` and ``optim.class_weights``.
+
+    With ``soft_targets`` (mixup / cutmix on, :mod:`trainer.data.batch_augment`) it is timm's
+    ``SoftTargetCrossEntropy``, ``mean_i sum_c -t_ic log softmax(z_i)_c`` on ``(B, C)`` targets that
+    already carry the label smoothing; class weights are refused by the config check then.
 
     Args:
         optim_cfg: :class:`trainer.config.schema.OptimConfig` (``label_smoothing``, ``class_weights``,
@@ -92,6 +96,11 @@ def build_criterion(optim_cfg, class_counts: Sequence[int] | None, *, class_name
         ValueError: class weights requested without counts, or a count list of the wrong length
             is caught later by the loss itself (shape error naming both sizes).
     """
+    if soft_targets:
+        if optim_cfg.class_weights != "none":
+            raise ValueError("optim.class_weights does not combine with mixup/cutmix (soft targets)")
+        from timm.loss import SoftTargetCrossEntropy
+        return SoftTargetCrossEntropy()
     weight = None
     if optim_cfg.class_weights != "none":
         if class_counts is None:

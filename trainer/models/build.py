@@ -190,7 +190,8 @@ def _load_local_file(backbone_module: nn.Module, path: str, head_prefixes: tuple
 
 
 def build_model(backbone: str, num_classes: int, weights: str | None = "default", *,
-                drop_rate: float = 0.0, offline: bool | None = None, channels_last: bool = False,
+                drop_rate: float = 0.0, drop_path_rate: float = 0.0, offline: bool | None = None,
+                channels_last: bool = False,
                 preprocessing: Preprocessing | None = None) -> tuple[ImageClassifier, Preprocessing]:
     """Build an :class:`ImageClassifier` with a fresh ``num_classes`` head and its preprocessing.
 
@@ -205,6 +206,8 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
             are accepted), or ``"package:efficientnet-liteN"`` (N = 0, 1, 2; only with
             ``timm:tf_efficientnet_liteN``).
         drop_rate: dropout before the head.
+        drop_path_rate: stochastic depth rate of the last block (timm backbones only; passed to
+            ``timm.create_model``, which scales it linearly over the blocks; 0 = off).
         offline: never touch the network; a missing cache file fails at once naming its path.
             ``None`` = read ``TRAINER_OFFLINE`` / ``HF_HUB_OFFLINE``.
         channels_last: parameters and uint8 inputs in the channels_last memory format.
@@ -229,8 +232,11 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
     if kind == "package":
         lite_package_path(backbone, weights)  # validates the backbone/package pair early
     if library == "timm":
-        module, num_features, prep = _build_timm(backbone, name, kind, weights, offline)
+        extra = {"drop_path_rate": float(drop_path_rate)} if drop_path_rate > 0 else {}
+        module, num_features, prep = _build_timm(backbone, name, kind, weights, offline, **extra)
     else:
+        if drop_path_rate > 0:
+            raise ValueError(f"model.drop_path_rate needs a timm backbone ('timm:<name>'), got {backbone!r}")
         module, num_features, prep = _build_torchvision(backbone, name, kind, weights, offline)
     prep = preprocessing or prep
     model = ImageClassifier(module, num_features, num_classes, drop_rate, preprocessing=prep,
@@ -240,7 +246,7 @@ def build_model(backbone: str, num_classes: int, weights: str | None = "default"
     return model, prep
 
 
-def _build_timm(backbone, name, kind, weights, offline):
+def _build_timm(backbone, name, kind, weights, offline, **create_kwargs):
     import timm
 
     problem = backbone_problem(backbone)
@@ -251,13 +257,13 @@ def _build_timm(backbone, name, kind, weights, offline):
         # load the file directly so timm makes no network request (not even an HF HEAD)
         try:
             module = timm.create_model(name, pretrained=True, num_classes=0,
-                                       pretrained_cfg_overlay={"file": str(path)})
+                                       pretrained_cfg_overlay={"file": str(path)}, **create_kwargs)
         except Exception as e:
             raise CorruptWeightsError(f"model.weights='default' for {backbone!r}: cached file {path} "
                                       f"could not be loaded ({type(e).__name__}: {e}); delete it and "
                                       f"download again") from e
     else:
-        module = timm.create_model(name, pretrained=False, num_classes=0)
+        module = timm.create_model(name, pretrained=False, num_classes=0, **create_kwargs)
         if kind == "package":
             load_lite_package_weights(module, weights, lite_package_path(backbone, weights))
         elif kind == "file":

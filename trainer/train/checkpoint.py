@@ -137,7 +137,7 @@ class Progress:
 def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_names: dict[int, str],
                  scaler, rng: list[dict], progress: Progress, class_names: list[str], backbone: str,
                  preprocessing: dict, config: dict, early_stopping: dict, wandb_run_id: str | None,
-                 reason: str) -> dict:
+                 reason: str, ema=None) -> dict:
     """The dict stored as ``last.pt`` (read back by :func:`restore_resume_state`).
 
     Args:
@@ -145,6 +145,7 @@ def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pa
         param_names: ``id(param) -> name`` (optimizer state is stored by name).
         scaler: the fp16 grad scaler or None. rng: :func:`rng_state` of every rank, in rank order.
         reason: why it was written (``"epoch"``, ``"interval"``, ``"preempted (signal 15)"``), for people.
+        ema: the run's :class:`trainer.train.ema.ModelEma` or None (stored under ``"ema"``).
     """
     return {
         "format_version": FORMAT_VERSION, "kind": "resume",
@@ -155,15 +156,17 @@ def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pa
         "best_top1": progress.best_top1, "class_names": list(class_names), "backbone": backbone,
         "preprocessing": preprocessing, "config": config, "early_stopping": early_stopping,
         "wandb_run_id": wandb_run_id, "world_size": len(rng), "reason": reason,
+        "ema": ema.state_dict() if ema is not None else None,
     }
 
 
 def restore_resume_state(path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                          param_names: dict[int, str], scaler, early_stopping, class_names: list[str],
                          backbone: str, global_batch_size: int, rank: int,
-                         world_size: int) -> tuple[Progress, str | None]:
+                         world_size: int, ema=None) -> tuple[Progress, str | None]:
     """Load ``last.pt`` into the run's objects: weights, optimizer (by name), scaler, early stopping
-    (``early_stopping.load_state_dict``), this rank's RNG states.
+    (``early_stopping.load_state_dict``), this rank's RNG states, and the EMA weights into ``ema`` (a
+    :class:`trainer.train.ema.ModelEma`; a checkpoint without EMA starts it from the weights).
 
     Returns:
         (the run's :class:`Progress`, the W&B run id or None).
@@ -188,6 +191,8 @@ def restore_resume_state(path: str | Path, *, model: torch.nn.Module, optimizer:
             f"{global_batch_size}: steps, epochs and the lr schedule would not line up "
             "(keep train.global_batch_size; a different world size is fine)")
     model.load_state_dict(state["model"])
+    if ema is not None:
+        ema.load_state_dict(state.get("ema") or state["model"])
     load_optimizer_state_by_name(optimizer, state["optimizer"], param_names, source=str(path))
     if state.get("scaler") is not None and scaler is not None:
         scaler.load_state_dict(state["scaler"])

@@ -15,19 +15,24 @@ import torch
 from trainer.reporting.metrics import EvalAccumulator, EvalResult
 
 
-def _forward(model: torch.nn.Module, batch: dict, device: torch.device):
+def _forward(model: torch.nn.Module, batch: dict, device: torch.device, augment=None):
     """Logits ``(B, C)`` and labels ``(B,)`` of one batch moved to ``device``: ``image`` ``(B, 3, H, W)
     uint8`` (the model normalises it and sets its memory format; the loaders deliver channels_last
     memory, so that conversion is free), or cached backbone features ``features: (B, F) float32``
-    (``trainer.train.feature_cache``, head only)."""
+    (``trainer.train.feature_cache``, head only). ``augment`` (training only,
+    :class:`trainer.data.batch_augment.BatchAugment`) turns the uint8 images into normalised, erased /
+    mixed float32 images and the labels into its targets (``(B, C)`` soft labels when mixing)."""
     labels = batch["label"].to(device, non_blocking=True)
     if "features" in batch:
         return model(batch["features"].to(device, non_blocking=True), features=True), labels
-    return model(batch["image"].to(device, non_blocking=True)), labels
+    images = batch["image"].to(device, non_blocking=True)
+    if augment is not None:
+        images, labels = augment(images, labels)
+    return model(images), labels
 
 
 def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimizer, criterion, accelerator,
-               grad_accum_steps: int, grad_clip: float | None) -> torch.Tensor:
+               grad_accum_steps: int, grad_clip: float | None, batch_augment=None) -> torch.Tensor:
     """One optimizer step: forward/backward over ``grad_accum_steps`` micro-batches, then ``optimizer.step()``.
 
     Gradients are only all-reduced on the last micro-batch (``no_sync`` on the others), as in
@@ -41,6 +46,8 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
         optimizer: an Accelerate-prepared optimizer (handles the fp16 grad scaler).
         criterion: loss(logits (B, C), labels (B,)) -> scalar mean over the micro-batch.
         grad_clip: max global gradient norm (None: no clipping).
+        batch_augment: optional on-device augmentation of each image micro-batch (mixup / cutmix /
+            random erasing, :mod:`trainer.data.batch_augment`); ``criterion`` must accept its targets.
 
     Returns:
         Sum over micro-batches of the mean micro-batch loss / grad_accum_steps, a 0-dim tensor on the
@@ -55,7 +62,7 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with accelerator.autocast():
-                logits, labels = _forward(model, batch, device)
+                logits, labels = _forward(model, batch, device, augment=batch_augment)
                 loss = criterion(logits.float(), labels) / grad_accum_steps
             accelerator.backward(loss)
         total += loss.detach()

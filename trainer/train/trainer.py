@@ -24,6 +24,7 @@ runs the same code; only the main process writes files or logs. The sequence:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -37,6 +38,7 @@ from accelerate.utils import set_seed
 
 from trainer.config.loading import grad_accum_steps, save_config
 from trainer.config.schema import Config, ConfigError
+from trainer.data.batch_augment import build_batch_augment
 from trainer.data.loader import EvalLoader, TrainLoader
 from trainer.data.prepare import prepare_dataset
 from trainer.data.sources import steps_per_epoch
@@ -56,6 +58,7 @@ from trainer.train.checkpoint import Progress
 from trainer.train import inference_checkpoint as infer_ckpt
 from trainer.train.early_stopping import EarlyStopping
 from trainer.train.evaluation import test_best_checkpoint
+from trainer.train.ema import ModelEma, choose
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import evaluate, train_step
 from trainer.train.run_folder import StartPlan, clean_start, clear_folder, plan_start
@@ -154,8 +157,11 @@ class Trainer:
             from trainer.models.weights import ensure_weights
             ensure_weights(cfg.model.backbone, local_rank=acc.local_process_index, barrier=acc.wait_for_everyone)
         with acc.local_main_process_first():
-            model, self.pre = build_model(cfg.model.backbone, len(self.class_names), cfg.model.weights,
-                                          drop_rate=cfg.model.drop_rate, channels_last=cfg.model.channels_last)
+            model, pre = build_model(cfg.model.backbone, len(self.class_names), cfg.model.weights,
+                                     drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate,
+                                     channels_last=cfg.model.channels_last)
+        # data.image_size: train, evaluate and save (predict/export) at that size, the rest as pretrained
+        self.pre = model.preprocessing = dataclasses.replace(pre, input_size=cfg.data.image_size or pre.input_size)
         model.to(acc.device)
         if cfg.model.compile:  # in place: parameter names / state_dict keys stay as they are
             model.compile()
@@ -165,8 +171,13 @@ class Trainer:
         optimizer, self.groups, self.param_names = build_optimizer(model, self.layer_of, self.num_layers,
                                                                    cfg.optim, cfg.finetune)
         self.optimizer = acc.prepare_optimizer(optimizer)
+        self.batch_augment = build_batch_augment(cfg.data, num_classes=len(self.class_names),
+                                                 label_smoothing=cfg.optim.label_smoothing, device=acc.device,
+                                                 normalize=model.normalize)
         self.criterion = build_criterion(cfg.optim, self.dataset.meta.splits["train"].class_counts,
-                                         class_names=self.class_names, device=acc.device)
+                                         class_names=self.class_names, device=acc.device,
+                                         soft_targets=self.batch_augment is not None and self.batch_augment.soft_targets)
+        self.ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.fcache = FeatureCache(seed=cfg.train.seed, rank=acc.process_index,
                                    micro_batch_size=cfg.train.micro_batch_size, spill_dir=self.out_dir / "feature_cache",
                                    **feature_cache_budget(cfg.train.feature_cache_max_ram_fraction, self.world_size)) \
@@ -174,8 +185,11 @@ class Trainer:
 
     def _setup_loaders(self) -> None:
         cfg, acc, pre = self.cfg, self.accelerator, self.pre
+        d = cfg.data
         train_tf = build_transforms(pre.input_size, train=True, crop_pct=pre.crop_pct,
-                                    interpolation=pre.interpolation, augment=cfg.data.augment)
+                                    interpolation=pre.interpolation, augment=d.augment, scale=tuple(d.crop_scale),
+                                    auto_augment=d.auto_augment, auto_augment_magnitude=d.auto_augment_magnitude,
+                                    auto_augment_ops=d.auto_augment_ops)
         eval_tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct,
                                    interpolation=pre.interpolation)
         common = dict(rank=acc.process_index, world_size=self.world_size, num_workers=cfg.data.num_workers,
@@ -188,6 +202,7 @@ class Trainer:
         self.eval_loader = EvalLoader(self.dataset.val_shards,
                                       micro_batch_size=cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size,
                                       transform=eval_tf, **common)
+        self.eval_tf, self.loader_common = eval_tf, common  # the linear probe reads the train split with them
 
     # ---- checkpoints ------------------------------------------------------------------------
     def restore(self, path: Path) -> tuple[Progress, str | None]:
@@ -198,7 +213,7 @@ class Trainer:
             path, model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
             scaler=acc.scaler, early_stopping=self.stopper, class_names=self.class_names,
             backbone=cfg.model.backbone, global_batch_size=cfg.train.global_batch_size,
-            rank=acc.process_index, world_size=self.world_size)
+            rank=acc.process_index, world_size=self.world_size, ema=self.ema)
 
     def save_last(self, reason: str) -> None:
         """Write ``last.pt`` (main process, atomically); every rank must call it (RNG states are gathered)."""
@@ -210,21 +225,28 @@ class Trainer:
                 model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
                 scaler=acc.scaler, rng=rng_all, progress=self.progress, class_names=self.class_names,
                 backbone=self.cfg.model.backbone, preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
-                early_stopping=self.stopper.state_dict(), wandb_run_id=self.tracker.run_id, reason=reason)
+                early_stopping=self.stopper.state_dict(), wandb_run_id=self.tracker.run_id, reason=reason,
+                ema=self.ema)
             ckpt_lib.atomic_save(state, ckpt_lib.checkpoint_dir(self.out_dir) / "last.pt")
             log.info("saved last.pt at step %d (%s)", self.progress.step, reason)
         acc.wait_for_everyone()
         self._last_ckpt_time = time.monotonic()
 
-    def save_best(self, last_eval: dict) -> None:
+    def save_best(self, last_eval: dict, weights: str = "raw") -> None:
         """Write the inference checkpoint ``checkpoints/best/`` (main process) for the current weights and
-        their evaluation (:mod:`trainer.train.inference_checkpoint`)."""
+        their evaluation (:mod:`trainer.train.inference_checkpoint`).
+
+        Args:
+            weights: ``raw`` (the trained weights) or ``ema`` (the EMA copy, ``train.ema_decay``); recorded
+                as ``metrics["weights"]``.
+        """
         if self.is_main:
+            model = self.ema.module if weights == "ema" else unwrap(self.model)
             infer_ckpt.save(
-                infer_ckpt.best_dir(self.out_dir), unwrap(self.model).state_dict(), class_names=self.class_names,
+                infer_ckpt.best_dir(self.out_dir), model.state_dict(), class_names=self.class_names,
                 backbone=self.cfg.model.backbone, drop_rate=self.cfg.model.drop_rate,
                 preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
-                metrics={"epoch": self.progress.epoch, "step": self.progress.step,
+                metrics={"epoch": self.progress.epoch, "step": self.progress.step, "weights": weights,
                          **last_eval})
 
     def _interval_checkpoint_due(self, check_now: bool) -> bool:
@@ -280,9 +302,12 @@ class Trainer:
                           phases=self.phases, steps_per_epoch=self.steps_epoch, optim_cfg=cfg.optim,
                           head_layer_id=self.num_layers - 1)
             loss_acc += train_step(ddp_model, stream, optimizer=self.optimizer, criterion=self.criterion,
-                                   accelerator=acc, grad_accum_steps=self.accum, grad_clip=cfg.optim.grad_clip)
+                                   accelerator=acc, grad_accum_steps=self.accum, grad_clip=cfg.optim.grad_clip,
+                                   batch_augment=self.batch_augment)
             loss_n += 1
             p.step += 1
+            if self.ema is not None:
+                self.ema.update(unwrap(self.model), p.step)
             p.samples_seen += cfg.train.global_batch_size
             if progress_bar is not None:
                 progress_bar.update(1)
@@ -311,6 +336,35 @@ class Trainer:
             self.save_last(f"preempted (signal {self.preemption.agreed_signal})")
         return preempted, num_skipped
 
+    def _evaluate(self, model: torch.nn.Module):
+        """``(EvalResult, prediction collector)`` of ``model`` (plain) on the validation split."""
+        collector = self.reporter.collector()
+        val_batches = iter(self.eval_loader) if self.fcache is None else \
+            self.fcache.eval_batches(model, self.eval_loader)
+        res = evaluate(model, val_batches, num_classes=len(self.class_names), accelerator=self.accelerator,
+                       on_batch=collector)
+        return res, collector
+
+    def linear_probe(self) -> int:
+        """``finetune.strategy`` linear_probe / lp_ft: the head solved on frozen features
+        (:func:`trainer.train.linear_probe.probe_head`), also copied into the EMA. Every rank calls it.
+
+        Returns:
+            bad training samples skipped while extracting (this rank).
+        """
+        from trainer.train.linear_probe import probe_head
+
+        cfg = self.cfg
+        train_eval = EvalLoader(self.dataset.train_shards, transform=self.eval_tf,
+                                micro_batch_size=cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size,
+                                **self.loader_common)
+        weight = self.criterion.weight if isinstance(self.criterion, torch.nn.CrossEntropyLoss) else None
+        skipped = probe_head(unwrap(self.model), train_eval, self.eval_loader, accelerator=self.accelerator,
+                             finetune_cfg=cfg.finetune, class_weight=weight, tracker=self.tracker)
+        if self.ema is not None:
+            self.ema.reset_to(unwrap(self.model))
+        return skipped
+
     def end_epoch(self, num_skipped: int) -> dict:
         """Evaluate, log (with ``num_skipped`` bad samples of the epoch), update reports / ``checkpoints/best/`` /
         early stopping, write ``last.pt``.
@@ -319,25 +373,33 @@ class Trainer:
             The evaluation's log record (``val/top1``, ``val/loss``, ... and ``val/confusion``).
         """
         acc, p = self.accelerator, self.progress
-        collector = self.reporter.collector()
-        model = unwrap(self.model)
-        val_batches = iter(self.eval_loader) if self.fcache is None else \
-            self.fcache.eval_batches(model, self.eval_loader)
-        res = evaluate(model, val_batches, num_classes=len(self.class_names), accelerator=acc, on_batch=collector)
-        last_eval = res.as_log("val/")
+        res, collector = self._evaluate(unwrap(self.model))
+        raw_eval, ema_eval = res.as_log("val/"), None
+        if self.ema is not None:  # the EMA weights beside the raw ones; best.pt takes the better
+            ema_res, ema_collector = self._evaluate(self.ema.module)
+            ema_eval = ema_res.as_log("val/")
+        which, last_eval = choose(raw_eval, ema_eval, self.stopper.monitor, self.stopper.mode)
+        if which == "ema":
+            res, collector = ema_res, ema_collector
         if p.step >= (p.epoch + 1) * self.steps_epoch:  # not after a max_steps stop mid-epoch
             p.epoch += 1
-        rec = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": num_skipped, **last_eval}
+        ema_rec = {"val_ema/" + k[len("val/"):]: v for k, v in (ema_eval or {}).items()}
+        rec = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": num_skipped, **raw_eval, **ema_rec}
         if self.world_size > 1:
-            rec["ddp/replica_max_abs_diff"] = check_replicas(model, acc)
+            rec["ddp/replica_max_abs_diff"] = check_replicas(unwrap(self.model), acc)
         self.tracker.log(rec, step=p.step)
         if self.is_main:
-            log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f", p.epoch, p.step, res.loss, res.top1)
+            log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f%s", p.epoch, p.step, raw_eval["val/loss"],
+                     raw_eval["val/top1"], "" if ema_eval is None else
+                     f" val_ema/loss {ema_eval['val/loss']:.4f} val_ema/top1 {ema_eval['val/top1']:.4f}")
         improved = self.stopper.update(last_eval, step=p.step, epoch=p.epoch)
         if improved:  # checkpoints/best/ follows train.early_stopping.monitor; best_top1 is top-1 of that model
             p.best_top1 = res.top1
-            self.save_best(last_eval)
-            self.tracker.summary({"best/val_top1": p.best_top1, "best/epoch": p.epoch, **self.stopper.summary()})
+            self.save_best({**last_eval, **ema_rec}, weights=which)
+            if self.ema is not None:
+                log.info("best.pt: %s weights (%s %.4f)", which, self.stopper.monitor, last_eval[self.stopper.monitor])
+            self.tracker.summary({"best/val_top1": p.best_top1, "best/epoch": p.epoch, "best/weights": which,
+                                  **self.stopper.summary()})
         self.reporter.after_eval(res, collector, improved=improved, step=p.step, epoch=p.epoch)
         self.save_last("epoch")
         if self.stopper.should_stop:
@@ -359,6 +421,13 @@ class Trainer:
             if self.stopper.should_stop:
                 log.info("early stopping: stopped before (%s did not improve for %d evaluations); nothing to do",
                          self.stopper.monitor, self.stopper.wait)
+            if cfg.finetune.strategy != "epochs" and p.step == 0 and p.epoch == 0:  # not again on resume
+                phase = phase_index_at(self.phases, 0)
+                ddp_model = self.enter_phase(phase, 0)
+                num_skipped = self.linear_probe()
+                if cfg.finetune.strategy == "linear_probe":  # the run is the probe: evaluate, best.pt, last.pt
+                    p.epoch = cfg.train.epochs
+                    last_eval = self.end_epoch(num_skipped)
             while p.epoch < cfg.train.epochs and p.step < self.total_steps and not self.stopper.should_stop:
                 if phase_index_at(self.phases, p.epoch) != phase:
                     phase = phase_index_at(self.phases, p.epoch)
