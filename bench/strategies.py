@@ -1,37 +1,41 @@
-"""Benchmark: five transfer-learning strategies on the ants/bees images, one table and one plot.
+"""Benchmark: transfer-learning strategies on one dataset, accuracy and wall time side by side.
 
-Each strategy is a config (the shipped YAML files plus a few overrides), trained in this process
-with :func:`trainer.train.trainer.run` (single process) into ``<runs_dir>/<strategy>``; the figures are read
-back from each run's ``metrics.jsonl``:
+Each strategy is a shipped config (``configs/<dataset>_lite0*.yaml``, optionally with a few overrides),
+trained in this process with :func:`trainer.train.trainer.run` (single process) into
+``<runs_dir>/<dataset>/<strategy>``; the figures are read back from each run's ``metrics.jsonl``:
 
 ==================  ============================================================================
-scratch             EfficientNet-Lite0 from random weights (``model.weights=none``), all layers train
-feature_extraction  pretrained backbone frozen, only the new head trains (configs/ants_bees_lite0.yaml)
-full_finetune       pretrained, every layer trains from epoch 0 at lr 3e-4 (``finetune.freeze=none``)
-last_stages         head for 2 epochs, then the top 2 stages at 0.03x lr, then all at 0.01x, BatchNorm
-                    statistics kept (configs/ants_bees_lite0_partial.yaml)
-gradual             gradual unfreezing (one stage per epoch from epoch 1) at 0.02x lr with layer_decay
-                    0.6, BatchNorm statistics kept (configs/ants_bees_lite0_gradual.yaml)
+linear_probe        frozen backbone, features computed once, L-BFGS logistic regression with the L2
+                    strength chosen on val (``finetune.strategy: linear_probe``; ``*_linear_probe.yaml``)
+feature_extraction  frozen backbone, the head trained by AdamW for the config's epochs (``*_lite0.yaml``)
+finetune            the fine-tuning recipe: every layer trains (``*_finetune.yaml``)
+lp_ft               linear probe, then the fine-tuning recipe from that head (Kumar et al. 2022;
+                    ``*_lp_ft.yaml``)
+gradual             gradual unfreezing (``ants_bees_lite0_gradual.yaml``; ants/bees only)
+last_stages         explicit unfreeze timetable (``ants_bees_lite0_partial.yaml``; ants/bees only)
+scratch             the fine-tuning recipe from random weights (``model.weights=none``), same epochs
 ==================  ============================================================================
 
-Every strategy runs the same number of epochs (``--epochs``, default 4) with the same global batch
-(16), seed and data. Columns: val top-1 after each epoch, seconds per epoch (training + evaluation,
-wall clock), training images/s (mean over epochs, from ``train/images_per_s``).
+Columns: val top-1 after each epoch (the linear probe has one evaluation), best val top-1, test top-1
+of ``best.pt`` when the data has a test split (``test/top1``), wall-clock minutes of the whole run
+(set-up, feature extraction, training, evaluation), and the 1-minute load average at the end
+(this machine's 2 cores are shared: a load above 2 means other jobs took CPU time from the run).
 
 Usage::
 
-    python bench/strategies.py                        # all five, 4 epochs, writes docs/strategies.png
-    python bench/strategies.py --only gradual,scratch --epochs 3
+    python bench/strategies.py --dataset ants_bees                 # every strategy of ants/bees
+    python bench/strategies.py --dataset eurosat --only linear_probe,finetune
+    python bench/strategies.py --dataset ants_bees --only finetune,scratch --epochs 3
 
-Runs about 15 minutes on 2 idle CPU cores (much longer when they are shared: seconds and images/s
-are wall-clock figures of this machine at that moment). W&B is disabled; the run folders are replaced
-on every call; the table, ``results.json`` and the plot are rewritten after each strategy.
+W&B is disabled; run folders are replaced on every call; the table, ``results.json`` and the plot
+(``docs/strategies_<dataset>.png``) are rewritten after each strategy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -42,22 +46,34 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config.loading import load_config  # noqa: E402
 
-# strategy -> (config file, overrides)
+# strategy -> (config file relative to configs/ with {d} = dataset, overrides)
 STRATEGIES: dict[str, tuple[str, dict]] = {
-    "feature_extraction": ("configs/ants_bees_lite0.yaml", {}),
-    "gradual": ("configs/ants_bees_lite0_gradual.yaml", {}),
-    "last_stages": ("configs/ants_bees_lite0_partial.yaml", {}),
-    "full_finetune": ("configs/ants_bees_lite0.yaml", {"finetune.freeze": "none", "optim.lr": 3e-4}),
-    "scratch": ("configs/ants_bees_lite0.yaml", {"model.weights": "none", "finetune.freeze": "none"}),
+    "linear_probe": ("{d}_lite0_linear_probe.yaml", {}),
+    "feature_extraction": ("{d}_lite0.yaml", {}),
+    "finetune": ("{d}_lite0_finetune.yaml", {}),
+    "lp_ft": ("{d}_lite0_lp_ft.yaml", {}),
+    "gradual": ("{d}_lite0_gradual.yaml", {}),
+    "last_stages": ("{d}_lite0_partial.yaml", {}),
+    "scratch": ("{d}_lite0_finetune.yaml", {"model.weights": "none", "train.ema_decay": None}),
 }
+DATASETS = ("ants_bees", "eurosat")
 
 
-def run_strategy(name: str, epochs: int, runs_dir: Path) -> dict:
-    """Train strategy ``name`` for ``epochs`` epochs in this process and summarise its metrics.
+def available(dataset: str) -> list[str]:
+    """Strategies whose config file exists for ``dataset``."""
+    return [n for n, (f, _) in STRATEGIES.items() if (REPO / "configs" / f.format(d=dataset)).is_file()]
+
+
+def run_strategy(name: str, dataset: str, epochs: int | None, runs_dir: Path, extra: dict | None = None) -> dict:
+    """Train strategy ``name`` on ``dataset`` in this process and summarise its metrics.
+
+    Args:
+        epochs: override ``train.epochs`` (None: the config's own).
+        extra: further ``section.key`` overrides (e.g. ``{"data.image_size": 128}``).
 
     Returns:
-        ``{"strategy", "top1": [val top-1 after each epoch], "sec_per_epoch": [s], "images_per_s": [img/s],
-        "best_top1"}``; times are wall-clock seconds (training + evaluation of one epoch).
+        ``{"strategy", "top1": [val top-1 per evaluation], "best_top1", "test_top1" (or None),
+        "minutes" (wall clock, whole run), "load_avg" (1-min load average at the end)}``.
 
     Raises:
         KeyError: unknown strategy. Errors of :func:`trainer.train.trainer.run`.
@@ -65,45 +81,44 @@ def run_strategy(name: str, epochs: int, runs_dir: Path) -> dict:
     from trainer.train.trainer import run
 
     path, overrides = STRATEGIES[name]
-    out = runs_dir / name
+    out = runs_dir / dataset / name
     if out.exists():
         shutil.rmtree(out)
-    cfg = load_config(REPO / path, {**overrides, "train.epochs": epochs, "train.output_dir": str(out),
-                                    "logging.wandb": "disabled", "logging.progress": False,
-                                    "name": f"bench_{name}"})
-    if not Path(cfg.data.root).is_absolute():  # config paths are relative to the repository root
-        cfg.data.root = str(REPO / cfg.data.root)
-        cfg.data.shard_dir = str(REPO / cfg.data.shard_dir)
-    t_start = time.time()
-    res = run(cfg)
+    ov = {**overrides, **(extra or {}), "train.output_dir": str(out), "logging.wandb": "disabled",
+          "logging.progress": False, "name": f"bench_{dataset}_{name}"}
+    if epochs is not None:
+        ov["train.epochs"] = epochs
+    cwd = os.getcwd()
+    os.chdir(REPO)  # config paths (data, shards) are relative to the repository root
+    try:
+        cfg = load_config(Path("configs") / path.format(d=dataset), ov)
+        t_start = time.time()
+        res = run(cfg)
+        minutes = (time.time() - t_start) / 60
+    finally:
+        os.chdir(cwd)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "val/top1" in r]
-    ends = [t_start] + [r["time"] for r in evals]
-    ips: dict[int, float] = {}
-    for r in rows:  # the last train record of an epoch measures the whole epoch's training
-        if "train/images_per_s" in r:
-            ips[r["epoch"]] = r["train/images_per_s"]
-    return {"strategy": name, "top1": [r["val/top1"] for r in evals],
-            "sec_per_epoch": [b - a for a, b in zip(ends, ends[1:])],
-            "images_per_s": [ips[e] for e in sorted(ips)], "best_top1": res.best_top1}
+    tests = [r["test/top1"] for r in rows if "test/top1" in r]
+    return {"strategy": name, "top1": [r["val/top1"] for r in evals], "best_top1": res.best_top1,
+            "test_top1": tests[-1] if tests else None, "minutes": minutes, "load_avg": os.getloadavg()[0]}
 
 
 def format_table(results: list[dict]) -> str:
-    """Markdown table: strategy, val top-1 per epoch, best, s/epoch (mean), train images/s (mean)."""
+    """Markdown table: strategy, val top-1 per evaluation, best val, test, minutes, load average."""
     n = max(len(r["top1"]) for r in results)
-    head = ["strategy"] + [f"ep{i + 1}" for i in range(n)] + ["best", "s/epoch", "img/s"]
+    head = ["strategy"] + [f"ep{i + 1}" for i in range(n)] + ["best val", "test", "minutes", "load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in results:
         top = [f"{t:.3f}" for t in r["top1"]] + [""] * (n - len(r["top1"]))
-        sec = sum(r["sec_per_epoch"]) / len(r["sec_per_epoch"])
-        ips = sum(r["images_per_s"]) / len(r["images_per_s"])
-        lines.append("| " + " | ".join([r["strategy"]] + top + [f"{max(r['top1']):.3f}", f"{sec:.1f}",
-                                                                  f"{ips:.1f}"]) + " |")
+        test = "" if r["test_top1"] is None else f"{r['test_top1']:.4f}"
+        lines.append("| " + " | ".join([r["strategy"]] + top + [f"{r['best_top1']:.4f}", test,
+                                                                  f"{r['minutes']:.1f}", f"{r['load_avg']:.1f}"]) + " |")
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
-    """Val top-1 per epoch (left) and training images/s (right) per strategy, as a PNG (matplotlib)."""
+def plot(results: list[dict], path: Path, dataset: str) -> None:
+    """Val top-1 per evaluation (left) and wall-clock minutes (right) per strategy, as a PNG (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,17 +127,16 @@ def plot(results: list[dict], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     for r in results:
         ax1.plot(range(1, len(r["top1"]) + 1), r["top1"], marker="o", label=r["strategy"])
-    ax1.set_xlabel("epoch")
+    ax1.set_xlabel("epoch (linear probe: one solve)")
     ax1.set_ylabel("val top-1")
-    ax1.set_title("ants/bees, EfficientNet-Lite0, global batch 16")
+    ax1.set_title(f"{dataset}, EfficientNet-Lite0")
     ax1.grid(alpha=0.3)
     ax1.legend(loc="lower right")
     names = [r["strategy"] for r in results]
-    ips = [sum(r["images_per_s"]) / len(r["images_per_s"]) for r in results]
-    ax2.barh(names, ips, color=[f"C{i}" for i in range(len(results))])
+    ax2.barh(names, [r["minutes"] for r in results], color=[f"C{i}" for i in range(len(results))])
     ax2.invert_yaxis()
-    ax2.set_xlabel("training images/s (CPU)")
-    ax2.set_title("throughput")
+    ax2.set_xlabel("wall-clock minutes (shared 2-core CPU)")
+    ax2.set_title("time")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -132,25 +146,27 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: see the module docstring. Prints the table and writes the plot and a JSON file."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--epochs", type=int, default=4, help="epochs per strategy (default 4)")
-    ap.add_argument("--only", default=",".join(STRATEGIES), help="comma-separated strategies")
+    ap.add_argument("--dataset", default="ants_bees", choices=DATASETS, help="configs/<dataset>_lite0*.yaml")
+    ap.add_argument("--epochs", type=int, default=None, help="override every config's train.epochs")
+    ap.add_argument("--only", default=None, help="comma-separated strategies (default: all with a config)")
     ap.add_argument("--runs_dir", default="runs/bench_strategies", help="run folders (replaced)")
-    ap.add_argument("--plot", default="docs/strategies.png", help="PNG path")
+    ap.add_argument("--plot", default=None, help="PNG path (default docs/strategies_<dataset>.png)")
     args = ap.parse_args(argv)
-    names = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(STRATEGIES))
+    names = [s.strip() for s in (args.only or ",".join(available(args.dataset))).split(",") if s.strip()]
+    unknown = sorted(set(names) - set(available(args.dataset)))
     if unknown:
-        ap.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+        ap.error(f"unknown strategies for {args.dataset}: {unknown}; choose from {available(args.dataset)}")
     runs_dir = Path(args.runs_dir)
+    plot_path = Path(args.plot or f"docs/strategies_{args.dataset}.png")
     results = []
     for n in names:  # table, JSON and plot are rewritten after every strategy (partial results survive)
-        results.append(run_strategy(n, args.epochs, runs_dir))
+        results.append(run_strategy(n, args.dataset, args.epochs, runs_dir))
         table = format_table(results)
         print(table, flush=True)
-        (runs_dir / "results.json").write_text(json.dumps(results, indent=1))
-        (runs_dir / "table.md").write_text(table + "\n")
-        plot(results, Path(args.plot))
-    print(f"plot: {args.plot}")
+        (runs_dir / args.dataset / "results.json").write_text(json.dumps(results, indent=1))
+        (runs_dir / args.dataset / "table.md").write_text(table + "\n")
+        plot(results, plot_path, args.dataset)
+    print(f"plot: {plot_path}")
     return results
 
 
