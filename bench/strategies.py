@@ -11,6 +11,7 @@ feature_extraction  frozen backbone, the head trained by AdamW for the config's 
 finetune            the fine-tuning recipe: every layer trains (``*_finetune.yaml``)
 lp_ft               linear probe, then the fine-tuning recipe from that head (Kumar et al. 2022;
                     ``*_lp_ft.yaml``)
+full_finetune       the textbook baseline: ``*_lite0.yaml`` with ``finetune.freeze=none``, lr 3e-4
 gradual             gradual unfreezing (``ants_bees_lite0_gradual.yaml``; ants/bees only)
 last_stages         explicit unfreeze timetable (``ants_bees_lite0_partial.yaml``; ants/bees only)
 scratch             the fine-tuning recipe from random weights (``model.weights=none``), same epochs
@@ -28,7 +29,8 @@ Usage::
     python bench/strategies.py --dataset ants_bees --only finetune,scratch --epochs 3
 
 W&B is disabled; run folders are replaced on every call; the table, ``results.json`` and the plot
-(``docs/strategies_<dataset>.png``) are rewritten after each strategy.
+(``docs/strategies.png`` for ants/bees, ``docs/strategies_<dataset>.png`` otherwise) are rewritten
+after each strategy.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ STRATEGIES: dict[str, tuple[str, dict]] = {
     "feature_extraction": ("{d}_lite0.yaml", {}),
     "finetune": ("{d}_lite0_finetune.yaml", {}),
     "lp_ft": ("{d}_lite0_lp_ft.yaml", {}),
+    "full_finetune": ("{d}_lite0.yaml", {"finetune.freeze": "none", "optim.lr": 3e-4}),
     "gradual": ("{d}_lite0_gradual.yaml", {}),
     "last_stages": ("{d}_lite0_partial.yaml", {}),
     "scratch": ("{d}_lite0_finetune.yaml", {"model.weights": "none", "train.ema_decay": None}),
@@ -150,14 +153,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--epochs", type=int, default=None, help="override every config's train.epochs")
     ap.add_argument("--only", default=None, help="comma-separated strategies (default: all with a config)")
     ap.add_argument("--runs_dir", default="runs/bench_strategies", help="run folders (replaced)")
-    ap.add_argument("--plot", default=None, help="PNG path (default docs/strategies_<dataset>.png)")
+    ap.add_argument("--plot", default=None, help="PNG path (default docs/strategies.png for ants_bees, "
+                                                 "docs/strategies_<dataset>.png otherwise)")
     args = ap.parse_args(argv)
     names = [s.strip() for s in (args.only or ",".join(available(args.dataset))).split(",") if s.strip()]
     unknown = sorted(set(names) - set(available(args.dataset)))
     if unknown:
         ap.error(f"unknown strategies for {args.dataset}: {unknown}; choose from {available(args.dataset)}")
     runs_dir = Path(args.runs_dir)
-    plot_path = Path(args.plot or f"docs/strategies_{args.dataset}.png")
+    plot_path = Path(args.plot or ("docs/strategies.png" if args.dataset == "ants_bees"
+                                   else f"docs/strategies_{args.dataset}.png"))
     results = []
     for n in names:  # table, JSON and plot are rewritten after every strategy (partial results survive)
         results.append(run_strategy(n, args.dataset, args.epochs, runs_dir))
