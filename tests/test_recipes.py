@@ -244,7 +244,7 @@ def _run(tmp: Path, out: str, **ov):
     base = {"data.root": str(tmp / "img"), "data.shard_dir": str(tmp / "shards"), "data.samples_per_shard": 8,
             "data.num_workers": 1, "data.image_size": 32, "train.output_dir": str(tmp / out),
             "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.epochs": 1,
-            "optim.warmup_steps": 0, "logging.wandb": "disabled", "logging.progress": False}
+            "train.mixed_precision": "no", "optim.warmup_steps": 0, "logging.wandb": "disabled", "logging.progress": False}
     return run(load_config(REPO / "configs/ants_bees_lite0.yaml", {**base, **ov}))
 
 
@@ -261,7 +261,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 def test_linear_probe_strategy_writes_a_usable_best_checkpoint(tiny):
-    from trainer.train import checkpoint as ckpt_lib
+    from trainer.train import inference_checkpoint as infer_ckpt
 
     res = _run(tiny, "lp", **{"finetune.strategy": "linear_probe", "train.epochs": 3})
     rows = _metrics(tiny / "lp")
@@ -270,7 +270,7 @@ def test_linear_probe_strategy_writes_a_usable_best_checkpoint(tiny):
     assert len(lp) == 1 and len(evals) == 1 and res.step == 0  # solved, evaluated once, no SGD step
     assert evals[0]["val/top1"] == pytest.approx(lp[0]["lp/val_top1"])  # the folded head in the real pipeline
     assert res.best_top1 == 1.0  # two colours: linearly separable
-    model, pre, names = ckpt_lib.load_for_inference(tiny / "lp/checkpoints/best.pt")
+    model, pre, names = infer_ckpt.load_for_inference(infer_ckpt.best_dir(tiny / "lp"))
     assert pre.input_size == 32 and names == ["blue", "red"]  # data.image_size is what predict uses
     again = _run(tiny, "lp", **{"finetune.strategy": "linear_probe", "train.epochs": 3})  # resumed: done
     assert again.step == 0 and len([r for r in _metrics(tiny / "lp") if "lp/l2" in r]) == 1
@@ -279,6 +279,7 @@ def test_linear_probe_strategy_writes_a_usable_best_checkpoint(tiny):
 @pytest.mark.slow
 def test_lp_ft_with_every_augmentation_and_ema_resumes_the_ema(tiny):
     from trainer.train import checkpoint as ckpt_lib
+    from trainer.train import inference_checkpoint as infer_ckpt
 
     ov = {"finetune.strategy": "lp_ft", "finetune.freeze": "none", "train.ema_decay": 0.99,
           "data.augment": "standard", "data.auto_augment": "randaugment", "data.random_erasing": 0.5,
@@ -289,7 +290,7 @@ def test_lp_ft_with_every_augmentation_and_ema_resumes_the_ema(tiny):
     assert any("lp/l2" in r for r in rows)
     ev = [r for r in rows if "val/top1" in r]
     assert len(ev) == 1 and "val_ema/top1" in ev[0] and "val_ema/loss" in ev[0]
-    best = ckpt_lib.load(tiny / "lpft/checkpoints/best.pt")
+    best = infer_ckpt.read_meta(infer_ckpt.best_dir(tiny / "lpft"))
     assert best["metrics"]["weights"] in ("raw", "ema")
     last = ckpt_lib.load(tiny / "lpft/checkpoints/last.pt")
     assert last["ema"] is not None and set(last["ema"]) == set(last["model"])
@@ -302,6 +303,7 @@ def test_lp_ft_with_every_augmentation_and_ema_resumes_the_ema(tiny):
         **ov, "data.root": str(tiny / "img"), "data.shard_dir": str(tiny / "shards"), "data.samples_per_shard": 8,
         "data.num_workers": 1, "data.image_size": 32, "train.output_dir": str(tiny / "lpft"),
         "train.global_batch_size": 8, "train.micro_batch_size": 4, "train.epochs": 2, "optim.warmup_steps": 0,
+        "train.mixed_precision": "no",
         "logging.wandb": "disabled", "logging.progress": False})
     t = Trainer(cfg)
     assert all(torch.equal(t.ema.state_dict()[k], last["ema"][k]) for k in last["ema"])
