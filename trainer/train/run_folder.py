@@ -36,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from trainer.config.launcher import resolve_mixed_precision
 from trainer.config.schema import Config, ConfigError
 from trainer.train import checkpoint as ckpt_lib
 from trainer.utils.files import remove_stale_temp_files
@@ -103,6 +104,15 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, allowed
 
 
+def _resolved(cfg: dict) -> dict:
+    """``cfg`` with ``train.mixed_precision: auto`` resolved as the run resolves it (the launcher's value
+    or ``no``), so that a run saved with the resolved value compares equal to its unchanged config."""
+    train = cfg.get("train")
+    if isinstance(train, dict) and train.get("mixed_precision") == "auto":
+        cfg = {**cfg, "train": {**train, "mixed_precision": resolve_mixed_precision("auto")[0]}}
+    return cfg
+
+
 def is_finished(state: dict, cfg: Config) -> bool:
     """True if a run at ``last.pt`` state ``state`` has nothing left to do under ``cfg``."""
     t = cfg.train
@@ -155,7 +165,7 @@ def plan_start(cfg: Config) -> StartPlan:
         source = out / "config.yaml"
     else:
         saved, source = {}, last
-    refused, allowed = config_changes(saved, cfg.to_dict())
+    refused, allowed = config_changes(_resolved(saved), _resolved(cfg.to_dict()))
     if refused:
         raise ConfigError(
             f"train.output_dir {out} holds a run of another config ({source.name}): {'; '.join(refused)}. "
