@@ -77,7 +77,7 @@ def test_two_process_ddp_run_keeps_replicas_identical(data):
                  "trainer/main.py",
                  "--config", "configs/ants_bees_lite0_finetune.yaml",
                  *tiny_overrides(data / "images", data / "shards", out,
-                                 **{"train.epochs": 1, "train.max_steps": 3})])
+                                 **{"train.epochs": 1, "train.max_steps": 3, "optim.warmup_steps": 1})])
     assert "world_size=2" in p.stderr
     rows = run_metrics(out)
     ev = [r for r in rows if "val/top1" in r][-1]
