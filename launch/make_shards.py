@@ -7,7 +7,7 @@
     python launch/make_shards.py --root R --out O --num_workers 64 --worker_index $SLURM_ARRAY_TASK_ID
     python launch/make_shards.py --root R --out O --num_workers 64 --merge         # redo the merge
 
-The source options are the ``data.*`` fields of the trainer (``trainer/config/schema.py``), listed the
+The source options are the ``data.*`` fields of the trainer (``trainer/config/sections/data.py``), listed the
 same way (``trainer.data.prepare.build_listing``), so the shards are the ones a run would write.
 Unreadable files are listed in a warning and never written (``--strict``: an error). Leaks (the same
 image in two splits, a path listed twice) are recorded in ``dataset.json`` and, with ``--on_leak

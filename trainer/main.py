@@ -3,7 +3,7 @@
 The same command without ``accelerate launch`` (``python trainer/main.py ...``) is a single-process
 run, for debugging. ``--dry_run`` prints the parameter-group table of the unfreeze timetable and
 exits without training; ``--print_config`` prints the resolved config; ``--help`` lists every option (type,
-default, range, doc) from ``trainer/config/schema.py``. A YAML file holds only what differs from those
+default, range, doc) from ``trainer/config/sections/``. A YAML file holds only what differs from those
 defaults, and ``--section.key=value`` overrides win over the file.
 
 Examples::

@@ -1,7 +1,7 @@
 """``--help`` text generated from the code itself, so it never drifts from it.
 
 * :func:`config_help`: every config field as ``--section.field``, its type, default, valid range and the
-  first sentence of its docstring (the string literal under the field in ``trainer/config/schema.py``),
+  first sentence of its docstring (the string literal under the field in ``trainer/config/sections/``),
   grouped by section.
 * :func:`function_help`: the options of a ``launch/`` script's entry function, from its signature and the
   ``Args:`` section of its docstring.

@@ -1,5 +1,7 @@
-"""The run's configuration: ``schema`` (dataclasses, one per section, with documented defaults and
-valid ranges) and ``loading`` (YAML + ``--section.key=value`` overrides -> a checked ``Config``).
+"""The run's configuration: ``fields`` (how a field declares its default and valid range), ``sections/``
+(one dataclass module per config section), ``schema`` (the whole ``Config`` and the rules between
+sections; it re-exports every section class), ``launcher`` (values a launcher may set) and ``loading``
+(YAML + ``--section.key=value`` overrides -> a checked ``Config``).
 
 Imports only ``trainer.utils`` from ``trainer``.
 """

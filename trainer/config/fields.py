@@ -16,7 +16,7 @@ A field is a dataclass field whose valid range lives in its metadata, next to it
 
 :class:`Section.__post_init__` converts every field by its type annotation (:func:`coerce`: ``"1e-3"``
 -> 0.001 for a float, ``"no"`` stays ``"no"`` for a Literal, ``"off"`` -> False for a bool, a mapping ->
-the nested section or :class:`~trainer.config.schema.Phase`), checks each number against its
+the nested section or :class:`~trainer.config.sections.finetune.Phase`), checks each number against its
 :class:`Range` (and that it is finite), then calls ``_check`` for rules between fields. Every failure is a
 :class:`ConfigError` whose message starts with the field's full name (``optim.grad_clip: -1.0 is not
 allowed (allowed: > 0 or null)``). ``trainer/main.py --help`` prints the same ranges (:func:`describe`).

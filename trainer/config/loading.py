@@ -84,7 +84,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     Raises:
         ConfigError: unreadable or malformed file (names it), unknown key, wrong type, value out of its
             range or fields that contradict each other (names the keys; checked by the sections themselves,
-            ``trainer/config/schema.py``).
+            ``trainer/config/sections/``, and by ``trainer/config/schema.py``).
     """
     values: dict = {}
     if path is not None:

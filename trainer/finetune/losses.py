@@ -84,7 +84,7 @@ def build_criterion(optim_cfg, class_counts: Sequence[int] | None, *, class_name
     already carry the label smoothing; class weights are refused by the config check then.
 
     Args:
-        optim_cfg: :class:`trainer.config.schema.OptimConfig` (``label_smoothing``, ``class_weights``,
+        optim_cfg: :class:`trainer.config.sections.optim.OptimConfig` (``label_smoothing``, ``class_weights``,
             ``class_weights_beta``).
         class_counts: training samples per class (needed unless ``class_weights`` is ``none``).
         device: where the weight tensor lives (the accelerator's device).

@@ -84,7 +84,7 @@ def build_param_groups(
         "weight_decay": float}``.
 
     The ranges of ``weight_decay``, ``layer_decay`` and the scales, and that ``layer_decay`` and
-    ``layer_lr_scale`` exclude each other, are checked by the config (``trainer/config/schema.py``);
+    ``layer_lr_scale`` exclude each other, are checked by the config (``trainer/config/sections/finetune.py``);
     given both, ``layer_decay`` wins.
 
     Raises:

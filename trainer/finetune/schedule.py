@@ -71,7 +71,7 @@ def build_phases(
 
     Modes (exactly one applies):
 
-    * ``phases`` given: the explicit :class:`~trainer.config.schema.Phase` list (first at epoch 0, start
+    * ``phases`` given: the explicit :class:`~trainer.config.sections.finetune.Phase` list (first at epoch 0, start
       epochs increasing and ``< epochs``: the config checks that). An omitted (None) ``lr_scale`` becomes
       ``unfrozen_lr_scale``; an omitted ``warmup_steps`` becomes ``unfreeze_warmup_steps`` (0 for the
       phase starting at epoch 0).

@@ -37,7 +37,7 @@ class EarlyStopping:
         patience: evaluations without improvement before :attr:`should_stop` (None: never).
         min_delta: required improvement over the best value, in the metric's units (>= 0).
 
-    The ranges are those of :class:`trainer.config.schema.EarlyStoppingConfig`, checked there.
+    The ranges are those of :class:`trainer.config.sections.train.EarlyStoppingConfig`, checked there.
 
     Attributes:
         best: best value so far (None before the first evaluation).
@@ -61,7 +61,7 @@ class EarlyStopping:
 
     @classmethod
     def from_config(cls, es_cfg) -> "EarlyStopping":
-        """From :class:`trainer.config.schema.EarlyStoppingConfig`."""
+        """From :class:`trainer.config.sections.train.EarlyStoppingConfig`."""
         return cls(monitor=es_cfg.monitor, mode=es_cfg.mode, patience=es_cfg.patience, min_delta=es_cfg.min_delta)
 
     def is_improvement(self, value: float) -> bool:

@@ -172,7 +172,7 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
     Args:
         model: the plain classifier; its ``head`` (``nn.Linear(F, C)``) is overwritten.
         train_batches, val_batches: eval-transform loaders of the training and validation splits.
-        finetune_cfg: ``lp_l2_grid`` and ``lp_max_iter`` of :class:`trainer.config.schema.FinetuneConfig`.
+        finetune_cfg: ``lp_l2_grid`` and ``lp_max_iter`` of :class:`trainer.config.sections.finetune.FinetuneConfig`.
         class_weight: ``(C,)`` loss weights (``optim.class_weights``) or None.
         tracker: optional :class:`trainer.reporting.tracking.Tracker` for the ``lp/*`` figures (step 0).
 

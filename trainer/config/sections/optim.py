@@ -1,0 +1,45 @@
+"""``optim``: optimizer, learning-rate schedule and loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from trainer.config.fields import ConfigError, Section, num
+
+
+@dataclass
+class OptimConfig(Section):
+    """Optimizer, learning-rate schedule and loss."""
+
+    _where: ClassVar[str] = "optim"
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer (``torch.optim.AdamW`` or ``torch.optim.SGD`` with Nesterov momentum)."""
+    lr: float = num(1e-3, gt=0)
+    """Peak learning rate of the head (per-group scales multiply it)."""
+    weight_decay: float = num(0.01, ge=0)
+    """Decoupled weight decay; norms and biases get none."""
+    momentum: float = num(0.9, ge=0, lt=1)
+    """SGD momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas: two numbers in [0, 1)."""
+    warmup_steps: int = num(0, ge=0)
+    """Linear warmup from 0 to ``lr`` over this many optimizer steps, then cosine decay."""
+    min_lr_ratio: float = num(0.0, ge=0, le=1)
+    """Floor of the cosine decay as a fraction of the peak lr."""
+    label_smoothing: float = num(0.0, ge=0, lt=1)
+    """Label smoothing of the cross-entropy loss (Szegedy et al. 2016)."""
+    grad_clip: Optional[float] = num(None, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+    class_weights: Literal["none", "inverse", "effective"] = "none"
+    """Per-class weights of the training loss, from the training split's class counts in ``dataset.json``
+    (against class imbalance; see ``trainer/finetune/losses.py``): ``none``; ``inverse``: ``w_c = N / (C n_c)``
+    (inverse frequency); ``effective``: ``w_c`` proportional to ``(1 - beta) / (1 - beta ** n_c)``, the
+    inverse effective number of samples (Cui et al. 2019), scaled to sum to C. Validation loss stays unweighted."""
+    class_weights_beta: float = num(0.999, ge=0, lt=1)
+    """``beta`` of ``class_weights: effective`` (0: no re-weighting; towards 1: inverse frequency)."""
+
+    def _check(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: {self.betas} is not allowed (allowed: two numbers in [0, 1))")

@@ -1,0 +1,96 @@
+"""``train``: batching, precision, run length, checkpoints, EMA, and ``train.early_stopping``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional
+
+from trainer.config.fields import ConfigError, Section, num
+
+
+@dataclass
+class EarlyStoppingConfig(Section):
+    """Which validation metric selects the best checkpoint, and when training stops early (``trainer/train/early_stopping.py``)."""
+
+    _where: ClassVar[str] = "train.early_stopping"
+
+    monitor: str = "val/top1"
+    """Metric compared after every evaluation: a ``val/...`` key of metrics.jsonl (``val/top1``,
+    ``val/loss``, ``val/balanced_acc``, ``val/top5``). ``checkpoints/best/`` is written whenever it improves."""
+    mode: Literal["auto", "max", "min"] = "auto"
+    """``max``: higher is better; ``min``: lower is better; ``auto``: ``min`` for a name containing
+    ``loss``, else ``max``."""
+    patience: Optional[int] = num(None, ge=1)
+    """Stop after this many evaluations in a row without improvement (null: never stop early)."""
+    min_delta: float = num(0.0, ge=0)
+    """An evaluation improves only if it beats the best so far by more than this (metric units)."""
+
+    def _check(self) -> None:
+        if not self.monitor.startswith("val/") or self.monitor == "val/":
+            raise ConfigError(f"train.early_stopping.monitor: {self.monitor!r} is not allowed (allowed: a "
+                              "validation metric 'val/...', e.g. val/top1, val/loss, val/balanced_acc, val/top5)")
+
+
+@dataclass
+class TrainConfig(Section):
+    """Batching, precision, run length, checkpoints."""
+
+    _where: ClassVar[str] = "train"
+
+    epochs: int = num(3, ge=1)
+    """Number of epochs (one epoch = the training split's sample count / global_batch_size steps)."""
+    global_batch_size: int = num(32, ge=1)
+    """Samples per optimizer step over all ranks = micro_batch_size x world_size x grad_accum_steps."""
+    micro_batch_size: int = num(16, ge=1)
+    """Samples per forward/backward pass on one rank."""
+    eval_batch_size: Optional[int] = num(None, ge=1)
+    """Per-rank batch size for evaluation (default: 2 x micro_batch_size)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast dtype (Accelerate). ``auto``: the launcher's setting (``accelerate launch --mixed_precision``
+    or ``accelerate config``, i.e. ``ACCELERATE_MIXED_PRECISION``), else ``no``; any other value wins over
+    the launcher. ``fp16`` needs a GPU and uses a gradient scaler. ``config.yaml`` records the value used."""
+    seed: int = num(0, ge=0, lt=2**32)
+    """Seed for weights of the head, shuffling and augmentation."""
+    output_dir: str = "runs/default"
+    """Run directory: config, metrics.jsonl, checkpoints; it holds one run. An existing run there is
+    resumed if its config differs only in settings resuming may change (``trainer/train/run_folder.py``)."""
+    resume: bool = True
+    """Resume from ``output_dir/checkpoints/last.pt`` if it exists. ``false`` into a folder holding a
+    run is refused unless ``overwrite`` is set."""
+    overwrite: bool = False
+    """With ``resume: false``: delete the run in ``output_dir`` first (only a run folder is ever deleted)."""
+    checkpoint_every_steps: int = num(0, ge=0)
+    """Also write ``last.pt`` every this many optimizer steps (0: only at epoch ends)."""
+    checkpoint_every_minutes: float = num(0.0, ge=0)
+    """Also write ``last.pt`` when this many minutes passed since the previous one (0: off)."""
+    log_every_steps: int = num(10, ge=1)
+    """Log train loss, lr and images/s every this many optimizer steps."""
+    max_steps: Optional[int] = num(None, ge=1)
+    """Stop after this many optimizer steps in total (debugging, tests; null: no limit)."""
+    dist_timeout_s: int = num(600, ge=1)
+    """Timeout of collective operations (seconds)."""
+    feature_cache: bool = False
+    """Feature extraction speed-up (needs ``data.augment: none``): while the backbone is frozen entirely,
+    the first epoch stores each rank's backbone features (train and val, in memory) and later epochs
+    train and evaluate the head on them (``trainer.train.feature_cache``)."""
+    feature_cache_max_ram_fraction: float = num(0.25, gt=0, le=1)
+    """Share of the host's RAM (or cgroup limit) that the feature caches of a node's ranks may hold; beyond
+    it the cache spills to memory-mapped files in ``output_dir/feature_cache``."""
+    preempt_check_every_steps: int = num(1, ge=1)
+    """Agree on preemption (and on ``checkpoint_every_minutes``) every this many optimizer steps: each
+    check is an all-reduce that waits for the device; a signal then stops the run up to N-1 steps later."""
+    ema_decay: Optional[float] = num(None, gt=0, lt=1)
+    """Model EMA (timm ModelEmaV3 with its decay warm-up ``1 - (1 + step) ** (-2/3)``) with this largest
+    decay, e.g. 0.999 for a few thousand steps; null: off. The EMA weights are evaluated beside the raw ones
+    (``val_ema/top1``, ...); ``best.pt`` holds whichever is better on the monitored metric and records which
+    (``metrics.weights: ema|raw``). The EMA is saved in ``last.pt`` and restored on resume."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Monitored metric (selects ``checkpoints/best/``) and early stopping, e.g.
+    ``{monitor: val/top1, mode: max, patience: 3, min_delta: 0.0}``."""
+
+    def _check(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.micro_batch_size})")
+        if not self.output_dir:
+            raise ConfigError("train.output_dir: empty path is not allowed")
