@@ -104,6 +104,19 @@ def load_label_map(path: str | os.PathLike) -> list[str]:
                     "{name: index} with indices 0..K-1")
 
 
+def has_split_column(manifest: str | os.PathLike, split_column=None) -> bool:
+    """Whether one manifest file has a split column (``split_column`` given, or a column named ``split``).
+
+    Raises:
+        DataError: missing or unreadable manifest (named).
+    """
+    if split_column is not None:
+        return True
+    path = Path(manifest)
+    header, rows = _read_rows(path)
+    return _column(None, ("split",), header, rows, "split_column", path, required=False) is not None
+
+
 def _as_int(value) -> int | None:
     if isinstance(value, bool):
         return None

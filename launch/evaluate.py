@@ -1,0 +1,212 @@
+"""Evaluate a checkpoint on one split of any data source the trainer reads, with the end-of-run test reports.
+
+    python launch/evaluate.py --checkpoint runs/eurosat_lite0/checkpoints/best \\
+        --data ../shared/data/eurosat/test.csv --label_map ../shared/data/eurosat/label_map.json
+    python launch/evaluate.py --checkpoint runs/ants_bees_lite0 --data ../shared/data/hymenoptera_data --split val
+    python launch/evaluate.py --checkpoint runs/x/checkpoints/best --data data/shards/x --split test --num_workers 4
+
+``--data`` is one of (checked in this order):
+
+* shards: a folder holding ``dataset.json`` (or the ``dataset.json`` file itself): the split's shards;
+  or any shard spec (:func:`trainer.data.sources.resolve_shards`: brace pattern, glob, URL) with
+  ``--meta path/dataset.json`` for the class names;
+* a manifest file (CSV / JSONL, columns as ``data.path_column`` etc., see :mod:`trainer.data.manifest`):
+  with a split column its ``--split`` rows, without one every row;
+* an image folder: ``root/{train,val,test}/<class>/<image>`` (the ``--split`` folder; classes from
+  ``train/``), or ``root/<class>/<image>`` (every image; classes = the class folders).
+
+Folders and manifests are listed and written into shards by the trainer's data layer
+(:func:`trainer.data.shard_writer.write_listing`, unreadable files skipped and counted) in a temporary
+folder removed afterwards, or in ``--shard_dir`` (kept and reused while the source is unchanged).
+The class names of the data (in label order) must equal the checkpoint's ``class_names``; otherwise one
+line naming both files and exit status 2.
+
+The evaluation is :func:`trainer.train.evaluation.evaluate_checkpoint`, the one the trainer runs on the
+test split at the end of a run: it prints ``<split>/top1``, ``<split>/loss`` and per-class accuracy, and
+writes into ``<out_dir>/reports/``: ``<split>_metrics.json``, ``<split>_per_class.csv``,
+``<split>_confused_pairs.csv``, ``<split>_predictions.csv`` and the confusion, per-class and mistakes
+plots (``<split>_confusion_matrix.png``...; for ``val`` the names of the run's validation plots). ``out_dir`` defaults to ``<run>/eval-<split>`` for a checkpoint inside a run folder, so the
+run's own ``reports/`` are never overwritten. Runs under ``accelerate launch`` too (each sample is
+evaluated by one rank). ``finetune-evaluate`` is the same command as a console script.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from trainer.cli.errors import run_cli  # noqa: E402
+from trainer.data.listing import DataError, Listing  # noqa: E402
+
+log = logging.getLogger("evaluate")
+SPLITS = ("train", "val", "test")
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
+
+
+def _short(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def check_classes(data_classes: list[str], where: str, ckpt_classes: list[str], ckpt_file: str) -> None:
+    """Refuse data whose class names (label order) differ from the checkpoint's.
+
+    Raises:
+        DataError: one line naming both files and the first difference.
+    """
+    if list(data_classes) == list(ckpt_classes):
+        return
+    diff = next((i for i, (a, b) in enumerate(zip(data_classes, ckpt_classes)) if a != b),
+                min(len(data_classes), len(ckpt_classes)))
+    raise DataError(f"--data: the classes of {where} [{_short(list(data_classes))}] differ from those of the "
+                    f"checkpoint {ckpt_file} [{_short(list(ckpt_classes))}] (first difference at label {diff}); "
+                    "evaluate on data with the checkpoint's classes, in the same order")
+
+
+def data_listing(data: Path, split: str, *, path_column=None, label_column=None, split_column=None,
+                 label_map=None) -> tuple[Listing, str]:
+    """A folder or manifest -> (:class:`Listing` holding only ``split``, where its classes come from).
+
+    Raises:
+        DataError: no such split, an unreadable source (from the data layer, named).
+    """
+    from trainer.data.listing import list_class_folders, list_split_folders
+    from trainer.data.manifest import has_split_column, list_manifest
+
+    if data.is_file():
+        cols = {"path_column": path_column, "label_column": label_column, "label_map": label_map}
+        if has_split_column(data, split_column):
+            full = list_manifest(str(data), split_column=split_column, **cols)
+        else:  # every row is the split: the same file as train (class map) and val (the rows)
+            full = list_manifest({"train": str(data), "val": str(data)}, **cols)
+            full.splits = {split: full.splits["val"]}
+        where = label_map if label_map else str(data)
+    elif (data / "train").is_dir():
+        if not (data / split).is_dir():
+            raise DataError(f"--split: {data} has no {split}/ folder")
+        full, where = list_split_folders(data, splits=[split]), str(data / "train")
+    else:  # root/<class>/<image>: every image (the stratified split's val part at fraction 1)
+        full = list_class_folders(data, val_fraction=1.0)
+        full.splits = {split: full.splits["val"]}
+        where = str(data)
+    if split not in full.splits or not full.splits[split]:
+        raise DataError(f"--split: {data} has no {split} rows or images (splits: {sorted(full.splits)})")
+    source = {**full.source, "params": {**full.source["params"], "evaluate_split": split}}
+    return Listing(classes=full.classes, splits={split: full.splits[split]}, source=source,
+                   key_prefix=full.key_prefix), where
+
+
+def _write_or_reuse(listing: Listing, shard_dir: Path, num_workers: int) -> None:
+    from trainer.config.fields import ConfigError
+    from trainer.data.meta import read_meta
+    from trainer.data.prepare import source_change
+    from trainer.data.shard_writer import write_listing
+
+    if (shard_dir / "dataset.json").is_file():
+        problem = source_change(read_meta(shard_dir).source, listing.source, str(shard_dir))
+        if problem:
+            raise ConfigError(problem.replace("data.shard_dir", "--shard_dir").replace("data.", "--"))
+        return
+    write_listing(listing, shard_dir, max_samples_per_shard=256, num_workers=max(1, num_workers))
+
+
+def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = None, meta: str | None = None,
+         shard_dir: str | None = None, path_column=None, label_column=None, split_column=None,
+         label_map: str | None = None, batch_size: int = 64, num_workers: int = 2) -> dict:
+    """Evaluate ``checkpoint`` on split ``split`` of ``data``; print top-1, loss, per-class accuracy; write reports.
+
+    Args:
+        checkpoint: inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run folder, or a ``.pt``.
+        data: shards (folder with dataset.json, or a spec with --meta), a CSV/JSONL manifest, or an image folder.
+        split: which split of ``data`` (train, val or test); names the metrics and report files.
+        out_dir: reports go to ``out_dir/reports``; default ``<run>/eval-<split>`` (or ``./eval-<split>``).
+        meta: the ``dataset.json`` of a shard spec given as ``data``.
+        shard_dir: keep the shards written from a folder or manifest here (reused while the source is unchanged).
+        path_column, label_column, split_column, label_map: manifest columns and class map, as ``data.*``.
+        batch_size: images per forward pass.
+        num_workers: DataLoader worker processes decoding images (also shard-writing processes).
+
+    Returns:
+        the ``<split>/...`` record (loss, top1, balanced_acc, macro metrics, num_samples).
+    """
+    from trainer.config.fields import ConfigError
+    from trainer.data.meta import META_NAME, read_meta
+    from trainer.data.sources import resolve_shards
+    from trainer.dist.accelerator import make_accelerator
+    from trainer.dist.wait import main_first
+    from trainer.train.evaluation import evaluate_checkpoint
+    from trainer.train.inference_checkpoint import META_FILE, read_meta as read_ckpt_meta, resolve
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if split not in SPLITS:
+        raise ConfigError(f"--split: {split!r} is not one of {list(SPLITS)}")
+    if batch_size < 1 or num_workers < 0:
+        raise ConfigError(f"--batch_size must be >= 1 and --num_workers >= 0, got {batch_size} and {num_workers}")
+    src = resolve(checkpoint)
+    ckpt_file = str(src / META_FILE if src.is_dir() else src)
+    ckpt_classes = list(read_ckpt_meta(src)["class_names"])
+    if out_dir is None:
+        run = src.parent.parent if src.is_dir() and src.parent.name == "checkpoints" else Path(".")
+        out_dir = str(run / f"eval-{split}")
+    path = Path(data)
+    accelerator = make_accelerator()
+    tmp = None
+    try:
+        if meta is not None or (path / META_NAME).is_file() or path.name == META_NAME:
+            meta_path = Path(meta) if meta is not None else (path if path.name == META_NAME else path / META_NAME)
+            if not meta_path.is_file():
+                raise ConfigError(f"--meta: dataset metadata not found: {meta_path}")
+            dmeta = read_meta(meta_path)
+            check_classes(dmeta.classes, str(meta_path), ckpt_classes, ckpt_file)
+            if meta is not None:
+                shards = resolve_shards(data)
+            elif split in dmeta.splits and dmeta.splits[split].num_samples:
+                shards = dmeta.shard_urls(split)
+            else:
+                raise DataError(f"--split: {meta_path} has no {split} samples (splits: {sorted(dmeta.splits)})")
+            skipped = dmeta.splits[split].num_skipped if split in dmeta.splits else 0
+        else:
+            if not path.exists():
+                raise FileNotFoundError(f"--data: no such file or folder: {path}")
+            if path.is_file() and path.suffix.lower() not in MANIFEST_SUFFIXES:
+                raise DataError(f"--data: {path} is not a manifest ({', '.join(MANIFEST_SUFFIXES)}), a folder or "
+                                f"a {META_NAME}")
+            listing, where = data_listing(path, split, path_column=path_column, label_column=label_column,
+                                          split_column=split_column, label_map=label_map)
+            check_classes(listing.classes, where, ckpt_classes, ckpt_file)
+            if shard_dir is None:
+                tmp = tempfile.mkdtemp(prefix="evaluate-shards-")
+            target = Path(shard_dir or Path(tmp) / "shards")
+            main_first(lambda: _write_or_reuse(listing, target, num_workers), accelerator, what="writing shards",
+                       errors=(ConfigError, DataError))
+            dmeta = read_meta(target)
+            shards, skipped = dmeta.shard_urls(split), dmeta.splits[split].num_skipped
+        result, record = evaluate_checkpoint(src, shards, accelerator=accelerator, split=split, out_dir=out_dir,
+                                             micro_batch_size=batch_size, num_workers=num_workers)
+    finally:
+        if tmp is not None and accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        print(f"{split}: {result.num_samples} samples from {data}"
+              + (f" ({skipped} unreadable file(s) not evaluated)" if skipped else ""))
+        print(f"{split}/top1 {result.top1:.4f}  {split}/loss {result.loss:.4f}  "
+              f"{split}/balanced_acc {result.balanced_accuracy:.4f}")
+        width = max(len(c) for c in ckpt_classes)
+        print(f"  {'class':<{width}}  support  accuracy")
+        for name, n, acc in zip(ckpt_classes, result.support.tolist(), result.per_class):
+            print(f"  {name:<{width}}  {n:>7}  " + ("     n/a" if n == 0 else f"{acc:8.4f}"))
+        print(f"reports in {Path(out_dir) / 'reports'} ({split}_metrics.json, {split}_per_class.csv, ...)")
+    return record
+
+
+def cli() -> None:
+    """Console script ``finetune-evaluate`` (same as ``python launch/evaluate.py``)."""
+    run_cli(main, prog="finetune-evaluate")
+
+
+if __name__ == "__main__":
+    run_cli(main)
