@@ -16,8 +16,9 @@
   ``train/``), or ``root/<class>/<image>`` (every image; classes = the class folders).
 
 Folders and manifests are listed and written into shards by the trainer's data layer
-(:func:`trainer.data.shard_writer.write_listing`, unreadable files skipped and counted) in a temporary
-folder removed afterwards, or in ``--shard_dir`` (kept and reused while the source is unchanged).
+(:func:`trainer.data.shard_writer.write_listing`, unreadable files skipped and counted) into
+``<out_dir>/.shards-<split>``, removed afterwards, or into ``--shard_dir`` (kept, and reused while the
+source is unchanged).
 The class names of the data (in label order) must equal the checkpoint's ``class_names``; otherwise one
 line naming both files and exit status 2.
 
@@ -25,7 +26,8 @@ The evaluation is :func:`trainer.train.evaluation.evaluate_checkpoint`, the one 
 test split at the end of a run: it prints ``<split>/top1``, ``<split>/loss`` and per-class accuracy, and
 writes into ``<out_dir>/reports/``: ``<split>_metrics.json``, ``<split>_per_class.csv``,
 ``<split>_confused_pairs.csv``, ``<split>_predictions.csv`` and the confusion, per-class and mistakes
-plots (``<split>_confusion_matrix.png``...; for ``val`` the names of the run's validation plots). ``out_dir`` defaults to ``<run>/eval-<split>`` for a checkpoint inside a run folder, so the
+plots (``<split>_confusion_matrix.png``...; for ``val`` the names of the run's validation plots).
+``out_dir`` defaults to ``<run>/eval-<split>`` for a checkpoint inside a run folder, so the
 run's own ``reports/`` are never overwritten. Runs under ``accelerate launch`` too (each sample is
 evaluated by one rank). ``finetune-evaluate`` is the same command as a console script.
 """
@@ -35,7 +37,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -120,7 +121,8 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     """Evaluate ``checkpoint`` on split ``split`` of ``data``; print top-1, loss, per-class accuracy; write reports.
 
     Args:
-        checkpoint: inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run folder, or a ``.pt``.
+        checkpoint: inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run folder,
+            or a ``.pt``.
         data: shards (folder with dataset.json, or a spec with --meta), a CSV/JSONL manifest, or an image folder.
         split: which split of ``data`` (train, val or test); names the metrics and report files.
         out_dir: reports go to ``out_dir/reports``; default ``<run>/eval-<split>`` (or ``./eval-<split>``).
@@ -178,18 +180,25 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
             listing, where = data_listing(path, split, path_column=path_column, label_column=label_column,
                                           split_column=split_column, label_map=label_map)
             check_classes(listing.classes, where, ckpt_classes, ckpt_file)
-            if shard_dir is None:
-                tmp = tempfile.mkdtemp(prefix="evaluate-shards-")
-            target = Path(shard_dir or Path(tmp) / "shards")
-            main_first(lambda: _write_or_reuse(listing, target, num_workers), accelerator, what="writing shards",
-                       errors=(ConfigError, DataError))
+            if shard_dir is None:  # one folder for all ranks, beside the reports; removed at the end
+                tmp = Path(out_dir) / f".shards-{split}"
+            target = Path(shard_dir) if shard_dir is not None else tmp
+
+            def write():
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted evaluation
+                _write_or_reuse(listing, target, num_workers)
+            main_first(write, accelerator, what="writing shards", errors=(ConfigError, DataError))
             dmeta = read_meta(target)
             shards, skipped = dmeta.shard_urls(split), dmeta.splits[split].num_skipped
         result, record = evaluate_checkpoint(src, shards, accelerator=accelerator, split=split, out_dir=out_dir,
                                              micro_batch_size=batch_size, num_workers=num_workers)
     finally:
-        if tmp is not None and accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            if accelerator.num_processes > 1:
+                accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
     if accelerator.is_main_process:
         print(f"{split}: {result.num_samples} samples from {data}"
               + (f" ({skipped} unreadable file(s) not evaluated)" if skipped else ""))

@@ -70,6 +70,7 @@ def test_class_folders_every_image_with_reports(ckpt, tmp_path, capsys):
     assert record["test/top1"] == pytest.approx(expected_top1(ckpt, labels))
     rows = check_reports(tmp_path / "out", "test", record)
     assert [int(r["support"]) for r in rows] == [3, 4]
+    assert not (tmp_path / "out" / ".shards-test").exists()  # the temporary shards are removed
     out = capsys.readouterr().out
     assert "test/top1" in out and "1 unreadable file(s) not evaluated" in out and "bees" in out
 

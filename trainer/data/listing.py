@@ -13,7 +13,8 @@ never learn); an empty validation or test class folder is fine (count 0).
 
 File names are whatever the file system holds: Python's ``os.fsdecode`` strings (surrogate escapes for
 bytes that are not UTF-8), so ``os.fsencode(item.rel)`` is always the original name.
-:func:`printable` turns them into one-line text for keys, logs and reports.
+:func:`printable` turns them into one-line text for keys, logs and reports; :func:`escape_name` into
+one-line text that :func:`unescape_name` turns back into the exact bytes (CSV columns).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,12 +80,49 @@ def printable(name: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def escape_name(name: str) -> str:
+    """Reversible one-line, valid UTF-8 text for a file name (an ``os.fsdecode`` string): a backslash is
+    written ``\\\\``, each byte that is not valid UTF-8 and each UTF-8 byte of a non-printable
+    character (newline, tab, other control characters) ``\\xNN`` (two lowercase hex digits); everything
+    else as it is. :func:`unescape_name` returns the original bytes. Names without backslashes or
+    such bytes are unchanged."""
+    if name.isprintable() and "\\" not in name:
+        return name
+    out = []
+    for c in name:
+        o = ord(c)
+        if c == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= o <= 0xDCFF:  # surrogate escape of an undecodable byte
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif not c.isprintable():
+            out.append("".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogatepass")))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+_ESCAPE = re.compile(r"\\(\\|x[0-9a-fA-F]{2})")
+
+
+def unescape_name(text: str) -> bytes:
+    """The bytes of a file name written by :func:`escape_name` (``os.fsdecode`` them to open the file)."""
+    out, pos = bytearray(), 0
+    for m in _ESCAPE.finditer(text):
+        out += text[pos:m.start()].encode("utf-8", "surrogateescape")
+        out += b"\\" if m.group(1) == "\\" else bytes([int(m.group(1)[1:], 16)])
+        pos = m.end()
+    out += text[pos:].encode("utf-8", "surrogateescape")
+    return bytes(out)
+
+
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _files_under(folder: Path) -> list[str]:
-    """Sorted non-hidden files below ``folder`` (recursive), as paths relative to ``folder``."""
+def files_under(folder: str | os.PathLike) -> list[str]:
+    """Sorted non-hidden files below ``folder`` (recursive, hidden folders skipped), as paths relative to
+    ``folder`` (``os.fsdecode`` strings)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
@@ -146,7 +185,7 @@ def list_split_folders(root: str | os.PathLike, splits: Sequence[str] | None = N
             if entry.name not in index:
                 raise DataError(f"data.root: class folder {printable(str(entry))} of split '{split}' is not a "
                                 f"class of the training split {root / 'train'} (classes: {classes})")
-            per_class[entry.name] = _files_under(entry)
+            per_class[entry.name] = files_under(entry)
         if split == "train":
             _require_training_files(classes, per_class, lambda c: split_dir / c)
         items = [Item(str(split_dir / c / f), f"{split}/{c}/{f}", index[c]) for c in classes for f in per_class[c]]
@@ -206,7 +245,7 @@ def list_class_folders(root: str | os.PathLike, *, val_fraction: float, test_fra
         raise DataError(f"data.root: {root} holds no class folder (expected root/<class>/<image>, or "
                         "root/{train,val}/<class>/<image>)")
     classes = [p.name for p in folders]
-    per_class = {c: _files_under(root / c) for c in classes}
+    per_class = {c: files_under(root / c) for c in classes}
     _require_training_files(classes, per_class, lambda c: root / c)
     parts = stratified_split(per_class, val_fraction, test_fraction, seed)
     index = {c: i for i, c in enumerate(classes)}

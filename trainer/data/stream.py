@@ -99,7 +99,7 @@ class _ScopedTorchRNG:
             torch.set_rng_state(saved)
 
 
-def _iter_shard(url: str) -> Iterator[dict]:
+def iter_shard(url: str) -> Iterator[dict]:
     """Raw samples (dicts of bytes with ``__key__``) of one tar shard; read errors propagate."""
     stream = gopen(url)
     try:
@@ -163,7 +163,7 @@ class _StreamBase(IterableDataset):
 
     def _read_shard(self, url: str, state: _WorkerState) -> Iterator[dict]:
         try:
-            yield from _iter_shard(url)
+            yield from iter_shard(url)
         except BadSampleError:
             raise
         except Exception as exn:  # unreadable / truncated tar, missing file, curl failure...

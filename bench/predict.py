@@ -1,0 +1,108 @@
+"""Predict speed: the previous ``launch/predict.py`` (commit bef5517, decoding in the main process, one
+image after the other) against today's (DataLoader workers, channels_last), side by side in one run.
+
+    python bench/predict.py --checkpoint /tmp/run/checkpoints/best --images ../shared/data/hymenoptera_data/val
+
+The previous implementation is taken from git (``git show bef5517:launch/predict.py``) into a temp file
+and imported, so the baseline is exactly the code that shipped. Each round runs old then new (whole
+``main()`` calls: model load, listing, decoding, forward, CSV), ``--rounds`` times alternating so that
+load from other processes hits both alike; images/s use the fastest round of each. Then the two CSVs are
+compared row by row (by path): same predicted class, top-1 probability within ``--atol`` (1e-5), the same
+unreadable files. Exit status 1 if the predictions differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "launch"))
+
+BASELINE_COMMIT = "bef5517"
+
+
+def load_baseline(tmp: Path):
+    """The module ``launch/predict.py`` of :data:`BASELINE_COMMIT`, imported from a temp file."""
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{BASELINE_COMMIT}:launch/predict.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = tmp / "predict_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("predict_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {r["path"]: r for r in csv.DictReader(f)}
+
+
+def compare(old: dict[str, dict], new: dict[str, dict], atol: float) -> list[str]:
+    """Differences between two prediction CSVs (empty list: identical within ``atol``)."""
+    problems = []
+    if set(old) != set(new):
+        problems.append(f"different files: {len(set(old) ^ set(new))} path(s) in only one CSV")
+    for path in sorted(set(old) & set(new)):
+        a, b = old[path], new[path]
+        if a["pred"] != b["pred"] or a["true"] != b["true"]:
+            problems.append(f"{path}: pred {a['pred']!r} vs {b['pred']!r}, true {a['true']!r} vs {b['true']!r}")
+        elif a["pred"] and abs(float(a["prob"]) - float(b["prob"])) > atol:
+            problems.append(f"{path}: prob {a['prob']} vs {b['prob']}")
+    return problems
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--images", default=str(REPO.parent / "shared/data/hymenoptera_data/val"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--num_workers", type=int, default=None, help="new predict's workers (default: its own)")
+    ap.add_argument("--atol", type=float, default=1e-5)
+    args = ap.parse_args()
+
+    import torch
+
+    import predict as new
+
+    with tempfile.TemporaryDirectory(prefix="bench-predict-") as d:
+        tmp = Path(d)
+        old = load_baseline(tmp)
+        times: dict[str, list[float]] = {"old": [], "new": []}
+        for r in range(args.rounds):
+            for name, fn, kw in (("old", old.main, {}), ("new", new.main, {"num_workers": args.num_workers})):
+                t = time.perf_counter()
+                fn(args.checkpoint, args.images, out=str(tmp / f"{name}.csv"), batch_size=args.batch_size, **kw)
+                times[name].append(time.perf_counter() - t)
+        rows = {k: read_rows(tmp / f"{k}.csv") for k in times}
+        problems = compare(rows["old"], rows["new"], args.atol)
+    n = len(rows["new"])
+    ips = {k: n / min(v) for k, v in times.items()}
+    print(f"\n{n} images ({sum(1 for r in rows['new'].values() if not r['pred'])} unreadable), "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"CUDA {torch.cuda.is_available()}, load average {os.getloadavg()[0]:.1f}, batch {args.batch_size}, "
+          f"new workers {args.num_workers if args.num_workers is not None else new.default_workers()}")
+    for k in ("old", "new"):
+        print(f"  {k}: {ips[k]:6.1f} images/s (fastest of {args.rounds}; every round: "
+              f"{', '.join(f'{t:.2f}' for t in times[k])} s)")
+    print(f"  ratio new/old: {ips['new'] / ips['old']:.2f}x")
+    if problems:
+        print(f"predictions DIFFER in {len(problems)} row(s), e.g.:\n  " + "\n  ".join(problems[:5]))
+        return 1
+    print(f"predictions identical: same class and unreadable files for all {n} rows, top-1 probability within "
+          f"{args.atol:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
