@@ -402,3 +402,37 @@ def test_read_meta_errors_name_file_and_key(tmp_path):
         read_meta(p)
     with pytest.raises(FileNotFoundError, match="nope"):
         read_meta(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------- worker threads and priority
+
+class _WorkerProbe:
+    """Eval transform that writes its process's niceness increase and torch thread count into the image."""
+
+    def __init__(self, parent_nice: int):
+        self.parent_nice = parent_nice
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        import os
+        return torch.tensor([os.nice(0) - self.parent_nice, torch.get_num_threads(), 0],
+                            dtype=torch.uint8).view(3, 1, 1).expand(3, S, S).clone()
+
+
+@pytest.mark.timeout(120)
+def test_loader_workers_run_one_torch_thread_at_lower_priority(tmp_path):
+    """Each DataLoader worker runs torch with one thread at WORKER_NICE above the training process (so
+    it never pre-empts the training process's OpenMP threads); the training process is untouched."""
+    import os
+
+    from trainer.data import loader as loader_mod
+
+    shards, _ = write_tar_shards(tmp_path, [4, 4])
+    before = (os.nice(0), torch.get_num_threads())
+    probe = _WorkerProbe(os.nice(0))
+    batches = list(EvalLoader(shards, rank=0, world_size=1, micro_batch_size=2, num_workers=2, transform=probe))
+    want_nice = min(19, before[0] + loader_mod.WORKER_NICE) - before[0]
+    assert loader_mod.WORKER_NICE > 0 and len(batches) == 4
+    for b in batches:
+        assert b["image"][:, 0, 0, 0].tolist() == [want_nice] * 2  # niceness added in the worker
+        assert b["image"][:, 1, 0, 0].tolist() == [loader_mod.WORKER_TORCH_THREADS] * 2
+    assert (os.nice(0), torch.get_num_threads()) == before

@@ -144,3 +144,22 @@ def test_model_normalizes_in_its_memory_format():
         ImageClassifier(nn.Flatten(), 12, 2).normalize(x)
     with pytest.raises(ValueError, match="0-1 units"):
         Preprocessing(224, (123.7, 116.3, 103.5), (58.4, 57.1, 57.4), "bilinear", 0.9)
+
+
+def test_configure_threads_follows_omp_num_threads_then_cores_per_local_process(monkeypatch):
+    """The launcher's OMP_NUM_THREADS wins; otherwise usable cores // processes on this node (>= 1)."""
+    from trainer.dist import accelerator as acc_mod
+
+    saved = torch.get_num_threads()
+    monkeypatch.setattr(acc_mod, "_usable_cores", lambda: 8)
+    try:
+        assert acc_mod.configure_threads({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}) == 3
+        assert torch.get_num_threads() == 3
+        assert acc_mod.configure_threads({"LOCAL_WORLD_SIZE": "2"}) == 4
+        assert acc_mod.configure_threads({}) == 8 and torch.get_num_threads() == 8
+        assert acc_mod.configure_threads({"LOCAL_WORLD_SIZE": "16"}) == 1
+        assert acc_mod.configure_threads({"OMP_NUM_THREADS": "junk"}) == 8
+        line = acc_mod.describe_threads(2)
+        assert "torch threads 8 intra-op" in line and "2 loader worker(s) x 1 thread at nice +" in line
+    finally:
+        torch.set_num_threads(saved)

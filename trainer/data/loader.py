@@ -1,8 +1,22 @@
-"""TrainLoader / EvalLoader: DataLoaders over the rank- and worker-split shard streams of :mod:`trainer.data.stream`."""
+"""TrainLoader / EvalLoader: DataLoaders over the rank- and worker-split shard streams of :mod:`trainer.data.stream`.
+
+Worker processes and the cores (:func:`worker_init`): each worker runs torch with one intra-op thread
+(decoding is single-threaded: libjpeg-turbo, simplejpeg, PIL) and at a lower scheduling priority
+(``os.nice(WORKER_NICE)``). The training process uses every core for its own torch threads
+(:func:`trainer.dist.accelerator.configure_threads`); on a CPU-only machine the workers then compete with
+those threads for the same cores, and a worker that pre-empts one OpenMP thread in the middle of a
+parallel region stalls all of them at the region's barrier. With the workers niced, the scheduler runs
+them in the gaps of the training process (and whenever it waits for a batch), so decoding costs its
+CPU time and no more. ``WORKER_NICE`` only lowers the workers' priority relative to their own training
+process (nice is per process; it never raises anything), and it does not matter on a GPU machine with
+spare cores.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -32,8 +46,27 @@ def _check_common(name: str, shards: list[str], rank: int, world_size: int, micr
         raise ValueError(f"{name}: no shards")
 
 
+WORKER_NICE = 10
+"""Niceness added to each DataLoader worker process (0: same priority as the training process)."""
+
+WORKER_TORCH_THREADS = 1
+"""torch intra-op threads in each DataLoader worker."""
+
+
+def worker_init(worker_id: int, nice: int = WORKER_NICE) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread, priority lowered by ``nice`` (default
+    :data:`WORKER_NICE`, see the module docstring). Runs in the worker process, before its first sample."""
+    torch.set_num_threads(WORKER_TORCH_THREADS)
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:  # not permitted here: the worker keeps the training process's priority
+            pass
+
+
 def _make_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor: int) -> DataLoader:
-    kw = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    kw = {"prefetch_factor": prefetch_factor, "persistent_workers": True,
+          "worker_init_fn": functools.partial(worker_init, nice=WORKER_NICE)} if num_workers > 0 else {}
     # own generator: DataLoader draws its base seed from it instead of the caller's global RNG
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(0), **kw)

@@ -18,6 +18,13 @@ and consistent, before the process group is built), the ``DistNetworkError`` of 
 ``MASTER_ADDR:MASTER_PORT`` re-raised naming both, and :func:`check_topology` (after init: no two
 processes claim the same machine rank + local rank). :func:`shutdown` destroys the process group at
 the end, so gloo does not abort (SIGABRT) at interpreter exit and the launcher reports success.
+
+Threads (:func:`configure_threads`, called by :func:`make_accelerator`): each training process runs
+torch with ``OMP_NUM_THREADS`` intra-op threads when the launcher or the user set it (``accelerate
+launch`` on CPU sets cores / processes per node, torchrun sets 1), else with the cores it may run on
+divided by the processes on this node (``LOCAL_WORLD_SIZE``), and one inter-op thread. The loader
+workers run one torch thread each at a lower priority (:mod:`trainer.data.loader`).
+:func:`describe_threads` is the line the trainer logs at start.
 """
 
 from __future__ import annotations
@@ -177,6 +184,53 @@ def _use_cpu() -> bool:
     return flag or not torch.cuda.is_available()
 
 
+def _usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm or container limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(env: dict | None = None) -> int:
+    """Set this process's torch threads (see the module docstring) and return the intra-op count.
+
+    ``OMP_NUM_THREADS`` (a positive integer) wins; otherwise usable cores // ``LOCAL_WORLD_SIZE`` (at
+    least 1), so N processes on a node never run more threads than it has cores. Inter-op threads: 1
+    (eager training has no inter-op parallelism to use; left as is if torch already started them).
+
+    Args:
+        env: the environment to read (default ``os.environ``).
+    """
+    env = os.environ if env is None else env
+    omp = str(env.get("OMP_NUM_THREADS", "")).strip()
+    if omp.isdigit() and int(omp) > 0:
+        threads = int(omp)
+    else:
+        per_node = int(env.get("LOCAL_WORLD_SIZE") or 1)
+        threads = max(1, _usable_cores() // max(1, per_node))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # inter-op pool already in use: keep it
+            pass
+    return threads
+
+
+def describe_threads(num_workers: int) -> str:
+    """One line for the start-up log: torch threads of this process, cores, loader workers and their
+    threads / priority."""
+    from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS
+
+    omp = os.environ.get("OMP_NUM_THREADS")
+    return (f"torch threads {torch.get_num_threads()} intra-op + {torch.get_num_interop_threads()} inter-op "
+            f"per process ({_usable_cores()} usable cores, {os.environ.get('LOCAL_WORLD_SIZE', '1')} process(es) "
+            f"on this node{f', OMP_NUM_THREADS={omp}' if omp else ''}); {num_workers} loader worker(s) x "
+            f"{WORKER_TORCH_THREADS} thread at nice +{WORKER_NICE}")
+
+
 def make_accelerator(mixed_precision: str = "auto", *, timeout_s: int = 600) -> Accelerator:
     """Build the Accelerator for this process.
 
@@ -221,6 +275,7 @@ def make_accelerator(mixed_precision: str = "auto", *, timeout_s: int = 600) -> 
             f"world_size={accelerator.num_processes}: the run would train independent copies. "
             "On CPU launch with `accelerate launch --multi_gpu --num_processes N` or torchrun.")
     check_topology(accelerator)
+    configure_threads()
     return accelerator
 
 

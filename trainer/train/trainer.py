@@ -36,6 +36,7 @@ from typing import Iterator
 import torch
 from accelerate.utils import set_seed
 
+from trainer.config.launcher import resolve_config_precision
 from trainer.config.loading import grad_accum_steps, save_config
 from trainer.config.schema import Config, ConfigError
 from trainer.data.batch_augment import build_batch_augment
@@ -43,7 +44,7 @@ from trainer.data.loader import EvalLoader, TrainLoader
 from trainer.data.prepare import prepare_dataset
 from trainer.data.sources import steps_per_epoch
 from trainer.data.transforms import build_transforms
-from trainer.dist.accelerator import check_replicas, make_accelerator, unwrap, wrap_ddp
+from trainer.dist.accelerator import check_replicas, describe_threads, make_accelerator, unwrap, wrap_ddp
 from trainer.dist.signals import PreemptionHandler
 from trainer.finetune.freezing import apply_phase
 from trainer.finetune.losses import build_criterion
@@ -90,7 +91,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, plan: StartPlan | None = None):
         self.cfg = cfg
-        self.accelerator = make_accelerator(cfg.train.mixed_precision, timeout_s=cfg.train.dist_timeout_s)
+        self.accelerator = make_accelerator(resolve_config_precision(cfg)[0], timeout_s=cfg.train.dist_timeout_s)
         cfg.train.mixed_precision = self.accelerator.mixed_precision  # "auto" resolved: config.yaml records it
         self.is_main = self.accelerator.is_main_process
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
@@ -129,6 +130,7 @@ class Trainer:
                      "steps/epoch=%d total_steps=%d classes=%d mixed_precision=%s", self.world_size,
                      cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.steps_epoch,
                      self.total_steps, len(self.class_names), cfg.train.mixed_precision)
+            log.info("threads: %s", describe_threads(cfg.data.num_workers))
         self.reporter = Reporter(self.out_dir, self.class_names, self.accelerator, self.tracker)
         self.preemption = PreemptionHandler()  # installed for the duration of fit()
         self._last_ckpt_time = time.monotonic()
@@ -322,6 +324,7 @@ class Trainer:
                     progress_bar.set_postfix(loss=f"{loss:.3f}", ips=f"{ips:.1f}")
                 loss_acc.zero_()
                 loss_n = 0
+                t0, s0 = time.perf_counter(), p.samples_seen  # images/s over the last logging window
             check_now = p.step % cfg.train.preempt_check_every_steps == 0  # same steps on every rank
             if check_now and self.preemption.should_stop(acc):
                 preempted = True
