@@ -80,13 +80,76 @@ def test_print_config_prints_the_resolved_config(tmp_path):
 
 def test_mixed_precision_auto_takes_the_launchers_value_unless_the_config_sets_it():
     env = {"ACCELERATE_MIXED_PRECISION": "bf16"}
-    assert resolve_mixed_precision("auto", env)[0] == "bf16"
-    assert resolve_mixed_precision("auto", {}) == ("no", None)
+    for hw in (None, "avx512_bf16", "cuda"):
+        assert resolve_mixed_precision("auto", env, hardware=hw)[0] == "bf16"
+        assert resolve_mixed_precision("auto", {"ACCELERATE_MIXED_PRECISION": "fp16"}, hardware=hw)[0] == "fp16"
+    value, note = resolve_mixed_precision("auto", {}, hardware=None)
+    assert value == "no" and "no native bf16" in note
     value, note = resolve_mixed_precision("no", env)
     assert value == "no" and "train.mixed_precision=no from the config wins" in note and "=bf16" in note
     assert resolve_mixed_precision("bf16", env) == ("bf16", None)
     with pytest.raises(ConfigError, match="ACCELERATE_MIXED_PRECISION='fp8'"):
         resolve_mixed_precision("auto", {"ACCELERATE_MIXED_PRECISION": "fp8"})
+
+
+@pytest.mark.parametrize("flags, frozen, want", [
+    ({"avx2", "fma"}, True, "no"),                            # no native bf16: float32 everywhere
+    ({"avx2", "avx512f"}, True, "no"),                        # AVX-512 without BF16: emulated, float32
+    ({"avx512f", "avx512_bf16"}, True, "bf16"),               # AMD Zen 4 / Xeon Cooper Lake: feature extraction
+    ({"avx512f", "avx512_bf16"}, False, "no"),                # ... but fine-tuning stays float32
+    ({"avx512_bf16", "amx_tile", "amx_bf16"}, True, "bf16"),  # Xeon Sapphire Rapids (AMX)
+    ({"avx512_bf16", "amx_tile", "amx_bf16"}, False, "no"),   # fine-tuning measured slower in bf16 there too
+])
+def test_mixed_precision_auto_follows_the_cpu_flags(monkeypatch, tmp_path, flags, frozen, want):
+    import torch
+
+    from trainer.config import launcher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Fake CPU\nflags\t\t: fpu sse2 {' '.join(sorted(flags))}\n\n")
+    assert launcher.cpu_flags(cpuinfo) == frozenset({"fpu", "sse2", *flags})
+    read_flags = launcher.cpu_flags
+    monkeypatch.setattr(launcher, "cpu_flags", lambda: read_flags(cpuinfo))
+    value, note = resolve_mixed_precision("auto", {}, frozen_backbone=frozen)
+    assert value == want and note.startswith(f"train.mixed_precision=auto -> {want}")
+    # the launcher's no is accelerate's default, not a choice: the hardware rule still applies
+    assert resolve_mixed_precision("auto", {"ACCELERATE_MIXED_PRECISION": "no"}, frozen_backbone=frozen)[0] == want
+    # an explicit value always wins
+    assert resolve_mixed_precision("no", {}, frozen_backbone=frozen) == ("no", None)
+
+
+def test_mixed_precision_auto_on_a_gpu_and_under_accelerate_cpu(monkeypatch):
+    import torch
+
+    from trainer.config import launcher
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launcher, "cpu_flags", lambda: frozenset({"avx2"}))
+    for major, want in ((7, "no"), (8, "bf16"), (9, "bf16")):  # V100 / A100 / H100
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, m=major: (m, 0))
+        assert resolve_mixed_precision("auto", {}, frozen_backbone=False)[0] == want
+    # accelerate launch --cpu: the CPU's flags decide, not the GPU
+    assert resolve_mixed_precision("auto", {"ACCELERATE_USE_CPU": "true"}, frozen_backbone=True)[0] == "no"
+
+
+def test_backbone_frozen_throughout_reads_the_finetune_section():
+    from trainer.config.launcher import backbone_frozen_throughout, resolve_config_precision
+
+    assert backbone_frozen_throughout({})  # the defaults: freeze backbone, strategy epochs
+    assert backbone_frozen_throughout({"strategy": "linear_probe", "freeze": "none"})
+    assert not backbone_frozen_throughout({"freeze": "none"})
+    assert not backbone_frozen_throughout({"strategy": "lp_ft"})
+    assert not backbone_frozen_throughout({"frozen_bn": "affine"})  # BN scale/shift train: backward through it
+    assert not backbone_frozen_throughout({"gradual_every": 2})
+    assert backbone_frozen_throughout({"phases": [{"start_epoch": 0, "train": "head"}]})
+    assert not backbone_frozen_throughout({"phases": [{"start_epoch": 0, "train": "head"},
+                                                      {"start_epoch": 2, "train": "all"}]})
+    from trainer.config.loading import load_config
+
+    cfg = load_config(REPO / "configs/ants_bees_lite0.yaml", {})
+    assert backbone_frozen_throughout(cfg.finetune)
+    assert resolve_config_precision(cfg, {})[0] == resolve_config_precision(cfg.to_dict(), {})[0]
 
 
 @pytest.mark.slow

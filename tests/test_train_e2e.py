@@ -45,7 +45,10 @@ def data(tmp_path_factory):
 def test_single_process_run_on_real_images_then_predict(data):
     out = data / "run1"
     run_cmd([PY, "trainer/main.py", "--config", "configs/ants_bees_lite0.yaml",
-             *tiny_overrides(data / "images", data / "shards", out, **{"train.epochs": 2})])
+             *tiny_overrides(data / "images", data / "shards", out, **{"train.epochs": 2,
+                                                                        # predict.py runs in float32: the
+                                                                        # same numerics as the val top-1
+                                                                        "train.mixed_precision": "no"})])
     rows = run_metrics(out)
     evals = [r for r in rows if "val/top1" in r]
     assert [r["epoch"] for r in evals] == [1, 2]

@@ -47,8 +47,8 @@ def _run(config, dry_run, print_config, overrides) -> None:
     if print_config:
         import yaml
 
-        from trainer.config.launcher import resolve_mixed_precision
-        cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)[0]
+        from trainer.config.launcher import resolve_config_precision
+        cfg.train.mixed_precision = resolve_config_precision(cfg)[0]
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
     from trainer.cli.preflight import preflight

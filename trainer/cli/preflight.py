@@ -2,7 +2,8 @@
 (sharding, model building, process groups): is ``train.output_dir`` writable, does ``model.backbone``
 name a model, and which launcher settings apply.
 
-Launcher settings: ``train.mixed_precision: auto`` takes the launcher's value (``trainer/config/launcher.py``).
+Launcher and hardware settings: ``train.mixed_precision: auto`` resolves to the launcher's value or what this
+hardware runs fastest (``trainer/config/launcher.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from trainer.config.fields import ConfigError
-from trainer.config.launcher import resolve_mixed_precision
+from trainer.config.launcher import resolve_config_precision
 from trainer.config.schema import Config
 
 
@@ -46,7 +47,7 @@ def preflight(cfg: Config, *, train: bool = True) -> list[str]:
     from trainer.models.build import check_model_names
 
     notes = []
-    value, note = resolve_mixed_precision(cfg.train.mixed_precision)
+    value, note = resolve_config_precision(cfg)
     cfg.train.mixed_precision = value
     if note:
         notes.append(note)

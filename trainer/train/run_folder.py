@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config.launcher import resolve_mixed_precision
+from trainer.config.launcher import resolve_config_precision
 from trainer.config.schema import Config, ConfigError
 from trainer.train import checkpoint as ckpt_lib
 from trainer.utils.files import remove_stale_temp_files
@@ -105,11 +105,11 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 
 
 def _resolved(cfg: dict) -> dict:
-    """``cfg`` with ``train.mixed_precision: auto`` resolved as the run resolves it (the launcher's value
-    or ``no``), so that a run saved with the resolved value compares equal to its unchanged config."""
+    """``cfg`` with ``train.mixed_precision: auto`` resolved as the run resolves it
+    (:func:`trainer.config.launcher.resolve_config_precision`), so that a run saved with the resolved value compares equal to its unchanged config."""
     train = cfg.get("train")
     if isinstance(train, dict) and train.get("mixed_precision") == "auto":
-        cfg = {**cfg, "train": {**train, "mixed_precision": resolve_mixed_precision("auto")[0]}}
+        cfg = {**cfg, "train": {**train, "mixed_precision": resolve_config_precision(cfg)[0]}}
     return cfg
 
 

@@ -46,9 +46,13 @@ class TrainConfig(Section):
     eval_batch_size: Optional[int] = num(None, ge=1)
     """Per-rank batch size for evaluation (default: 2 x micro_batch_size)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """Autocast dtype (Accelerate). ``auto``: the launcher's setting (``accelerate launch --mixed_precision``
-    or ``accelerate config``, i.e. ``ACCELERATE_MIXED_PRECISION``), else ``no``; any other value wins over
-    the launcher. ``fp16`` needs a GPU and uses a gradient scaler. ``config.yaml`` records the value used."""
+    """Autocast dtype (Accelerate). ``auto``: the launcher's ``bf16``/``fp16`` (``accelerate launch
+    --mixed_precision``, ``ACCELERATE_MIXED_PRECISION``); else ``bf16`` where the hardware has native bf16 and it
+    is faster: a GPU of compute capability >= 8.0, or, for a backbone frozen for the whole run (feature
+    extraction, linear probe), a CPU with ``avx512_bf16`` or ``amx_bf16``; else ``no`` (float32, e.g.
+    fine-tuning on any CPU). Rule and measurements: ``trainer/config/launcher.py``. Any other value wins over
+    the launcher and the hardware. ``fp16`` needs a GPU and uses a gradient scaler. The value used is
+    logged and recorded in ``config.yaml``."""
     seed: int = num(0, ge=0, lt=2**32)
     """Seed for weights of the head, shuffling and augmentation."""
     output_dir: str = "runs/default"
