@@ -214,6 +214,32 @@ def test_case10_resume_across_unfreeze_is_identical(tmp_path, tiny_shards):
 
 @needs_images
 @pytest.mark.slow
+def test_compiled_model_under_ddp_resumes_across_an_unfreeze(tmp_path, tiny_shards):
+    """``model.compile: true`` with 2 ranks: the in-place compiled model is wrapped in DDP, re-wrapped at
+    the unfreeze (epoch 1) and resumed in fresh processes from a ``last.pt`` written before it; the
+    checkpoint has the plain model's keys, the replicas stay identical and the backbone trains after
+    the unfreeze (a tiny timm model keeps the compile time short)."""
+    cfg = {"model": {"backbone": "timm:test_efficientnet", "weights": "none", "compile": True},
+           "finetune": {"phases": [{"start_epoch": 0, "train": "head"}, {"start_epoch": 1, "train": "all"}]},
+           "train": {"epochs": 2}}
+    run_dir, _ = _train(tmp_path, tiny_shards, "compiled", cfg, **{"train.max_steps": STEPS_PER_EPOCH})
+    mid = _last(run_dir)
+    assert mid["step"] == STEPS_PER_EPOCH and mid["epoch"] == 1
+    plain, _ = build_model("timm:test_efficientnet", 2, "none")
+    assert set(mid["model"]) == set(plain.state_dict())  # no "_orig_mod." prefixes
+    _, log = _train(tmp_path, tiny_shards, "compiled", cfg)  # resumes, enters the unfreeze phase
+    assert "resumed from" in log
+    end = _last(run_dir)
+    assert end["step"] == 2 * STEPS_PER_EPOCH and end["epoch"] == 2
+    diffs = [r["ddp/replica_max_abs_diff"] for r in run_metrics(run_dir) if "ddp/replica_max_abs_diff" in r]
+    assert len(diffs) >= 2 and max(diffs) == 0.0
+    moved = [k for k in mid["model"] if k.startswith("backbone.") and k.endswith("weight")
+             and not torch.equal(mid["model"][k], end["model"][k])]
+    assert moved, "the backbone did not train after the unfreeze"
+
+
+@needs_images
+@pytest.mark.slow
 def test_case11_frozen_bn_statistics_two_ranks(tmp_path, tiny_shards):
     """EfficientNet-Lite0 with its pretrained weights, backbone frozen, 2 ranks through the real trainer:
     every BN running mean / var (and the whole backbone) in the saved checkpoint equals the pretrained
