@@ -100,7 +100,7 @@ def resolve_mixed_precision(configured: str, env: dict | None = None, *, frozen_
         hardware: :func:`bf16_hardware`'s answer; ``"detect"`` (default) asks it.
 
     Returns:
-        The value, and for ``auto`` or a config value that overrides the launcher one line saying why.
+        The value, and where a launcher's value applies or is overridden one line saying so (else None).
 
     Raises:
         ConfigError: the launcher's value is not one of no/bf16/fp16 (names the variable).
@@ -114,14 +114,11 @@ def resolve_mixed_precision(configured: str, env: dict | None = None, *, frozen_
         if launcher in ("bf16", "fp16"):
             return launcher, (f"train.mixed_precision=auto -> {launcher} from the launcher "
                               f"({MIXED_PRECISION_ENV}={launcher})")
+        # no note: the trainer's start-up log line and config.yaml show the value chosen
         hw = bf16_hardware(env) if hardware == "detect" else hardware
-        if hw == "cuda":
-            return "bf16", "train.mixed_precision=auto -> bf16 (a GPU with native bf16)"
-        if hw in NATIVE_BF16_CPU_FLAGS and frozen_backbone:
-            return "bf16", f"train.mixed_precision=auto -> bf16 (frozen backbone on a CPU with {hw})"
-        why = ("fine-tuning on a CPU: bf16 is slower there" if hw in NATIVE_BF16_CPU_FLAGS
-               else "no native bf16 on this CPU")
-        return "no", f"train.mixed_precision=auto -> no (float32; {why})"
+        if hw == "cuda" or (hw in NATIVE_BF16_CPU_FLAGS and frozen_backbone):
+            return "bf16", None
+        return "no", None
     if launcher is not None and launcher != configured:
         return configured, (f"train.mixed_precision={configured} from the config wins over the launcher's "
                             f"{MIXED_PRECISION_ENV}={launcher}")
