@@ -3,7 +3,7 @@
 For each size S in ``--sizes``, the backbone (EfficientNet-Lite0, offline ImageNet weights) runs once in
 eval mode over the train, val (and test, when there are shards for it) splits with the trainer's eval
 transform at S (resize the short side to ``S / crop_pct``, centre-crop S: small images such as
-EuroSAT's 64x64 are upsampled), then :func:`trainer.train.linear_probe.fit_linear_probe` solves the head
+EuroSAT's 64x64 are upsampled), then :func:`trainer.finetune.linear_probe.fit_linear_probe` solves the head
 with the L2 strength chosen on val. The same code paths as ``finetune.strategy: linear_probe``
 (:func:`trainer.train.linear_probe.extract_features`); only the loader set-up is local.
 
@@ -34,7 +34,8 @@ from trainer.config.schema import Config  # noqa: E402
 from trainer.data.loader import EvalLoader  # noqa: E402
 from trainer.data.transforms import build_transforms  # noqa: E402
 from trainer.models.build import build_model  # noqa: E402
-from trainer.train.linear_probe import extract_features, fit_linear_probe  # noqa: E402
+from trainer.finetune.linear_probe import fit_linear_probe  # noqa: E402
+from trainer.train.linear_probe import extract_features  # noqa: E402
 
 
 class _Cpu:

@@ -17,7 +17,7 @@ from trainer.data.batch_augment import BatchAugment
 from trainer.data.transforms import RandomResizedCropFlip, build_transforms
 from trainer.finetune.losses import build_criterion
 from trainer.train.ema import ModelEma, choose
-from trainer.train.linear_probe import fit_linear_probe
+from trainer.finetune.linear_probe import fit_linear_probe
 
 REPO = Path(__file__).resolve().parents[1]
 

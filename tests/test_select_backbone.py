@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from trainer.config.loading import load_config
-from trainer.finetune.linear_probe import fit_linear_probe
+from trainer.finetune.linear_probe import fit_linear_probe_holdout
 from trainer.selection import select as select_mod
 from trainer.selection.candidates import parse_candidates
 from trainer.selection.report import COLUMNS, Row, pareto_front, recommend
@@ -27,18 +27,20 @@ def test_probe_separable_and_deterministic():
     centers = torch.randn(3, 8, generator=g) * 4
     y = torch.arange(90) % 3
     x = centers[y] + torch.randn(90, 8, generator=g)
-    a = fit_linear_probe(x[:60], y[:60], 3)
-    b = fit_linear_probe(x[:60], y[:60], 3)
+    a = fit_linear_probe_holdout(x[:60], y[:60], 3)
+    b = fit_linear_probe_holdout(x[:60], y[:60], 3)
     assert a.top1(x[60:], y[60:]) == 1.0
-    assert torch.equal(a.weight, b.weight) and a.l2 == b.l2 and a.l2 in a.held_out_top1
-    # the chosen penalty has the best held-out top-1 (ties: the larger penalty)
+    assert torch.equal(a.weight, b.weight) and a.l2 == b.l2 and a.l2 in [r["l2"] for r in a.grid]
+    # the chosen penalty has the best held-out top-1 (ties: the lower held-out loss), refitted on all rows
     noisy = x + torch.randn(90, 8, generator=g) * 6
-    c = fit_linear_probe(noisy[:60], y[:60], 3, l2_grid=(1e-6, 1e-2, 1e2))
-    best = max(c.held_out_top1.values())
-    assert c.l2 == max(k for k, v in c.held_out_top1.items() if v == best)
-    assert fit_linear_probe(noisy[:60], y[:60], 3, l2=0.5).l2 == 0.5
+    c = fit_linear_probe_holdout(noisy[:60], y[:60], 3, l2_grid=(1e-6, 1e-2, 1e2))
+    assert len(c.grid) == 3
+    assert c.l2 == max(c.grid, key=lambda r: (r["val_top1"], -r["val_loss"]))["l2"]
+    assert c.val_top1 == max(r["val_top1"] for r in c.grid)
+    d = fit_linear_probe_holdout(noisy[:60], y[:60], 3, l2=0.5)
+    assert d.l2 == 0.5 and [r["l2"] for r in d.grid] == [0.5]
     with pytest.raises(ValueError, match="labels"):
-        fit_linear_probe(x, y + 5, 3)
+        fit_linear_probe_holdout(x, y + 5, 3)
 
 
 # ---------------------------------------------------------------- subset

@@ -13,7 +13,7 @@ import torch
 from trainer.config.launcher import resolve_mixed_precision
 from trainer.config.schema import Config, ConfigError
 from trainer.data.prepare import prepare_dataset
-from trainer.finetune.linear_probe import fit_linear_probe
+from trainer.finetune.linear_probe import fit_linear_probe_holdout
 from trainer.models.build import build_model
 from trainer.selection.features import cache_path, compute_features, load_cached, save_cached
 from trainer.selection.measure import measure_cost
@@ -93,7 +93,7 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
     Every rank reads its part of a stratified subset of the train / val shards once (only if some
     candidate's features are not cached) and computes its part of each candidate's features
     (:mod:`trainer.selection.features`, gathered once per candidate). The main process then fits the
-    linear probe (:func:`trainer.finetune.linear_probe.fit_linear_probe`) on the train-subset
+    linear probe (:func:`trainer.finetune.linear_probe.fit_linear_probe_holdout`) on the train-subset
     features, scores it on the val subset, measures the cost (:func:`trainer.selection.measure.measure_cost`)
     while the other ranks wait, and writes ``out_dir/{selection.csv, selection.png, chosen.yaml}``.
 
@@ -147,7 +147,7 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
         del model
         feat_s = time.perf_counter() - t0
         if main:
-            probe = fit_linear_probe(splits["train"].x, splits["train"].y, meta.num_classes, seed=opts.seed)
+            probe = fit_linear_probe_holdout(splits["train"].x, splits["train"].y, meta.num_classes, seed=opts.seed)
             top1 = probe.top1(splits["val"].x, splits["val"].y)
             cost = measure_cost(backbone, weights, num_classes=meta.num_classes, batch_size=batch, device=device,
                                 autocast=accelerator.autocast, channels_last=cfg.model.channels_last,

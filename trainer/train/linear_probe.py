@@ -1,21 +1,10 @@
-"""Linear probe: frozen-backbone features computed once, a logistic-regression head solved to convergence.
+"""The ``finetune.strategy: linear_probe`` wiring (and the first half of ``lp_ft``): frozen-backbone
+features computed once, the head solved by :func:`trainer.finetune.linear_probe.fit_linear_probe`.
 
-``finetune.strategy: linear_probe`` (and the first half of ``lp_ft``) follows the transfer evaluation
-of Kornblith, Shlens & Le 2019 ("Do Better ImageNet Models Transfer Better?", CVPR): the backbone is
-frozen and run once, in eval mode and with the deterministic eval transform (no augmentation), over the
-training and validation splits (:func:`extract_features`); then an L2-regularised multinomial
-logistic regression is fitted with full-batch L-BFGS, one fit per L2 strength of a small grid, and the
-strength with the best validation top-1 is kept (:func:`fit_linear_probe`). Kornblith et al. use
-scikit-learn's L-BFGS logistic regression with the regulariser picked on a held-out split; here it is
-``torch.optim.LBFGS`` (strong-Wolfe line search) on the same objective, in float64:
-
-    loss(W, b) = mean_i w_{y_i} CE(W z_i + b, y_i) / mean_i w_{y_i} + lambda / 2 * ||W||_F^2
-
-with ``z = (x - mu) / sigma`` the features standardised with the training split's statistics
-(better conditioning; the regulariser then acts on comparable scales), class weights ``w`` from
-``optim.class_weights`` (1 by default). Fits are warm-started from the previous, stronger
-regularisation. The standardisation is folded back into the returned head, ``W' = W / sigma``,
-``b' = b - W' mu``, so it is a plain ``nn.Linear`` on the raw features (``best.pt`` needs nothing new).
+The backbone is run once, in eval mode and with the deterministic eval transform (no augmentation), over
+the training and validation splits (:func:`extract_features`); the solver (L-BFGS logistic regression,
+L2 chosen on val from ``finetune.lp_l2_grid``, Kornblith et al. 2019) returns a plain ``nn.Linear`` head on
+raw features, written into ``model.head`` (:func:`probe_head`), so ``best.pt`` needs nothing new.
 
 Under DDP every rank extracts its share of the samples; the features are gathered on every rank,
 rank 0 solves, and the head is broadcast, so all replicas end identical.
@@ -25,15 +14,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 
+from trainer.finetune.linear_probe import fit_linear_probe
 
 log = logging.getLogger("trainer")
 
-__all__ = ["ProbeResult", "extract_features", "fit_linear_probe", "probe_head"]
+__all__ = ["extract_features", "probe_head"]
 
 
 @torch.no_grad()  # not inference_mode: the features feed the L-BFGS autograd graph
@@ -73,98 +62,6 @@ def extract_features(model: torch.nn.Module, batches: Iterable[dict], *,
     return x, y, skipped
 
 
-@dataclass
-class ProbeResult:
-    """A fitted linear probe.
-
-    Attributes:
-        weight: ``(C, F)`` float32, bias: ``(C,)`` float32, on raw (unstandardised) features.
-        l2: the chosen lambda. val_top1 / val_loss: of the chosen fit (loss unregularised, unweighted).
-        grid: per lambda ``{"l2", "val_top1", "val_loss", "train_top1", "iters"}``.
-        seconds: wall time of all fits.
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    l2: float
-    val_top1: float
-    val_loss: float
-    grid: list[dict] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def _top1(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).double().mean().item() if len(y) else float("nan")
-
-
-def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, *,
-                     num_classes: int, l2_grid: Iterable[float], max_iter: int = 200,
-                     class_weight: torch.Tensor | None = None) -> ProbeResult:
-    """Multinomial logistic regression by full-batch L-BFGS, L2 chosen on val (see the module docstring).
-
-    Args:
-        x_train: ``(N, F)`` features; y_train: ``(N,)`` labels in ``[0, num_classes)``.
-        x_val, y_val: validation features / labels; the lambda with the best val top-1 wins (ties: lower
-            val loss, then the stronger regularisation). Empty: the strongest lambda reaching the best
-            *train* top-1 wins.
-        l2_grid: lambdas > 0, tried from the largest down, each warm-started from the previous fit.
-        max_iter: L-BFGS iterations per lambda.
-        class_weight: optional ``(C,)`` per-class loss weights (``optim.class_weights``).
-
-    Returns:
-        :class:`ProbeResult` with the head on raw features.
-
-    Raises:
-        ValueError: empty training set, shape mismatch, labels out of range, or a lambda <= 0.
-    """
-    t0 = time.perf_counter()
-    grid = sorted((float(v) for v in l2_grid), reverse=True)
-    if not grid or any(v <= 0 for v in grid):
-        raise ValueError(f"finetune.lp_l2_grid must hold numbers > 0, got {grid}")
-    if x_train.ndim != 2 or len(x_train) == 0 or len(x_train) != len(y_train):
-        raise ValueError(f"linear probe: need (N, F) training features with N labels, got {tuple(x_train.shape)} "
-                         f"and {tuple(y_train.shape)}")
-    if int(y_train.min()) < 0 or int(y_train.max()) >= num_classes:
-        raise ValueError(f"linear probe: labels outside [0, {num_classes})")
-    xt, xv = x_train.double(), x_val.double().reshape(-1, x_train.shape[1])
-    mu, sd = xt.mean(0), xt.std(0).clamp_min(1e-6)
-    zt, zv = (xt - mu) / sd, (xv - mu) / sd
-    yt, yv = y_train.long(), y_val.long()
-    cw = None if class_weight is None else class_weight.double()
-    w = torch.zeros(num_classes, xt.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    results, best = [], None
-    for lam in grid:
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
-                                tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(zt @ w.T + b, yt, weight=cw) + 0.5 * lam * (w * w).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        iters = opt.state[opt._params[0]].get("n_iter", 0)
-        with torch.no_grad():
-            train_top1 = _top1(zt @ w.T + b, yt)
-            lv = zv @ w.T + b
-            val_top1 = _top1(lv, yv)
-            val_loss = torch.nn.functional.cross_entropy(lv, yv).item() if len(yv) else float("nan")
-        rec = {"l2": lam, "val_top1": val_top1, "val_loss": val_loss, "train_top1": train_top1, "iters": iters}
-        results.append(rec)
-        log.info("linear probe: l2 %.0e  train top-1 %.4f  val top-1 %.4f  val loss %.4f  (%d L-BFGS iterations)",
-                 lam, train_top1, val_top1, val_loss, iters)
-        key = (train_top1,) if not len(yv) else (val_top1, -val_loss)
-        if best is None or key > best[0]:
-            best = (key, rec, w.detach().clone(), b.detach().clone())
-    _, rec, wb, bb = best
-    weight = wb / sd  # fold the standardisation into the head: W' = W / sigma, b' = b - W' mu
-    bias = bb - weight @ mu
-    return ProbeResult(weight=weight.float(), bias=bias.float(), l2=rec["l2"], val_top1=rec["val_top1"],
-                       val_loss=rec["val_loss"], grid=results, seconds=time.perf_counter() - t0)
-
-
 def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batches: Iterable[dict], *, accelerator,
                finetune_cfg, class_weight: torch.Tensor | None = None, tracker=None) -> int:
     """Extract features, fit the probe on rank 0 and write the head into ``model.head`` on every rank.
@@ -191,6 +88,9 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
         with torch.no_grad():
             head.weight.copy_(res.weight.to(head.weight.device))
             head.bias.copy_(res.bias.to(head.bias.device))
+        for r in res.grid:
+            log.info("linear probe: l2 %.0e  train top-1 %.4f  val top-1 %.4f  val loss %.4f  (%d L-BFGS iterations)",
+                     r["l2"], r["train_top1"], r["val_top1"], r["val_loss"], r["iters"])
         log.info("linear probe: %d train / %d val features in %.1f s, fit in %.1f s, l2 %.0e, val top-1 %.4f",
                  len(yt), len(yv), t_feat, res.seconds, res.l2, res.val_top1)
         if tracker is not None:
