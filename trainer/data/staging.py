@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainer.data.listing import DataError
 from trainer.data.meta import META_NAME
-from trainer.utils.files import _fsync_dir, _pid_alive  # the same liveness test and folder flush as atomic_write
+from trainer.utils.files import fsync_dir, pid_alive  # the same liveness test and folder flush as atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def recover(out: str | os.PathLike) -> None:
     for p, _, _ in olds:  # the swap finished (out exists): the old folder is garbage
         shutil.rmtree(p, ignore_errors=True)
     for p, h, pid in _siblings(out, "staging"):
-        if h == host and not _pid_alive(pid):
+        if h == host and not pid_alive(pid):
             shutil.rmtree(p, ignore_errors=True)
             log.info("removed %s (left by an interrupted shard write)", p)
 
@@ -107,4 +107,4 @@ def commit(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)

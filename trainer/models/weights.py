@@ -100,7 +100,7 @@ class WeightsSource:
         if cached is not None:
             return cached
         folder = "models--" + self.hf_repo.replace("/", "--")
-        return _hf_cache_dir() / folder / "snapshots" / (self.hf_revision or "<revision>") / self.hf_filenames[0]
+        return hf_cache_dir() / folder / "snapshots" / (self.hf_revision or "<revision>") / self.hf_filenames[0]
 
 
 def split_backbone(backbone: str) -> tuple[str, str]:
@@ -163,7 +163,9 @@ def weights_source(backbone: str) -> WeightsSource:
     raise ValueError(f"backbone {backbone!r}: timm's pretrained config has neither hf_hub_id nor url")
 
 
-def _hf_cache_dir() -> Path:
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, read at call time: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else
+    huggingface_hub's default (``~/.cache/huggingface/hub``). No file system access."""
     from huggingface_hub import constants
 
     # read the env at call time (constants are fixed at import; tests and users may change HF_HOME)
@@ -178,7 +180,7 @@ def _hf_cached_file(src: WeightsSource) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     for filename in src.hf_filenames:
-        found = try_to_load_from_cache(src.hf_repo, filename, cache_dir=_hf_cache_dir(),
+        found = try_to_load_from_cache(src.hf_repo, filename, cache_dir=hf_cache_dir(),
                                        revision=src.hf_revision)
         if isinstance(found, str):
             return Path(found)
@@ -282,7 +284,7 @@ def _download(src: WeightsSource) -> Path:
     for filename in src.hf_filenames:
         try:
             return Path(huggingface_hub.hf_hub_download(src.hf_repo, filename, revision=src.hf_revision,
-                                                        cache_dir=_hf_cache_dir()))
+                                                        cache_dir=hf_cache_dir()))
         except EntryNotFoundError as e:
             last = e
     raise WeightsUnavailableError(f"backbone {src.backbone!r}: none of {src.hf_filenames} in {src.hf_repo}: {last}")

@@ -67,11 +67,14 @@ def reports_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "reports"
 
 
-def _short(name: str, n: int = 24) -> str:
+def shorten(name: str, n: int = 24) -> str:
+    """``name`` cut to at most ``n`` characters (an ellipsis as the last one), for axis labels."""
     return name if len(name) <= n else name[: n - 1] + "\u2026"
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as PNG (``DPI``, tight bounding box, white background) to ``path`` atomically
+    (:func:`trainer.utils.files.atomic_write`; the folder is created); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight",
@@ -138,7 +141,7 @@ def plot_confusion_matrix(confusion, class_names: Sequence[str], path: str | Pat
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="fraction of the true class")
     fs = 10 if c <= 20 else (8 if c <= 50 else 7)
-    names = [_short(s) for s in class_names]
+    names = [shorten(s) for s in class_names]
     ax.set_xticks(range(c), labels=names, rotation=45 if c <= 10 else 90, ha="right" if c <= 10 else "center",
                   rotation_mode="anchor" if c <= 10 else "default", fontsize=fs)
     ax.set_yticks(range(c), labels=[f"{s} ({int(r)})" for s, r in zip(names, rows[:, 0])], fontsize=fs)
@@ -154,7 +157,7 @@ def plot_confusion_matrix(confusion, class_names: Sequence[str], path: str | Pat
                         color="white" if v > 0.5 else "black")
     ax.set_title(f"{head}Confusion matrix, normalised per true class\n{n} val samples, top-1 {top1:.3f}",
                  fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_confused_pairs(confused, support, class_names: Sequence[str], path: str | Path, *, title: str) -> Path:
@@ -173,7 +176,7 @@ def plot_confused_pairs(confused, support, class_names: Sequence[str], path: str
     fig = Figure(figsize=(10, max(3.0, 0.3 * len(pairs) + 1.5)), dpi=DPI)
     ax = fig.add_subplot()
     if pairs:
-        labels = [f"{_short(class_names[t], 30)} \u2192 {_short(class_names[p], 30)}" for t, p, _, _ in pairs]
+        labels = [f"{shorten(class_names[t], 30)} \u2192 {shorten(class_names[p], 30)}" for t, p, _, _ in pairs]
         counts = [n for _, _, n, _ in pairs]
         y = np.arange(len(pairs))
         ax.barh(y, counts, color="tab:red")
@@ -187,7 +190,7 @@ def plot_confused_pairs(confused, support, class_names: Sequence[str], path: str
     ax.set_xlabel("val samples of the true class predicted as the other")
     ax.set_ylabel("true class \u2192 predicted class")
     ax.set_title(f"{title}\n{len(pairs)} most confused pairs (matrix too large to draw)", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_per_class_accuracy(per_class: Sequence[float], class_names: Sequence[str], path: str | Path, *,
@@ -224,7 +227,7 @@ def plot_per_class_accuracy(per_class: Sequence[float], class_names: Sequence[st
     colors = ["tab:red" if v < balanced else "tab:blue" for v in vals]
     ax.barh(y, vals, color=colors)
     fs = 10 if k <= 20 else (8 if k <= 50 else 7)
-    ax.set_yticks(y, labels=[_short(class_names[i], 30) for i in shown], fontsize=fs)
+    ax.set_yticks(y, labels=[shorten(class_names[i], 30) for i in shown], fontsize=fs)
     ax.invert_yaxis()
     for yi, i in zip(y, shown):
         note = f" {acc[i]:.3f}" + (f" (n={int(class_counts[i])})" if class_counts is not None else "")
@@ -238,7 +241,7 @@ def plot_per_class_accuracy(per_class: Sequence[float], class_names: Sequence[st
     what = f"the {k} worst of {c} classes" if c > MAX_MATRIX_CLASSES else f"{c} classes"
     ax.set_title(f"{head}Per-class accuracy, {what}\ndashed line: mean over classes (balanced accuracy) "
                  f"{balanced:.3f}; red: below it", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path, *, title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _same_series(m: dict, keys: list[str]) -> list[list[str]]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from trainer.reporting.plots import DPI, _save, _short
+from trainer.reporting.plots import DPI, save_png, shorten
 from trainer.utils.files import atomic_write
 
 # ---------------------------------------------------------------------------------------------
@@ -234,11 +234,11 @@ def plot_mistakes(mistakes: Sequence[Mistake], class_names: Sequence[str], path:
         for s in ax.spines.values():
             s.set_edgecolor("tab:red")
             s.set_linewidth(2)
-        ax.set_title(f"true: {_short(class_names[m.true])} (p={m.true_prob:.2f})\n"
-                     f"pred: {_short(class_names[m.pred])} (p={m.prob:.2f})", fontsize=9)
-        ax.set_xlabel(_short(m.key, 40), fontsize=7)
+        ax.set_title(f"true: {shorten(class_names[m.true])} (p={m.true_prob:.2f})\n"
+                     f"pred: {shorten(class_names[m.pred])} (p={m.prob:.2f})", fontsize=9)
+        ax.set_xlabel(shorten(m.key, 40), fontsize=7)
     fig.suptitle(f"{head}Most confident mistakes: {n} of {total}mistakes{on}", fontsize=11)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 

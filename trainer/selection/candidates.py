@@ -18,7 +18,7 @@ def offline_candidates() -> list[tuple[str, str]]:
        weights file), backbone ``timm:<name>``, weights ``"default"``.
     """
     out = [(p.backbone, p.weights) for p in LITE_PACKAGES.values() if importlib.util.find_spec(p.module)]
-    from trainer.models.weights import _hf_cache_dir, weights_source
+    from trainer.models.weights import hf_cache_dir, weights_source
 
     import torchvision
 
@@ -28,7 +28,7 @@ def offline_candidates() -> list[tuple[str, str]]:
                 out.append((name, "default"))
         except ValueError:  # no pretrained weights for this model
             continue
-    cache = _hf_cache_dir()
+    cache = hf_cache_dir()
     if cache.is_dir():
         for folder in sorted(cache.glob("models--timm--*")):
             name = folder.name[len("models--timm--"):]

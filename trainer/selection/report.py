@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 from trainer.config.loading import save_config
 from trainer.config.schema import Config
-from trainer.reporting.plots import _save
+from trainer.reporting.plots import save_png
 from trainer.utils.files import atomic_write
 
 
@@ -127,7 +127,7 @@ def plot_accuracy_vs_cost(rows: list[Row], path: str | Path, *, title: str = "",
         ax.set_xlim(min(xs) / 1.5, max(xs) * 2.5)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_chosen_config(base: Config, row: Row, path: str | Path) -> Path:

@@ -28,7 +28,13 @@ def temp_path(path: str | Path, pid: int | None = None) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
+    """Flush ``folder``'s entries to disk (after a rename or a new file in it), so that the change
+    survives a power loss (POSIX: fsync of the directory's file descriptor).
+
+    Raises:
+        OSError: the folder cannot be opened (missing, no permission).
+    """
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -70,11 +76,13 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], objec
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (signal 0; one owned by another user counts as
+    alive). ``pid <= 0`` is never alive (it would address a process group)."""
     if pid <= 0:
         return False
     try:
@@ -102,7 +110,7 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     removed = []
     for p in sorted(folder.iterdir()):
         m = _TEMP_RE.match(p.name)
-        if m and p.is_file() and not _pid_alive(int(m.group(1))):
+        if m and p.is_file() and not pid_alive(int(m.group(1))):
             try:
                 p.unlink()
             except FileNotFoundError:  # removed concurrently
