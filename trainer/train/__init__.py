@@ -1,8 +1,9 @@
-"""The run: ``trainer`` (the Trainer: set-up, restore, epochs, evaluation, checkpoints), ``loop``
-(train step with gradient accumulation, evaluation), ``checkpoint`` (``last.pt``, safe loading,
-atomic writes), ``inference_checkpoint`` (``checkpoints/best/`` = ``model.safetensors`` +
-``model.json``, read by predict / export), ``early_stopping``, ``feature_cache`` (head-only epochs
-on cached backbone features).
+"""The run: ``trainer`` (the Trainer: set-up, phases, epochs), ``loop`` (train step with gradient
+accumulation, evaluation), ``evaluation`` (validation with raw + EMA weights and what follows it, the
+test split), ``ema``, ``linear_probe``, ``checkpointer`` (when and what the run writes and restores),
+``checkpoint`` (the ``last.pt`` format, safe loading), ``run_folder``, ``inference_checkpoint``
+(``checkpoints/best/`` = ``model.safetensors`` + ``model.json``, read by predict / export),
+``early_stopping``, ``feature_cache`` (head-only epochs on cached backbone features).
 
 The only subpackage that wires the others together; nothing else imports it.
 """

@@ -1,7 +1,8 @@
 """Evaluate a trained model or checkpoint on a split's shards: metrics, per-class accuracy, confusion, reports.
 
 Used at the end of a run (``checkpoints/best/`` on the test split, once: :func:`test_best_checkpoint`) and by
-``launch/evaluate.py`` (:func:`evaluate_checkpoint`, any checkpoint and split). Every rank must call
+``launch/evaluate.py`` (:func:`evaluate_checkpoint`, any checkpoint and split); during training the
+validation split with the raw and EMA weights (:func:`validate`). Every rank must call
 these functions (the metrics end in one all-reduce; each sample is read by exactly one rank).
 """
 
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -114,3 +116,93 @@ def test_best_checkpoint(out_dir: Path, best: Path, test_shards: Sequence[str] |
     log.info("test split (checkpoints/best): test/loss %.4f test/top1 %.4f on %d samples", result.loss, result.top1,
              result.num_samples)
     return record
+
+
+@dataclass
+class Validation:
+    """One evaluation of the validation split during training: the raw weights and, with ``train.ema_decay``,
+    the EMA weights beside them.
+
+    Attributes:
+        result, collector: :class:`EvalResult` and prediction collector of the *chosen* weights (for reports).
+        raw: ``val/*`` record of the raw weights. ema: the EMA weights' record under the same ``val/*``
+            names, or None. which: ``raw`` or ``ema``, the weights that select ``checkpoints/best/``.
+        chosen: the record of ``which`` (early stopping and ``checkpoints/best/`` metrics).
+    """
+
+    result: EvalResult
+    collector: object
+    raw: dict
+    ema: dict | None
+    which: str
+    chosen: dict
+
+    @property
+    def ema_record(self) -> dict:
+        """The EMA metrics as ``val_ema/*`` (empty without EMA), logged beside ``val/*``."""
+        return {"val_ema/" + k[len("val/"):]: v for k, v in (self.ema or {}).items()}
+
+
+def validate(model: torch.nn.Module, ema, batches: Callable[[torch.nn.Module], Iterable[dict]], *, reporter: Reporter,
+             num_classes: int, accelerator, monitor: str, mode: str) -> Validation:
+    """Evaluate ``model`` (plain) and, if ``ema`` (a :class:`trainer.train.ema.ModelEma`) is set, its EMA copy on
+    the validation split; :func:`trainer.train.ema.choose` picks the one that selects ``checkpoints/best/``.
+
+    Args:
+        batches: ``model -> iterable of validation batches`` (the eval loader, or the feature cache's batches).
+        monitor, mode: ``train.early_stopping.monitor`` and its resolved mode (``max`` / ``min``).
+
+    Every rank must call it (the metrics end in an all-reduce).
+    """
+    from trainer.train.ema import choose
+
+    def one(m: torch.nn.Module):
+        collector = reporter.collector()
+        res = evaluate(m, iter(batches(m)), num_classes=num_classes, accelerator=accelerator, on_batch=collector)
+        return res, collector
+
+    res, collector = one(model)
+    raw, ema_eval = res.as_log("val/"), None
+    if ema is not None:
+        ema_res, ema_collector = one(ema.module)
+        ema_eval = ema_res.as_log("val/")
+    which, chosen = choose(raw, ema_eval, monitor, mode)
+    if which == "ema":
+        res, collector = ema_res, ema_collector
+    return Validation(result=res, collector=collector, raw=raw, ema=ema_eval, which=which, chosen=chosen)
+
+
+def record_validation(v: Validation, progress, *, extra: dict, tracker, stopper, checkpointer, reporter,
+                      is_main: bool) -> bool:
+    """What a run does with one validation at ``progress.step``: log ``val/*``, ``val_ema/*`` and ``extra``
+    (epoch, samples_seen, ...) to ``metrics.jsonl`` / W&B, update early stopping (``stopper``), write
+    ``checkpoints/best/`` when the monitored metric improved (``progress.best_top1`` then becomes its top-1),
+    and the reports. Every rank calls it (all take the same decision from the same reduced metrics).
+
+    Args:
+        progress: the run's :class:`trainer.train.checkpoint.Progress` (``best_top1`` updated in place).
+        checkpointer: the run's :class:`trainer.train.checkpointer.Checkpointer` (``save_best``).
+
+    Returns:
+        True if this evaluation improved the monitored metric (``checkpoints/best/`` was written).
+    """
+    p = progress
+    tracker.log({**extra, **v.raw, **v.ema_record}, step=p.step)
+    if is_main:
+        log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f%s", p.epoch, p.step, v.raw["val/loss"],
+                 v.raw["val/top1"], "" if v.ema is None else
+                 f" val_ema/loss {v.ema['val/loss']:.4f} val_ema/top1 {v.ema['val/top1']:.4f}")
+    improved = stopper.update(v.chosen, step=p.step, epoch=p.epoch)
+    if improved:  # checkpoints/best/ follows train.early_stopping.monitor; best_top1 is top-1 of that model
+        p.best_top1 = v.result.top1
+        checkpointer.save_best(p, {**v.chosen, **v.ema_record}, weights=v.which)
+        if v.ema is not None:
+            log.info("best.pt: %s weights (%s %.4f)", v.which, stopper.monitor, v.chosen[stopper.monitor])
+        tracker.summary({"best/val_top1": p.best_top1, "best/epoch": p.epoch, "best/weights": v.which,
+                         **stopper.summary()})
+    reporter.after_eval(v.result, v.collector, improved=improved, step=p.step, epoch=p.epoch)
+    if stopper.should_stop:
+        log.info("early stopping at epoch %d step %d: %s did not improve by more than %g for %d "
+                 "evaluations (best %.4f at epoch %s)", p.epoch, p.step, stopper.monitor,
+                 stopper.min_delta, stopper.wait, stopper.best, stopper.best_epoch)
+    return improved

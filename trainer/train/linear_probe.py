@@ -22,7 +22,7 @@ from trainer.finetune.linear_probe import fit_linear_probe
 
 log = logging.getLogger("trainer")
 
-__all__ = ["extract_features", "probe_head"]
+__all__ = ["extract_features", "probe_for_run", "probe_head"]
 
 
 @torch.no_grad()  # not inference_mode: the features feed the L-BFGS autograd graph
@@ -102,3 +102,29 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
             for t in (head.weight, head.bias):
                 t.copy_(broadcast(t.detach().clone(), from_process=0))
     return len(skipped)
+
+
+def probe_for_run(model: torch.nn.Module, *, train_shards, val_loader: Iterable[dict], transform, loader_kwargs: dict,
+                  micro_batch_size: int, criterion: torch.nn.Module, accelerator, finetune_cfg, tracker=None,
+                  ema=None) -> int:
+    """``finetune.strategy`` linear_probe / lp_ft in a run: :func:`probe_head` on the training split read with
+    the eval transform, the loss's class weights, then the head copied into the EMA (if any). Every rank calls it.
+
+    Args:
+        model: the plain classifier. train_shards: the training split's shards. val_loader: the run's eval loader.
+        transform: the eval transform. loader_kwargs: the run's loader arguments (rank, world_size, workers, ...).
+        criterion: the training loss (its ``weight`` when it is a ``CrossEntropyLoss``).
+        ema: the run's :class:`trainer.train.ema.ModelEma` or None.
+
+    Returns:
+        bad training samples skipped while extracting (this rank).
+    """
+    from trainer.data.loader import EvalLoader
+
+    train_eval = EvalLoader(train_shards, transform=transform, micro_batch_size=micro_batch_size, **loader_kwargs)
+    weight = criterion.weight if isinstance(criterion, torch.nn.CrossEntropyLoss) else None
+    skipped = probe_head(model, train_eval, val_loader, accelerator=accelerator, finetune_cfg=finetune_cfg,
+                         class_weight=weight, tracker=tracker)
+    if ema is not None:
+        ema.reset_to(model)
+    return skipped

@@ -15,9 +15,11 @@ runs the same code; only the main process writes files or logs. The sequence:
 4. Resume from ``last.pt`` if the plan says so. Then epochs (:meth:`Trainer.train_epoch`): at a phase change
    ``freezing.apply_phase`` sets ``requires_grad`` and the model is re-wrapped in DDP; each optimizer
    step sets every group's lr from the pure schedule; ranks agree on preemption every
-   ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate,
-   reports, ``checkpoints/best/`` when the monitored metric improves, ``last.pt`` (also written at the configured
-   interval and on preemption), early stopping.
+   ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate (raw and
+   EMA weights), reports, ``checkpoints/best/`` when the monitored metric improves, early stopping
+   (:mod:`trainer.train.evaluation`), ``last.pt`` (also written at the configured interval and on preemption;
+   :mod:`trainer.train.checkpointer`). ``finetune.strategy`` linear_probe / lp_ft first solves the head
+   (:mod:`trainer.train.linear_probe`).
 5. When the data has a test split: ``checkpoints/best/`` evaluated on it once (``test/...`` in metrics.jsonl,
    ``reports/test_*``; :mod:`trainer.train.evaluation`).
 """
@@ -54,14 +56,14 @@ from trainer.models.build import build_model
 from trainer.models.layers import layer_ids
 from trainer.reporting.reporter import Reporter
 from trainer.reporting.tracking import Tracker
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train.checkpoint import Progress
 from trainer.train import inference_checkpoint as infer_ckpt
+from trainer.train.checkpoint import Progress
+from trainer.train.checkpointer import Checkpointer
 from trainer.train.early_stopping import EarlyStopping
-from trainer.train.evaluation import test_best_checkpoint
-from trainer.train.ema import ModelEma, choose
+from trainer.train.ema import ModelEma
+from trainer.train.evaluation import Validation, record_validation, test_best_checkpoint, validate
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
-from trainer.train.loop import evaluate, train_step
+from trainer.train.loop import train_step
 from trainer.train.run_folder import StartPlan, clean_start, clear_folder, plan_start
 
 log = logging.getLogger("trainer")
@@ -112,10 +114,13 @@ class Trainer:
         self._setup_model()
         self._setup_loaders()
         self.stopper = EarlyStopping.from_config(cfg.train.early_stopping)  # checkpoints/best/ + early stopping
+        self.ckpt = Checkpointer(cfg, self.out_dir, self.accelerator, model=self.model, optimizer=self.optimizer,
+                                 param_names=self.param_names, stopper=self.stopper, ema=self.ema,
+                                 class_names=self.class_names, preprocessing=self.pre.to_dict())
         self.progress, wandb_run_id = Progress(), None
         last = self.plan.last
         if last is not None:
-            self.progress, wandb_run_id = self.restore(last)
+            self.progress, wandb_run_id = self.ckpt.restore(last)
         self.tracker = Tracker.disabled()
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +138,6 @@ class Trainer:
             log.info("threads: %s", describe_threads(cfg.data.num_workers))
         self.reporter = Reporter(self.out_dir, self.class_names, self.accelerator, self.tracker)
         self.preemption = PreemptionHandler()  # installed for the duration of fit()
-        self._last_ckpt_time = time.monotonic()
 
     # ---- set-up -----------------------------------------------------------------------------
     def _setup_data(self) -> None:
@@ -201,66 +205,14 @@ class Trainer:
                                         transform=train_tf, seed=cfg.train.seed,
                                         shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
                                         **common)
-        self.eval_loader = EvalLoader(self.dataset.val_shards,
-                                      micro_batch_size=cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size,
+        self.eval_batch_size = cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
+        self.eval_loader = EvalLoader(self.dataset.val_shards, micro_batch_size=self.eval_batch_size,
                                       transform=eval_tf, **common)
         self.eval_tf, self.loader_common = eval_tf, common  # the linear probe reads the train split with them
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    def restore(self, path: Path) -> tuple[Progress, str | None]:
-        """Load ``last.pt`` into the model, optimizer, scaler, early stopping and RNG (see
-        :func:`trainer.train.checkpoint.restore_resume_state`); return (progress, W&B run id)."""
-        cfg, acc = self.cfg, self.accelerator
-        return ckpt_lib.restore_resume_state(
-            path, model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
-            scaler=acc.scaler, early_stopping=self.stopper, class_names=self.class_names,
-            backbone=cfg.model.backbone, global_batch_size=cfg.train.global_batch_size,
-            rank=acc.process_index, world_size=self.world_size, ema=self.ema)
-
     def save_last(self, reason: str) -> None:
-        """Write ``last.pt`` (main process, atomically); every rank must call it (RNG states are gathered)."""
-        acc = self.accelerator
-        rng_all = acc.gather_for_metrics([ckpt_lib.rng_state()], use_gather_object=True) \
-            if self.world_size > 1 else [ckpt_lib.rng_state()]
-        if self.is_main:
-            state = ckpt_lib.resume_state(
-                model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
-                scaler=acc.scaler, rng=rng_all, progress=self.progress, class_names=self.class_names,
-                backbone=self.cfg.model.backbone, preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
-                early_stopping=self.stopper.state_dict(), wandb_run_id=self.tracker.run_id, reason=reason,
-                ema=self.ema)
-            ckpt_lib.atomic_save(state, ckpt_lib.checkpoint_dir(self.out_dir) / "last.pt")
-            log.info("saved last.pt at step %d (%s)", self.progress.step, reason)
-        acc.wait_for_everyone()
-        self._last_ckpt_time = time.monotonic()
-
-    def save_best(self, last_eval: dict, weights: str = "raw") -> None:
-        """Write the inference checkpoint ``checkpoints/best/`` (main process) for the current weights and
-        their evaluation (:mod:`trainer.train.inference_checkpoint`).
-
-        Args:
-            weights: ``raw`` (the trained weights) or ``ema`` (the EMA copy, ``train.ema_decay``); recorded
-                as ``metrics["weights"]``.
-        """
-        if self.is_main:
-            model = self.ema.module if weights == "ema" else unwrap(self.model)
-            infer_ckpt.save(
-                infer_ckpt.best_dir(self.out_dir), model.state_dict(), class_names=self.class_names,
-                backbone=self.cfg.model.backbone, drop_rate=self.cfg.model.drop_rate,
-                preprocessing=self.pre.to_dict(), config=self.cfg.to_dict(),
-                metrics={"epoch": self.progress.epoch, "step": self.progress.step, "weights": weights,
-                         **last_eval})
-
-    def _interval_checkpoint_due(self, check_now: bool) -> bool:
-        """``train.checkpoint_every_steps`` / ``checkpoint_every_minutes`` reached (same answer on every rank)."""
-        t, step = self.cfg.train, self.progress.step
-        due_steps = bool(t.checkpoint_every_steps) and step % t.checkpoint_every_steps == 0
-        due_time = bool(t.checkpoint_every_minutes) and \
-            time.monotonic() - self._last_ckpt_time > 60 * t.checkpoint_every_minutes
-        if t.checkpoint_every_minutes and self.world_size > 1:  # clocks differ: a collective, all ranks or none
-            flag = torch.tensor(1.0 if due_time else 0.0, device=self.accelerator.device)
-            due_time = check_now and self.accelerator.reduce(flag, reduction="sum").item() > 0
-        return due_steps or due_time
+        """Write the resume checkpoint (:meth:`Checkpointer.save_last`); every rank must call it."""
+        self.ckpt.save_last(self.progress, reason, self.tracker.run_id)
 
     # ---- training ---------------------------------------------------------------------------
     def enter_phase(self, pidx: int, epoch: int) -> torch.nn.Module:
@@ -329,7 +281,7 @@ class Trainer:
             if check_now and self.preemption.should_stop(acc):
                 preempted = True
                 break
-            if self._interval_checkpoint_due(check_now):
+            if self.ckpt.interval_due(p.step, check_now):
                 self.save_last("interval")
         num_skipped = acc.reduce(torch.tensor(float(len(skipped)), device=acc.device),
                                  reduction="sum").item() if self.world_size > 1 else len(skipped)
@@ -339,34 +291,24 @@ class Trainer:
             self.save_last(f"preempted (signal {self.preemption.agreed_signal})")
         return preempted, num_skipped
 
-    def _evaluate(self, model: torch.nn.Module):
-        """``(EvalResult, prediction collector)`` of ``model`` (plain) on the validation split."""
-        collector = self.reporter.collector()
-        val_batches = iter(self.eval_loader) if self.fcache is None else \
-            self.fcache.eval_batches(model, self.eval_loader)
-        res = evaluate(model, val_batches, num_classes=len(self.class_names), accelerator=self.accelerator,
-                       on_batch=collector)
-        return res, collector
-
     def linear_probe(self) -> int:
         """``finetune.strategy`` linear_probe / lp_ft: the head solved on frozen features
-        (:func:`trainer.train.linear_probe.probe_head`), also copied into the EMA. Every rank calls it.
+        (:func:`trainer.train.linear_probe.probe_for_run`); returns bad samples skipped (this rank)."""
+        from trainer.train.linear_probe import probe_for_run
 
-        Returns:
-            bad training samples skipped while extracting (this rank).
-        """
-        from trainer.train.linear_probe import probe_head
+        return probe_for_run(unwrap(self.model), train_shards=self.dataset.train_shards, val_loader=self.eval_loader,
+                             transform=self.eval_tf, loader_kwargs=self.loader_common,
+                             micro_batch_size=self.eval_batch_size, criterion=self.criterion,
+                             accelerator=self.accelerator, finetune_cfg=self.cfg.finetune, tracker=self.tracker,
+                             ema=self.ema)
 
-        cfg = self.cfg
-        train_eval = EvalLoader(self.dataset.train_shards, transform=self.eval_tf,
-                                micro_batch_size=cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size,
-                                **self.loader_common)
-        weight = self.criterion.weight if isinstance(self.criterion, torch.nn.CrossEntropyLoss) else None
-        skipped = probe_head(unwrap(self.model), train_eval, self.eval_loader, accelerator=self.accelerator,
-                             finetune_cfg=cfg.finetune, class_weight=weight, tracker=self.tracker)
-        if self.ema is not None:
-            self.ema.reset_to(unwrap(self.model))
-        return skipped
+    def validate(self) -> Validation:
+        """The raw (and EMA) weights on the validation split (:func:`trainer.train.evaluation.validate`)."""
+        batches = (lambda m: self.eval_loader) if self.fcache is None else \
+            (lambda m: self.fcache.eval_batches(m, self.eval_loader))
+        return validate(unwrap(self.model), self.ema, batches, reporter=self.reporter,
+                        num_classes=len(self.class_names), accelerator=self.accelerator,
+                        monitor=self.stopper.monitor, mode=self.stopper.mode)
 
     def end_epoch(self, num_skipped: int) -> dict:
         """Evaluate, log (with ``num_skipped`` bad samples of the epoch), update reports / ``checkpoints/best/`` /
@@ -376,40 +318,16 @@ class Trainer:
             The evaluation's log record (``val/top1``, ``val/loss``, ... and ``val/confusion``).
         """
         acc, p = self.accelerator, self.progress
-        res, collector = self._evaluate(unwrap(self.model))
-        raw_eval, ema_eval = res.as_log("val/"), None
-        if self.ema is not None:  # the EMA weights beside the raw ones; best.pt takes the better
-            ema_res, ema_collector = self._evaluate(self.ema.module)
-            ema_eval = ema_res.as_log("val/")
-        which, last_eval = choose(raw_eval, ema_eval, self.stopper.monitor, self.stopper.mode)
-        if which == "ema":
-            res, collector = ema_res, ema_collector
+        v = self.validate()
         if p.step >= (p.epoch + 1) * self.steps_epoch:  # not after a max_steps stop mid-epoch
             p.epoch += 1
-        ema_rec = {"val_ema/" + k[len("val/"):]: v for k, v in (ema_eval or {}).items()}
-        rec = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": num_skipped, **raw_eval, **ema_rec}
+        extra = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": num_skipped}
         if self.world_size > 1:
-            rec["ddp/replica_max_abs_diff"] = check_replicas(unwrap(self.model), acc)
-        self.tracker.log(rec, step=p.step)
-        if self.is_main:
-            log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f%s", p.epoch, p.step, raw_eval["val/loss"],
-                     raw_eval["val/top1"], "" if ema_eval is None else
-                     f" val_ema/loss {ema_eval['val/loss']:.4f} val_ema/top1 {ema_eval['val/top1']:.4f}")
-        improved = self.stopper.update(last_eval, step=p.step, epoch=p.epoch)
-        if improved:  # checkpoints/best/ follows train.early_stopping.monitor; best_top1 is top-1 of that model
-            p.best_top1 = res.top1
-            self.save_best({**last_eval, **ema_rec}, weights=which)
-            if self.ema is not None:
-                log.info("best.pt: %s weights (%s %.4f)", which, self.stopper.monitor, last_eval[self.stopper.monitor])
-            self.tracker.summary({"best/val_top1": p.best_top1, "best/epoch": p.epoch, "best/weights": which,
-                                  **self.stopper.summary()})
-        self.reporter.after_eval(res, collector, improved=improved, step=p.step, epoch=p.epoch)
+            extra["ddp/replica_max_abs_diff"] = check_replicas(unwrap(self.model), acc)
+        record_validation(v, p, extra=extra, tracker=self.tracker, stopper=self.stopper, checkpointer=self.ckpt,
+                          reporter=self.reporter, is_main=self.is_main)
         self.save_last("epoch")
-        if self.stopper.should_stop:
-            log.info("early stopping at epoch %d step %d: %s did not improve by more than %g for %d "
-                     "evaluations (best %.4f at epoch %s)", p.epoch, p.step, self.stopper.monitor,
-                     self.stopper.min_delta, self.stopper.wait, self.stopper.best, self.stopper.best_epoch)
-        return last_eval
+        return v.chosen
 
     def fit(self) -> RunResult:
         """Train until ``train.epochs`` / ``max_steps``, early stopping or preemption; return the result."""
@@ -440,10 +358,9 @@ class Trainer:
                     break
                 last_eval = self.end_epoch(num_skipped)
             if not preempted:
-                test_best_checkpoint(self.out_dir, infer_ckpt.best_dir(self.out_dir),
-                                     self.dataset.test_shards, accelerator=self.accelerator, tracker=self.tracker,
-                                     step=p.step, num_workers=self.cfg.data.num_workers,
-                                     micro_batch_size=self.cfg.train.eval_batch_size or 2 * self.cfg.train.micro_batch_size)
+                test_best_checkpoint(self.out_dir, infer_ckpt.best_dir(self.out_dir), self.dataset.test_shards,
+                                     accelerator=self.accelerator, tracker=self.tracker, step=p.step,
+                                     num_workers=cfg.data.num_workers, micro_batch_size=self.eval_batch_size)
             self.reporter.finish(p.step)
         finally:
             self.preemption.restore()
