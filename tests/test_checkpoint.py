@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trainer.train import checkpoint as ck
+from trainer.train.checkpoint_files import latest_checkpoint
 
 
 def _model_and_opt(order):
@@ -53,7 +54,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ck.load(target)["x"] == 1  # the previous complete checkpoint is intact
     assert sorted(os.listdir(target.parent)) == ["last.pt"]
-    assert ck.latest_checkpoint(tmp_path) == target
+    assert latest_checkpoint(tmp_path) == target
 
 
 def test_truncated_checkpoint_names_the_file(tmp_path):

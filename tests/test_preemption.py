@@ -30,6 +30,7 @@ from helpers.launch_util import (
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
 
 from trainer.train import checkpoint as ckpt_lib
+from trainer.train.checkpoint_files import latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,7 @@ def test_signal_to_one_rank_real_trainer(images, tmp_path, sig):
 WRITER = textwrap.dedent("""
     import sys, torch
     from trainer.train import checkpoint as ckpt_lib
+from trainer.train.checkpoint_files import latest_checkpoint
     big = {"format_version": ckpt_lib.FORMAT_VERSION, "kind": "resume", "step": 2,
            "model": {f"w{i}": torch.randn(1024, 1024) for i in range(96)}}  # ~400 MB
     print("writing", flush=True)
@@ -114,6 +116,6 @@ def test_kill9_during_checkpoint_write_keeps_previous(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     leftovers = [p for p in last.parent.iterdir() if p.name.startswith(".last.pt.tmp")]
     assert leftovers, "the kill should have hit the write (temp file still there)"
-    assert ckpt_lib.latest_checkpoint(tmp_path) == last  # the temp file is never a candidate
+    assert latest_checkpoint(tmp_path) == last  # the temp file is never a candidate
     assert ckpt_lib.load(last)["step"] == 1  # previous checkpoint intact
     assert ckpt_lib.load(last)["step"] == 1

@@ -1,8 +1,9 @@
-"""Checkpoints: atomic writes, safe loading, the latest complete one for resume.
+"""Checkpoints: the resume checkpoint's content, atomic writes, safe loading.
 
 Files in ``<output_dir>/checkpoints/``:
 
-* ``last.pt`` - everything needed to continue: model, optimizer state matched by parameter *name*,
+* ``last.pt`` (and with ``train.keep_checkpoints`` > 1 the step files ``step_<step>.pt``, kept and chosen by
+  :mod:`trainer.train.checkpoint_files`) - everything needed to continue: model, optimizer state matched by parameter *name*,
   grad scaler, RNG states of every rank, epoch / step / samples_seen, class map, W&B run id,
   early-stopping state and the resolved config. Built by :func:`resume_state`, read back by
   :func:`restore_resume_state` (the only two places that know its keys).
@@ -60,12 +61,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, write)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """``last.pt`` in the run's checkpoint folder if present (temp files are never considered)."""
-    path = checkpoint_dir(output_dir) / "last.pt"
-    return path if path.is_file() else None
-
-
 def _refusal(path: Path, err: Exception) -> str:
     """One line for a file the weights-only unpickler refused (names the object it would have built)."""
     text = str(err)
@@ -78,8 +73,9 @@ def _refusal(path: Path, err: Exception) -> str:
             f"run code when unpickled ({detail}); only checkpoints written by this trainer load{hint}")
 
 
-def safe_torch_load(path: str | Path):
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors.
+def safe_torch_load(path: str | Path, mmap: bool = False):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors; ``mmap``: tensors are
+    memory-mapped, not read (for reading a few plain values of a large file).
 
     Raises:
         CheckpointError: missing file; a pickle that needs anything beyond tensors and plain data (its
@@ -92,7 +88,7 @@ def safe_torch_load(path: str | Path):
     try:
         with warnings.catch_warnings():  # "pickle protocol 4" notices for files not written by torch.save
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(_refusal(path, e)) from None
     except Exception as e:  # truncated zip, not a torch file, ...
@@ -137,7 +133,7 @@ class Progress:
 def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_names: dict[int, str],
                  scaler, rng: list[dict], progress: Progress, class_names: list[str], backbone: str,
                  preprocessing: dict, config: dict, early_stopping: dict, wandb_run_id: str | None,
-                 reason: str, ema=None) -> dict:
+                 reason: str, ema=None, resumed_from: str | None = None) -> dict:
     """The dict stored as ``last.pt`` (read back by :func:`restore_resume_state`).
 
     Args:
@@ -146,6 +142,8 @@ def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pa
         scaler: the fp16 grad scaler or None. rng: :func:`rng_state` of every rank, in rank order.
         reason: why it was written (``"epoch"``, ``"interval"``, ``"preempted (signal 15)"``), for people.
         ema: the run's :class:`trainer.train.ema.ModelEma` or None (stored under ``"ema"``).
+        resumed_from: the checkpoint name this run went back to with ``train.resume_from`` (or None), kept
+            in every later checkpoint of the run (:func:`trainer.train.run_folder.plan_start` reads it).
     """
     return {
         "format_version": FORMAT_VERSION, "kind": "resume",
@@ -156,7 +154,7 @@ def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pa
         "best_top1": progress.best_top1, "class_names": list(class_names), "backbone": backbone,
         "preprocessing": preprocessing, "config": config, "early_stopping": early_stopping,
         "wandb_run_id": wandb_run_id, "world_size": len(rng), "reason": reason,
-        "ema": ema.state_dict() if ema is not None else None,
+        "ema": ema.state_dict() if ema is not None else None, "resumed_from": resumed_from,
     }
 
 

@@ -1,4 +1,5 @@
-"""The run's checkpoint writes: the resume checkpoint (``last.pt``) and when it is due, the inference
+"""The run's checkpoint writes: the resume checkpoint (``last.pt``, or step files with
+``train.keep_checkpoints`` > 1: :mod:`trainer.train.checkpoint_files`) and when it is due, the inference
 checkpoint ``checkpoints/best/``, and restoring a resume checkpoint into the run's objects.
 
 :class:`Checkpointer` holds the objects a checkpoint is built from (model, optimizer, EMA, early stopping, ...)
@@ -19,6 +20,7 @@ from trainer.dist.accelerator import unwrap
 from trainer.train import checkpoint as ckpt_lib
 from trainer.train import inference_checkpoint as infer_ckpt
 from trainer.train.checkpoint import Progress
+from trainer.train.checkpoint_files import save_resume
 
 log = logging.getLogger("trainer")
 
@@ -33,14 +35,17 @@ class Checkpointer:
         param_names: ``id(param) -> name`` (optimizer state by name). stopper: the run's
             :class:`trainer.train.early_stopping.EarlyStopping`. ema: its ``ModelEma`` or None.
         class_names: the class map. preprocessing: ``Preprocessing.to_dict()`` of the model.
+        resumed_from: the ``train.resume_from`` checkpoint name this run continues (stored in each checkpoint).
     """
 
     def __init__(self, cfg: Config, out_dir: Path, accelerator, *, model: torch.nn.Module, optimizer,
-                 param_names: dict[int, str], stopper, ema, class_names: list[str], preprocessing: dict):
+                 param_names: dict[int, str], stopper, ema, class_names: list[str], preprocessing: dict,
+                 resumed_from: str | None = None):
         self.cfg, self.out_dir, self.accelerator = cfg, Path(out_dir), accelerator
         self.model, self.optimizer, self.param_names = model, optimizer, param_names
         self.stopper, self.ema, self.class_names, self.preprocessing = stopper, ema, class_names, preprocessing
         self.is_main, self.world_size = accelerator.is_main_process, accelerator.num_processes
+        self.resumed_from = resumed_from
         self._last_time = time.monotonic()
 
     def restore(self, path: Path) -> tuple[Progress, str | None]:
@@ -54,7 +59,8 @@ class Checkpointer:
             rank=acc.process_index, world_size=self.world_size, ema=self.ema)
 
     def save_last(self, progress: Progress, reason: str, wandb_run_id: str | None) -> None:
-        """Write ``last.pt`` (main process, atomically); every rank must call it (RNG states are gathered)."""
+        """Write the resume checkpoint (main process, atomically; ``last.pt`` or a step file kept by
+        ``train.keep_checkpoints``); every rank must call it (RNG states are gathered)."""
         acc = self.accelerator
         rng_all = acc.gather_for_metrics([ckpt_lib.rng_state()], use_gather_object=True) \
             if self.world_size > 1 else [ckpt_lib.rng_state()]
@@ -63,9 +69,10 @@ class Checkpointer:
                 model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
                 scaler=acc.scaler, rng=rng_all, progress=progress, class_names=self.class_names,
                 backbone=self.cfg.model.backbone, preprocessing=self.preprocessing, config=self.cfg.to_dict(),
-                early_stopping=self.stopper.state_dict(), wandb_run_id=wandb_run_id, reason=reason, ema=self.ema)
-            ckpt_lib.atomic_save(state, ckpt_lib.checkpoint_dir(self.out_dir) / "last.pt")
-            log.info("saved last.pt at step %d (%s)", progress.step, reason)
+                early_stopping=self.stopper.state_dict(), wandb_run_id=wandb_run_id, reason=reason, ema=self.ema,
+                resumed_from=self.resumed_from)
+            path = save_resume(state, self.out_dir, progress.step, keep=self.cfg.train.keep_checkpoints)
+            log.info("saved %s at step %d (%s)", path.name, progress.step, reason)
         acc.wait_for_everyone()
         self._last_time = time.monotonic()
 

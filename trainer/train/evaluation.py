@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,13 +143,14 @@ class Validation:
         return {"val_ema/" + k[len("val/"):]: v for k, v in (self.ema or {}).items()}
 
 
-def validate(model: torch.nn.Module, ema, batches: Callable[[torch.nn.Module], Iterable[dict]], *, reporter: Reporter,
+def validate(model: torch.nn.Module, ema, loader: Iterable[dict], feature_cache=None, *, reporter: Reporter,
              num_classes: int, accelerator, monitor: str, mode: str) -> Validation:
     """Evaluate ``model`` (plain) and, if ``ema`` (a :class:`trainer.train.ema.ModelEma`) is set, its EMA copy on
     the validation split; :func:`trainer.train.ema.choose` picks the one that selects ``checkpoints/best/``.
 
     Args:
-        batches: ``model -> iterable of validation batches`` (the eval loader, or the feature cache's batches).
+        loader: the validation split's eval loader. feature_cache: the run's
+            :class:`trainer.train.feature_cache.FeatureCache` (its batches replace the loader's) or None.
         monitor, mode: ``train.early_stopping.monitor`` and its resolved mode (``max`` / ``min``).
 
     Every rank must call it (the metrics end in an all-reduce).
@@ -158,7 +159,8 @@ def validate(model: torch.nn.Module, ema, batches: Callable[[torch.nn.Module], I
 
     def one(m: torch.nn.Module):
         collector = reporter.collector()
-        res = evaluate(m, iter(batches(m)), num_classes=num_classes, accelerator=accelerator, on_batch=collector)
+        batches = iter(loader) if feature_cache is None else feature_cache.eval_batches(m, loader)
+        res = evaluate(m, batches, num_classes=num_classes, accelerator=accelerator, on_batch=collector)
         return res, collector
 
     res, collector = one(model)

@@ -16,10 +16,14 @@ other files                                    refuse (3)                       
 
 (1) The config saved with the run (``last.pt``'s, else ``config.yaml``) is compared with this one,
 key by key. Keys in :data:`RESUMABLE` may differ (more epochs, a new ``max_steps``, logging, loader
-workers, checkpoint intervals, ...); any other difference is refused with one line listing the keys
-as ``old -> new``. A run that already reached its end (epochs, ``max_steps`` or early stopping of
+workers, evaluation and checkpoint intervals, kept checkpoints, ``resume_from``, ...); any other difference
+is refused with one line listing the keys as ``old -> new``. A run that already reached its end (epochs, ``max_steps`` or early stopping of
 this config) says so and does nothing (exit 0).
 (2) Refused unless ``train.overwrite: true``, which deletes the folder's content first.
+``train.resume_from`` (a checkpoint kept in the folder's ``checkpoints/``, e.g. ``step_000000400.pt``)
+resumes from that checkpoint instead of the newest one: the step files newer than it are deleted, ``last.pt``
+points to it and ``metrics.jsonl`` is rewound to its step. The checkpoints written afterwards record its
+name, so a later start with the same ``resume_from`` (a requeued job) continues from the newest one.
 (3) A folder without ``config.yaml``, ``checkpoints/`` or ``logs/`` is not a run folder: nothing there is
 deleted, not even with ``train.overwrite``; choose another ``train.output_dir``.
 
@@ -39,6 +43,7 @@ import yaml
 from trainer.config.launcher import resolve_config_precision
 from trainer.config.schema import Config, ConfigError
 from trainer.train import checkpoint as ckpt_lib
+from trainer.train.checkpoint_files import latest_checkpoint, rewind
 from trainer.utils.files import remove_stale_temp_files
 
 log = logging.getLogger("trainer")
@@ -50,6 +55,7 @@ RESUMABLE = (
     "train.preempt_check_every_steps", "train.dist_timeout_s", "train.eval_batch_size",
     "train.micro_batch_size", "train.early_stopping.patience", "train.early_stopping.min_delta",
     "data.num_workers", "data.pin_memory", "model.compile",
+    "train.eval_every_steps", "train.keep_checkpoints", "train.resume_from",
 )
 """Config keys (exact, or a prefix ending in ``.``) that may change between the starts of one run:
 they change how long it runs, what it logs, or how fast it goes, not what it computes per step
@@ -65,9 +71,12 @@ class StartPlan:
     Attributes:
         action: ``new`` (empty folder), ``resume`` (from ``last``), ``restart`` (same config, no
             checkpoint yet: train from step 0, earlier metrics rewound), ``finished`` (nothing to do).
-        last: ``checkpoints/last.pt`` to resume from. clear: delete the folder's content first
+        last: the resume checkpoint to resume from (the newest, or ``train.resume_from``). clear: delete the folder's content first
             (``train.overwrite``). changes: allowed differences ``key: old -> new`` (logged).
         state: the loaded ``last.pt`` (``finished`` only: its counters for the result).
+        rewind: ``last`` is a ``train.resume_from`` checkpoint not yet gone back to: the newer step files go
+            (:func:`trainer.train.checkpoint_files.rewind`). resumed_from: the ``train.resume_from`` name the
+            run continues (recorded in its next checkpoints), or None.
     """
 
     action: str
@@ -75,6 +84,8 @@ class StartPlan:
     clear: bool = False
     changes: list[str] = field(default_factory=list)
     state: dict | None = None
+    rewind: bool = False
+    resumed_from: str | None = None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -132,6 +143,22 @@ def _is_run_folder(out: Path) -> bool:
     return (out / "config.yaml").is_file() or (out / "checkpoints").is_dir() or (out / ERROR_LOGS).is_dir()
 
 
+def resume_from_path(cfg: Config) -> Path:
+    """The checkpoint ``train.resume_from`` names: a bare file name is looked up in the run's ``checkpoints/``.
+
+    Raises:
+        ConfigError: not a file in ``<train.output_dir>/checkpoints/`` (names the kept checkpoints).
+    """
+    folder = ckpt_lib.checkpoint_dir(cfg.train.output_dir)
+    given = Path(cfg.train.resume_from)
+    path = folder / given if given.parent == Path(".") else given
+    kept = sorted(p.name for p in folder.glob("*.pt")) if folder.is_dir() else []
+    if not path.is_file() or path.resolve().parent != folder.resolve():
+        raise ConfigError(f"train.resume_from: {path} is not a resume checkpoint of train.output_dir "
+                          f"{cfg.train.output_dir} (kept there: {', '.join(kept) or 'none'})")
+    return path
+
+
 def plan_start(cfg: Config) -> StartPlan:
     """Decide what this start does with ``train.output_dir`` (module docstring); reads, never writes.
 
@@ -143,6 +170,8 @@ def plan_start(cfg: Config) -> StartPlan:
     """
     out = Path(cfg.train.output_dir)
     if not out.is_dir() or not any(p.name != ERROR_LOGS for p in out.iterdir()):
+        if cfg.train.resume_from:
+            resume_from_path(cfg)  # raises: an empty folder has no checkpoint to go back to
         return StartPlan("new")
     if not _is_run_folder(out):
         entries = sorted(p.name for p in out.iterdir())
@@ -153,8 +182,13 @@ def plan_start(cfg: Config) -> StartPlan:
             return StartPlan("new", clear=True)
         raise ConfigError(f"train.output_dir {out} already holds a run and train.resume is false: set "
                           "train.overwrite: true to delete it, or choose another train.output_dir")
-    last = ckpt_lib.latest_checkpoint(out)
+    last = latest_checkpoint(out)
     state = ckpt_lib.load(last) if last is not None else None
+    resumed_from, rewind = (state or {}).get("resumed_from"), False
+    if cfg.train.resume_from:
+        chosen = resume_from_path(cfg)
+        if resumed_from != chosen.name:  # not gone back to it yet (module docstring)
+            last, state, resumed_from, rewind = chosen, ckpt_lib.load(chosen), chosen.name, True
     if state is not None and isinstance(state.get("config"), dict):
         saved, source = state["config"], last
     elif (out / "config.yaml").is_file():
@@ -176,7 +210,20 @@ def plan_start(cfg: Config) -> StartPlan:
         return StartPlan("restart", changes=allowed)
     if is_finished(state, cfg):
         return StartPlan("finished", last=last, changes=allowed, state=state)
-    return StartPlan("resume", last=last, changes=allowed)
+    return StartPlan("resume", last=last, changes=allowed, rewind=rewind, resumed_from=resumed_from)
+
+
+def prepare_folder(plan: StartPlan, out: Path) -> None:
+    """Main process, before anything reads the folder: delete its content (``plan.clear``), clean up after
+    killed writers (:func:`clean_start`), go back to a ``train.resume_from`` checkpoint (``plan.rewind``:
+    :func:`trainer.train.checkpoint_files.rewind`), log the allowed config changes."""
+    if plan.clear:
+        clear_folder(out)
+    clean_start(out)
+    if plan.rewind:
+        rewind(out, plan.last)
+    for change in plan.changes:
+        log.info("%s with a changed setting %s", plan.action, change)
 
 
 def clear_folder(out: Path) -> None:

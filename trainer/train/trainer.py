@@ -30,7 +30,6 @@ import dataclasses
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +55,7 @@ from trainer.models.build import build_model
 from trainer.models.layers import layer_ids
 from trainer.reporting.reporter import Reporter
 from trainer.reporting.tracking import Tracker
+from trainer.reporting.train_meter import TrainMeter
 from trainer.train import inference_checkpoint as infer_ckpt
 from trainer.train.checkpoint import Progress
 from trainer.train.checkpointer import Checkpointer
@@ -64,7 +64,7 @@ from trainer.train.ema import ModelEma
 from trainer.train.evaluation import Validation, record_validation, test_best_checkpoint, validate
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import train_step
-from trainer.train.run_folder import StartPlan, clean_start, clear_folder, plan_start
+from trainer.train.run_folder import StartPlan, plan_start, prepare_folder
 
 log = logging.getLogger("trainer")
 
@@ -102,12 +102,8 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, self.world_size)
         self.out_dir = Path(cfg.train.output_dir)
         self.plan = plan or plan_start(cfg)
-        if self.is_main:  # the run folder as the plan says: cleared (train.overwrite), no dead writers' files
-            if self.plan.clear:
-                clear_folder(self.out_dir)
-            clean_start(self.out_dir)
-            for change in self.plan.changes:
-                log.info("%s with a changed setting %s", self.plan.action, change)
+        if self.is_main:  # the run folder as the plan says: cleared, no dead writers' files, rewound
+            prepare_folder(self.plan, self.out_dir)
         self.accelerator.wait_for_everyone()
         set_seed(cfg.train.seed)
         self._setup_data()
@@ -116,7 +112,8 @@ class Trainer:
         self.stopper = EarlyStopping.from_config(cfg.train.early_stopping)  # checkpoints/best/ + early stopping
         self.ckpt = Checkpointer(cfg, self.out_dir, self.accelerator, model=self.model, optimizer=self.optimizer,
                                  param_names=self.param_names, stopper=self.stopper, ema=self.ema,
-                                 class_names=self.class_names, preprocessing=self.pre.to_dict())
+                                 class_names=self.class_names, preprocessing=self.pre.to_dict(),
+                                 resumed_from=self.plan.resumed_from)
         self.progress, wandb_run_id = Progress(), None
         last = self.plan.last
         if last is not None:
@@ -235,30 +232,29 @@ class Trainer:
             skipped.extend(b.get("skipped") or [])
             yield b
 
-    def train_epoch(self, ddp_model: torch.nn.Module, progress_bar=None) -> tuple[bool, int]:
+    def train_epoch(self, ddp_model: torch.nn.Module, progress_bar=None) -> tuple[bool, int, dict | None]:
         """Optimizer steps of ``ddp_model`` (from :meth:`enter_phase`) until the end of the current epoch
-        (or ``max_steps``, or preemption).
+        (or ``max_steps``, preemption, or early stopping at a ``train.eval_every_steps`` evaluation).
 
         Returns:
             (True if the ranks agreed to stop for a preemption signal (``last.pt`` is then written),
-            number of bad samples skipped this epoch over all ranks).
+            number of bad samples skipped this epoch over all ranks, the record of the epoch's last
+            ``eval_every_steps`` evaluation or None).
         """
         cfg, acc, p = self.cfg, self.accelerator, self.progress
         epoch_start = p.epoch * self.steps_epoch
         skipped: list[str] = []
         stream = self._epoch_batches(p.epoch, p.step - epoch_start, skipped)
-        loss_acc = torch.zeros((), device=acc.device)
-        loss_n, preempted = 0, False
-        t0, s0 = time.perf_counter(), p.samples_seen
+        meter, preempted, last_eval = TrainMeter(acc, p.samples_seen), False, None
+        every, epoch_end = cfg.train.eval_every_steps, min(epoch_start + self.steps_epoch, self.total_steps)
         ddp_model.train()
         while p.step < epoch_start + self.steps_epoch and p.step < self.total_steps:
             lrs = set_lrs(self.optimizer, self.groups, step=p.step, total_steps=self.schedule_steps,
                           phases=self.phases, steps_per_epoch=self.steps_epoch, optim_cfg=cfg.optim,
                           head_layer_id=self.num_layers - 1)
-            loss_acc += train_step(ddp_model, stream, optimizer=self.optimizer, criterion=self.criterion,
+            meter.add(train_step(ddp_model, stream, optimizer=self.optimizer, criterion=self.criterion,
                                    accelerator=acc, grad_accum_steps=self.accum, grad_clip=cfg.optim.grad_clip,
-                                   batch_augment=self.batch_augment)
-            loss_n += 1
+                                   batch_augment=self.batch_augment))
             p.step += 1
             if self.ema is not None:
                 self.ema.update(unwrap(self.model), p.step)
@@ -266,17 +262,15 @@ class Trainer:
             if progress_bar is not None:
                 progress_bar.update(1)
             if p.step % cfg.train.log_every_steps == 0 or p.step == epoch_start + self.steps_epoch:
-                loss = acc.reduce(loss_acc / loss_n, reduction="mean").item()  # the only sync: at logging
-                dt = time.perf_counter() - t0
-                ips = (p.samples_seen - s0) / dt if dt > 0 else float("nan")
-                rec = {"epoch": p.epoch, "samples_seen": p.samples_seen, "train/loss": loss,
-                       "train/images_per_s": ips, **{f"lr/{k}": v for k, v in lrs.items()}}
+                rec = meter.record(epoch=p.epoch, samples_seen=p.samples_seen, lrs=lrs)  # the only sync
                 self.tracker.log(rec, step=p.step)
                 if progress_bar is not None:
-                    progress_bar.set_postfix(loss=f"{loss:.3f}", ips=f"{ips:.1f}")
-                loss_acc.zero_()
-                loss_n = 0
-                t0, s0 = time.perf_counter(), p.samples_seen  # images/s over the last logging window
+                    progress_bar.set_postfix(loss=f"{rec['train/loss']:.3f}", ips=f"{rec['train/images_per_s']:.1f}")
+            if every and p.step % every == 0 and p.step < epoch_end:  # the epoch's end evaluates anyway
+                last_eval = self.evaluate_now({"epoch": p.epoch, "samples_seen": p.samples_seen})
+                if self.stopper.should_stop:
+                    self.save_last("early stopping")
+                    break
             check_now = p.step % cfg.train.preempt_check_every_steps == 0  # same steps on every rank
             if check_now and self.preemption.should_stop(acc):
                 preempted = True
@@ -289,7 +283,7 @@ class Trainer:
             log.warning("skipped bad sample %s", s)
         if preempted:
             self.save_last(f"preempted (signal {self.preemption.agreed_signal})")
-        return preempted, num_skipped
+        return preempted, num_skipped, last_eval
 
     def linear_probe(self) -> int:
         """``finetune.strategy`` linear_probe / lp_ft: the head solved on frozen features
@@ -304,11 +298,17 @@ class Trainer:
 
     def validate(self) -> Validation:
         """The raw (and EMA) weights on the validation split (:func:`trainer.train.evaluation.validate`)."""
-        batches = (lambda m: self.eval_loader) if self.fcache is None else \
-            (lambda m: self.fcache.eval_batches(m, self.eval_loader))
-        return validate(unwrap(self.model), self.ema, batches, reporter=self.reporter,
+        return validate(unwrap(self.model), self.ema, self.eval_loader, self.fcache, reporter=self.reporter,
                         num_classes=len(self.class_names), accelerator=self.accelerator,
                         monitor=self.stopper.monitor, mode=self.stopper.mode)
+
+    def evaluate_now(self, extra: dict) -> dict:
+        """Validate and record it (log with ``extra``, early stopping, ``checkpoints/best/``, reports:
+        :func:`trainer.train.evaluation.record_validation`); return the monitored weights' ``val/*`` record."""
+        v = self.validate()
+        record_validation(v, self.progress, extra=extra, tracker=self.tracker, stopper=self.stopper,
+                          checkpointer=self.ckpt, reporter=self.reporter, is_main=self.is_main)
+        return v.chosen
 
     def end_epoch(self, num_skipped: int) -> dict:
         """Evaluate, log (with ``num_skipped`` bad samples of the epoch), update reports / ``checkpoints/best/`` /
@@ -317,17 +317,15 @@ class Trainer:
         Returns:
             The evaluation's log record (``val/top1``, ``val/loss``, ... and ``val/confusion``).
         """
-        acc, p = self.accelerator, self.progress
-        v = self.validate()
+        p = self.progress
         if p.step >= (p.epoch + 1) * self.steps_epoch:  # not after a max_steps stop mid-epoch
             p.epoch += 1
         extra = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": num_skipped}
         if self.world_size > 1:
-            extra["ddp/replica_max_abs_diff"] = check_replicas(unwrap(self.model), acc)
-        record_validation(v, p, extra=extra, tracker=self.tracker, stopper=self.stopper, checkpointer=self.ckpt,
-                          reporter=self.reporter, is_main=self.is_main)
+            extra["ddp/replica_max_abs_diff"] = check_replicas(unwrap(self.model), self.accelerator)
+        last_eval = self.evaluate_now(extra)
         self.save_last("epoch")
-        return v.chosen
+        return last_eval
 
     def fit(self) -> RunResult:
         """Train until ``train.epochs`` / ``max_steps``, early stopping or preemption; return the result."""
@@ -353,8 +351,9 @@ class Trainer:
                 if phase_index_at(self.phases, p.epoch) != phase:
                     phase = phase_index_at(self.phases, p.epoch)
                     ddp_model = self.enter_phase(phase, p.epoch)
-                preempted, num_skipped = self.train_epoch(ddp_model, bar)
-                if preempted:
+                preempted, num_skipped, mid_eval = self.train_epoch(ddp_model, bar)
+                last_eval = mid_eval or last_eval
+                if preempted or self.stopper.should_stop:  # stopped early at an eval_every_steps evaluation
                     break
                 last_eval = self.end_epoch(num_skipped)
             if not preempted:

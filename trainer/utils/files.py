@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "temp_path", "remove_stale_temp_files", "sha256_file"]
+__all__ = ["atomic_link", "atomic_write", "remove_stale_temp_files", "sha256_file", "temp_path"]
 
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 
@@ -78,6 +78,33 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[Path], objec
             tmp.unlink()
     fsync_dir(path.parent)
     return path
+
+
+def atomic_link(src: str | Path, dst: str | Path) -> Path:
+    """Make ``dst`` name the same file as ``src`` atomically: a hard link under :func:`temp_path` renamed over
+    ``dst`` (no data copied); where the file system refuses hard links, an :func:`atomic_write` copy.
+
+    Raises:
+        OSError: ``src`` missing or unreadable; ``dst``'s previous content is then untouched.
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    tmp = temp_path(dst)
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        if not src.is_file():
+            raise
+        return atomic_write(dst, lambda t: shutil.copyfile(src, t))
+    try:
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(dst.parent)
+    return dst
 
 
 def pid_alive(pid: int) -> bool:

@@ -59,14 +59,28 @@ class TrainConfig(Section):
     """Run directory: config, metrics.jsonl, checkpoints; it holds one run. An existing run there is
     resumed if its config differs only in settings resuming may change (``trainer/train/run_folder.py``)."""
     resume: bool = True
-    """Resume from ``output_dir/checkpoints/last.pt`` if it exists. ``false`` into a folder holding a
-    run is refused unless ``overwrite`` is set."""
+    """Resume from the newest checkpoint in ``output_dir/checkpoints/`` if there is one. ``false`` into a
+    folder holding a run is refused unless ``overwrite`` is set."""
+    resume_from: Optional[str] = None
+    """Resume from this kept checkpoint of ``output_dir`` instead of the newest: a file name in
+    ``output_dir/checkpoints/`` (``step_000000400.pt``, ``last.pt``) or its path. The newer step checkpoints
+    are deleted and ``metrics.jsonl`` is rewound to its step; a later start with the same value continues
+    from the newest checkpoint (a requeued job does not go back again). Null: the newest."""
     overwrite: bool = False
     """With ``resume: false``: delete the run in ``output_dir`` first (only a run folder is ever deleted)."""
     checkpoint_every_steps: int = num(0, ge=0)
-    """Also write ``last.pt`` every this many optimizer steps (0: only at epoch ends)."""
+    """Also write the resume checkpoint every this many optimizer steps (0: only at epoch ends)."""
     checkpoint_every_minutes: float = num(0.0, ge=0)
-    """Also write ``last.pt`` when this many minutes passed since the previous one (0: off)."""
+    """Also write the resume checkpoint when this many minutes passed since the previous one (0: off)."""
+    keep_checkpoints: int = num(1, ge=1)
+    """Resume checkpoints kept: 1 keeps ``checkpoints/last.pt`` only (replaced at every write), k > 1 the k newest
+    ``checkpoints/step_<step>.pt`` (``last.pt`` is then a hard link to the newest). An older step file is deleted
+    only once a newer one is complete (``trainer/train/checkpoint_files.py``); ``checkpoints/best/`` is kept apart."""
+    eval_every_steps: int = num(0, ge=0)
+    """Also evaluate on the validation split every this many optimizer steps of the run (Lightning's
+    ``val_check_interval`` as a step count); 0: only at epoch ends. Each evaluation is a ``metrics.jsonl``
+    record with ``step`` and ``samples_seen``; ``checkpoints/best/`` and early stopping (patience counts
+    evaluations) follow every evaluation."""
     log_every_steps: int = num(10, ge=1)
     """Log train loss, lr and images/s every this many optimizer steps."""
     max_steps: Optional[int] = num(None, ge=1)
@@ -98,3 +112,7 @@ class TrainConfig(Section):
                               f"train.micro_batch_size ({self.micro_batch_size})")
         if not self.output_dir:
             raise ConfigError("train.output_dir: empty path is not allowed")
+        if self.resume_from is not None and not self.resume_from:
+            raise ConfigError("train.resume_from: empty path is not allowed (null: the newest checkpoint)")
+        if self.resume_from and not self.resume:
+            raise ConfigError("train.resume_from: needs train.resume: true")
