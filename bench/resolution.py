@@ -10,9 +10,14 @@ with the L2 strength chosen on val. The same code paths as ``finetune.strategy: 
 Printed per size: images/s of the feature pass, its seconds, fit seconds, chosen L2, val and test
 top-1. Wall-clock figures on a shared machine: the 1-minute load average is printed beside them.
 
+With ``--model_rates`` it measures instead, per size, the model alone on synthetic images (no data, no
+probe): fine-tuning images/s (forward + backward + AdamW step, train mode, batch ``--batch``) and
+inference images/s (eval forward), the ceiling of what a run at that size can reach on this machine.
+
 Usage::
 
     python bench/resolution.py --shard_dir data/shards/eurosat --sizes 224,128,64 --bf16
+    python bench/resolution.py --model_rates --sizes 64,96,128,160,224 --batch 32
 """
 
 from __future__ import annotations
@@ -77,18 +82,62 @@ def measure(shard_dir: str, size: int, *, bf16: bool, batch: int, workers: int, 
     return out
 
 
+def model_rates(size: int, *, batch: int, backbone: str, steps: int = 4) -> dict:
+    """Images/s of the model alone at input ``size``: fine-tuning (forward + backward + AdamW) and inference.
+
+    Synthetic ``(batch, 3, size, size)`` channels_last float input, 10 classes, random weights (the rate does
+    not depend on the values); two warm-up iterations, then ``steps`` timed ones. Single process, torch's
+    own thread count.
+    """
+    model, _ = build_model(backbone, 10, "none", channels_last=True)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+
+    def train_step():
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    for i in range(2 + steps):
+        if i == 2:
+            t0 = time.perf_counter()
+        train_step()
+    train_rate = batch * steps / (time.perf_counter() - t0)
+    model.eval()
+    with torch.no_grad():
+        for i in range(2 + steps):
+            if i == 2:
+                t0 = time.perf_counter()
+            model(x)
+    return {"size": size, "train_images_per_s": train_rate,
+            "infer_images_per_s": batch * steps / (time.perf_counter() - t0), "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: see the module docstring. Prints one line per size and a JSON list at the end."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shard_dir", required=True, help="folder with {train,val[,test]}-*.tar and dataset.json")
+    ap.add_argument("--shard_dir", default=None, help="folder with {train,val[,test]}-*.tar and dataset.json")
     ap.add_argument("--sizes", default="224,160,128", help="comma-separated input sizes S")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the feature pass")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--model_rates", action="store_true",
+                    help="model-alone fine-tuning / inference images/s per size (no data needed)")
     args = ap.parse_args(argv)
     cfg = Config()
     rows = []
+    if args.model_rates:
+        for s in (int(v) for v in args.sizes.split(",")):
+            r = model_rates(s, batch=args.batch, backbone=cfg.model.backbone)
+            rows.append(r)
+            print(f"S={s:4d}  fine-tuning {r['train_images_per_s']:7.1f} img/s  inference {r['infer_images_per_s']:7.1f} "
+                  f"img/s  (batch {args.batch}, {r['threads']} threads)", flush=True)
+        return rows
+    if args.shard_dir is None:
+        ap.error("--shard_dir is required (except with --model_rates)")
     for s in (int(v) for v in args.sizes.split(",")):
         r = measure(args.shard_dir, s, bf16=args.bf16, batch=args.batch, workers=args.workers,
                     backbone=cfg.model.backbone, weights=cfg.model.weights, l2_grid=cfg.finetune.lp_l2_grid)

@@ -344,9 +344,10 @@ class Trainer:
                 phase = phase_index_at(self.phases, 0)
                 ddp_model = self.enter_phase(phase, 0)
                 num_skipped = self.linear_probe()
-                if cfg.finetune.strategy == "linear_probe":  # the run is the probe: evaluate, best.pt, last.pt
+                if cfg.finetune.strategy == "linear_probe":  # the run is the probe
                     p.epoch = cfg.train.epochs
-                    last_eval = self.end_epoch(num_skipped)
+                # evaluate, best, last.pt; for lp_ft the probe is the first candidate for checkpoints/best
+                last_eval = self.end_epoch(num_skipped)
             while p.epoch < cfg.train.epochs and p.step < self.total_steps and not self.stopper.should_stop:
                 if phase_index_at(self.phases, p.epoch) != phase:
                     phase = phase_index_at(self.phases, p.epoch)
