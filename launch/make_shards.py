@@ -26,6 +26,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from trainer.cli.errors import run_cli  # noqa: E402
+from trainer.config.loading import yaml_load  # noqa: E402
 from trainer.config.schema import ConfigError, DataConfig  # noqa: E402
 from trainer.data.prepare import build_listing  # noqa: E402
 from trainer.data.shard_writer import leak_message, merge_partial_metadata, write_listing  # noqa: E402
@@ -59,7 +60,7 @@ def main(root: str | None = None, out: str | None = None, manifest=None, path_co
     if root is None and manifest is None:
         raise ConfigError("--root or --manifest is required")
     if isinstance(manifest, str) and manifest.lstrip().startswith("{"):
-        manifest = yaml.safe_load(manifest)  # '{train: a.csv, val: b.csv}' as on the trainer's command line
+        manifest = yaml_load(manifest)  # '{train: a.csv, val: b.csv}' as on the trainer's command line
     cfg = DataConfig(root=root, manifest=manifest, path_column=path_column, label_column=label_column,
                      split_column=split_column, label_map=label_map, val_fraction=val_fraction,
                      test_fraction=test_fraction, split_seed=split_seed, shard_dir=out)
