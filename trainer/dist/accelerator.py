@@ -23,7 +23,7 @@ Threads (:func:`configure_threads`, called by :func:`make_accelerator`): each tr
 torch with ``OMP_NUM_THREADS`` intra-op threads when the launcher or the user set it (``accelerate
 launch`` on CPU sets cores / processes per node, torchrun sets 1), else with the cores it may run on
 divided by the processes on this node (``LOCAL_WORLD_SIZE``), and one inter-op thread. The loader
-workers run one torch thread each at a lower priority (:mod:`trainer.data.loader`).
+workers run one torch thread each at a lower priority (set by :mod:`trainer.data.loader`).
 :func:`describe_threads` is the line the trainer logs at start.
 """
 
@@ -219,11 +219,11 @@ def configure_threads(env: dict | None = None) -> int:
     return threads
 
 
-def describe_threads(num_workers: int) -> str:
+def describe_threads(num_workers: int, worker_threads: int = 1, worker_nice: int = 10) -> str:
     """One line for the start-up log: torch threads of this process, cores, loader workers and their
-    threads / priority."""
-    from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS
-
+    threads / priority (``worker_threads`` / ``worker_nice``: what the loader sets, passed in by the caller,
+    :data:`trainer.data.loader.WORKER_TORCH_THREADS` / ``WORKER_NICE``; dist does not import data)."""
+    WORKER_NICE, WORKER_TORCH_THREADS = worker_nice, worker_threads
     omp = os.environ.get("OMP_NUM_THREADS")
     return (f"torch threads {torch.get_num_threads()} intra-op + {torch.get_num_interop_threads()} inter-op "
             f"per process ({_usable_cores()} usable cores, {os.environ.get('LOCAL_WORLD_SIZE', '1')} process(es) "

@@ -41,7 +41,7 @@ from trainer.config.launcher import resolve_config_precision
 from trainer.config.loading import grad_accum_steps, save_config
 from trainer.config.schema import Config, ConfigError
 from trainer.data.batch_augment import build_batch_augment
-from trainer.data.loader import EvalLoader, TrainLoader
+from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS, EvalLoader, TrainLoader
 from trainer.data.prepare import prepare_dataset
 from trainer.data.sources import steps_per_epoch
 from trainer.data.transforms import build_transforms
@@ -132,7 +132,7 @@ class Trainer:
                      "steps/epoch=%d total_steps=%d classes=%d mixed_precision=%s", self.world_size,
                      cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.steps_epoch,
                      self.total_steps, len(self.class_names), cfg.train.mixed_precision)
-            log.info("threads: %s", describe_threads(cfg.data.num_workers))
+            log.info("threads: %s", describe_threads(cfg.data.num_workers, WORKER_TORCH_THREADS, WORKER_NICE))
         self.reporter = Reporter(self.out_dir, self.class_names, self.accelerator, self.tracker)
         self.preemption = PreemptionHandler()  # installed for the duration of fit()
 
