@@ -87,7 +87,6 @@ def test_signal_to_one_rank_real_trainer(images, tmp_path, sig):
 WRITER = textwrap.dedent("""
     import sys, torch
     from trainer.train import checkpoint as ckpt_lib
-from trainer.train.checkpoint_files import latest_checkpoint
     big = {"format_version": ckpt_lib.FORMAT_VERSION, "kind": "resume", "step": 2,
            "model": {f"w{i}": torch.randn(1024, 1024) for i in range(96)}}  # ~400 MB
     print("writing", flush=True)
