@@ -39,6 +39,7 @@ from trainer.config.schema import Config  # noqa: E402
 from trainer.data.loader import EvalLoader  # noqa: E402
 from trainer.data.transforms import build_transforms  # noqa: E402
 from trainer.models.build import build_model  # noqa: E402
+from trainer.selection.measure import measure_cost  # noqa: E402
 from trainer.finetune.linear_probe import fit_linear_probe  # noqa: E402
 from trainer.train.linear_probe import extract_features  # noqa: E402
 
@@ -83,36 +84,13 @@ def measure(shard_dir: str, size: int, *, bf16: bool, batch: int, workers: int, 
 
 
 def model_rates(size: int, *, batch: int, backbone: str, steps: int = 4) -> dict:
-    """Images/s of the model alone at input ``size``: fine-tuning (forward + backward + AdamW) and inference.
-
-    Synthetic ``(batch, 3, size, size)`` channels_last float input, 10 classes, random weights (the rate does
-    not depend on the values); two warm-up iterations, then ``steps`` timed ones. Single process, torch's
-    own thread count.
-    """
-    model, _ = build_model(backbone, 10, "none", channels_last=True)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
-    x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
-
-    def train_step():
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    model.train()
-    for i in range(2 + steps):
-        if i == 2:
-            t0 = time.perf_counter()
-        train_step()
-    train_rate = batch * steps / (time.perf_counter() - t0)
-    model.eval()
-    with torch.no_grad():
-        for i in range(2 + steps):
-            if i == 2:
-                t0 = time.perf_counter()
-            model(x)
-    return {"size": size, "train_images_per_s": train_rate,
-            "infer_images_per_s": batch * steps / (time.perf_counter() - t0), "threads": torch.get_num_threads()}
+    """Images/s of the model alone at input ``size``: fine-tuning (forward + backward + AdamW) and inference,
+    measured by :func:`trainer.selection.measure.measure_cost` (synthetic images, random weights, 10 classes,
+    one warm-up step, then ``steps`` timed ones; single process, torch's own thread count)."""
+    cost = measure_cost(backbone, "none", num_classes=10, batch_size=batch, device=torch.device("cpu"),
+                        steps=steps, input_size=size)
+    return {"size": size, "train_images_per_s": cost.train_img_s, "infer_images_per_s": cost.infer_img_s,
+            "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -159,7 +159,9 @@ def test_configure_threads_follows_omp_num_threads_then_cores_per_local_process(
         assert acc_mod.configure_threads({}) == 8 and torch.get_num_threads() == 8
         assert acc_mod.configure_threads({"LOCAL_WORLD_SIZE": "16"}) == 1
         assert acc_mod.configure_threads({"OMP_NUM_THREADS": "junk"}) == 8
-        line = acc_mod.describe_threads(2)
+        from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS
+
+        line = acc_mod.describe_threads(2, WORKER_TORCH_THREADS, WORKER_NICE)
         assert "torch threads 8 intra-op" in line and "2 loader worker(s) x 1 thread at nice +" in line
     finally:
         torch.set_num_threads(saved)

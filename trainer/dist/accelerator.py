@@ -219,16 +219,15 @@ def configure_threads(env: dict | None = None) -> int:
     return threads
 
 
-def describe_threads(num_workers: int, worker_threads: int = 1, worker_nice: int = 10) -> str:
-    """One line for the start-up log: torch threads of this process, cores, loader workers and their
-    threads / priority (``worker_threads`` / ``worker_nice``: what the loader sets, passed in by the caller,
-    :data:`trainer.data.loader.WORKER_TORCH_THREADS` / ``WORKER_NICE``; dist does not import data)."""
-    WORKER_NICE, WORKER_TORCH_THREADS = worker_nice, worker_threads
+def describe_threads(num_workers: int, worker_threads: int, worker_nice: int) -> str:
+    """One line for the start-up log: torch threads of this process, cores, and ``num_workers`` loader workers
+    with ``worker_threads`` torch threads at nice ``+worker_nice`` each (the caller passes the loader's
+    :data:`trainer.data.loader.WORKER_TORCH_THREADS` / ``WORKER_NICE``: dist does not import data)."""
     omp = os.environ.get("OMP_NUM_THREADS")
     return (f"torch threads {torch.get_num_threads()} intra-op + {torch.get_num_interop_threads()} inter-op "
             f"per process ({_usable_cores()} usable cores, {os.environ.get('LOCAL_WORLD_SIZE', '1')} process(es) "
             f"on this node{f', OMP_NUM_THREADS={omp}' if omp else ''}); {num_workers} loader worker(s) x "
-            f"{WORKER_TORCH_THREADS} thread at nice +{WORKER_NICE}")
+            f"{worker_threads} thread at nice +{worker_nice}")
 
 
 def make_accelerator(mixed_precision: str = "auto", *, timeout_s: int = 600) -> Accelerator:

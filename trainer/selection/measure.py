@@ -84,7 +84,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_cost(backbone: str, weights: str, *, num_classes: int, batch_size: int, device: torch.device,
-                 autocast=None, channels_last: bool = True, steps: int = 3) -> Cost:
+                 autocast=None, channels_last: bool = True, steps: int = 3, input_size: int | None = None) -> Cost:
     """Build ``backbone`` afresh and measure it (see the module docstring).
 
     Args:
@@ -92,6 +92,7 @@ def measure_cost(backbone: str, weights: str, *, num_classes: int, batch_size: i
         num_classes: head size. batch_size: images per step (the run's ``micro_batch_size``).
         device: where to run. autocast: context-manager factory for the precision (None: float32).
         channels_last: the run's memory format. steps: timed steps per measurement (>= 1).
+        input_size: square input side in pixels (None: the backbone's pretraining size).
 
     Raises:
         ValueError: ``steps < 1`` or ``batch_size < 1``; anything :func:`build_model` raises.
@@ -109,7 +110,8 @@ def measure_cost(backbone: str, weights: str, *, num_classes: int, batch_size: i
     model, prep = build_model(backbone, num_classes, weights)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     model = model.to(device, memory_format=fmt)
-    x = torch.randn(batch_size, 3, prep.input_size, prep.input_size, device=device).contiguous(memory_format=fmt)
+    size = input_size or prep.input_size
+    x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model.train()
@@ -144,6 +146,6 @@ def measure_cost(backbone: str, weights: str, *, num_classes: int, batch_size: i
                 model(x)
         _sync(device)
         infer_s = time.perf_counter() - t0
-    gflops = gflops_per_image(model.float().to("cpu").to(memory_format=torch.contiguous_format), prep.input_size)
+    gflops = gflops_per_image(model.float().to("cpu").to(memory_format=torch.contiguous_format), size)
     del model, x, y
     return Cost(params_m, gflops, steps * batch_size / train_s, steps * batch_size / infer_s, peak)
