@@ -7,8 +7,13 @@ The previous implementation is taken from git (``git show bef5517:launch/predict
 and imported, so the baseline is exactly the code that shipped. Each round runs old then new (whole
 ``main()`` calls: model load, listing, decoding, forward, CSV), ``--rounds`` times alternating so that
 load from other processes hits both alike; images/s use the fastest round of each. Then the two CSVs are
-compared row by row (by path): same predicted class, top-1 probability within ``--atol`` (1e-5), the same
+compared row by row (by path): same predicted class, top-1 probability within ``--atol``, the same
 unreadable files. Exit status 1 if the predictions differ.
+
+The new predict runs at ``--precision`` (default ``auto``: bfloat16 autocast where the hardware computes
+it natively, ``launch/predict.py``'s ``resolve_precision``; the old one always ran float32). ``--atol``
+defaults to 1e-5 when that resolves to fp32 and 2e-2 for bf16 (8 mantissa bits); the largest top-1
+probability difference is printed either way.
 """
 
 from __future__ import annotations
@@ -68,30 +73,37 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--num_workers", type=int, default=None, help="new predict's workers (default: its own)")
-    ap.add_argument("--atol", type=float, default=1e-5)
+    ap.add_argument("--precision", default="auto", help="new predict's --precision (auto, fp32, bf16)")
+    ap.add_argument("--atol", type=float, default=None, help="top-1 probability tolerance (default: 1e-5 fp32, "
+                                                              "2e-2 bf16)")
     args = ap.parse_args()
 
     import torch
 
     import predict as new
 
+    precision = new.resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    atol = args.atol if args.atol is not None else (1e-5 if precision == "fp32" else 2e-2)
     with tempfile.TemporaryDirectory(prefix="bench-predict-") as d:
         tmp = Path(d)
         old = load_baseline(tmp)
         times: dict[str, list[float]] = {"old": [], "new": []}
         for r in range(args.rounds):
-            for name, fn, kw in (("old", old.main, {}), ("new", new.main, {"num_workers": args.num_workers})):
+            for name, fn, kw in (("old", old.main, {}), ("new", new.main, {"num_workers": args.num_workers, "precision": precision})):
                 t = time.perf_counter()
                 fn(args.checkpoint, args.images, out=str(tmp / f"{name}.csv"), batch_size=args.batch_size, **kw)
                 times[name].append(time.perf_counter() - t)
         rows = {k: read_rows(tmp / f"{k}.csv") for k in times}
-        problems = compare(rows["old"], rows["new"], args.atol)
+        problems = compare(rows["old"], rows["new"], atol)
+        both = [p for p in rows["new"] if rows["new"][p]["pred"] and rows["old"].get(p, {}).get("pred")]
+        max_diff = max((abs(float(rows["new"][p]["prob"]) - float(rows["old"][p]["prob"])) for p in both), default=0.0)
     n = len(rows["new"])
     ips = {k: n / min(v) for k, v in times.items()}
     print(f"\n{n} images ({sum(1 for r in rows['new'].values() if not r['pred'])} unreadable), "
           f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"CUDA {torch.cuda.is_available()}, load average {os.getloadavg()[0]:.1f}, batch {args.batch_size}, "
-          f"new workers {args.num_workers if args.num_workers is not None else new.default_workers()}")
+          f"new workers {args.num_workers if args.num_workers is not None else new.default_workers()}, "
+          f"new precision {precision} (old: fp32)")
     for k in ("old", "new"):
         print(f"  {k}: {ips[k]:6.1f} images/s (fastest of {args.rounds}; every round: "
               f"{', '.join(f'{t:.2f}' for t in times[k])} s)")
@@ -99,8 +111,8 @@ def main() -> int:
     if problems:
         print(f"predictions DIFFER in {len(problems)} row(s), e.g.:\n  " + "\n  ".join(problems[:5]))
         return 1
-    print(f"predictions identical: same class and unreadable files for all {n} rows, top-1 probability within "
-          f"{args.atol:g}")
+    print(f"predictions identical: same class and unreadable files for all {n} rows; top-1 probability within "
+          f"{atol:g} (largest difference {max_diff:.2e})")
     return 0
 
 

@@ -3,7 +3,7 @@
     python bench/scale.py metrics [--classes 10,100,1000,10000] [--val 50000]
     python bench/scale.py run --size 10k  [--classes 10,1000,10000] [--steps 200] [--work /tmp/scale_bench]
     python bench/scale.py run --size 100k --classes 10,10000
-    python bench/scale.py run --size 1m   --classes 10           # ~1M files on disk: see the README
+    python bench/scale.py run --size 1m   --classes 10 --direct --load_images 200000
 
 ``metrics``: one evaluation's bookkeeping at C classes over ``--val`` samples with random logits, in
 this process: accumulator memory (``EvalAccumulator``: 3 x C counts + 8 bytes per sample; the
@@ -21,7 +21,12 @@ label ``i % C``) plus N/20 validation images, then for each C (its own folder):
    preprocessing: only the bookkeeping is under test here), global batch 32, ``--steps`` steps, one
    evaluation at the end, W&B off;
 
-and prints peak RSS of every process (each phase runs in a child process that reports its own peak,
+``--direct`` skips the image folder and the shard writer (steps 1 above): the same synthetic samples
+are written straight into shards of 5,000 (a pool of 64 encoded JPEGs per class, unique keys), so the
+loader and the trainer can be measured at 1M images without 1M files on disk and ~40 minutes of
+writing on 2 cores. ``--load_images`` caps the loader pass (default: one whole epoch).
+
+The run prints peak RSS of every process (each phase runs in a child process that reports its own peak,
 ``getrusage(RUSAGE_SELF)``, and the largest RSS any of its worker processes reached, polled with
 psutil) and the bytes of the run's
 ``metrics.jsonl`` evaluation line. One JSON line per measurement goes to stdout and
@@ -192,6 +197,41 @@ def _gen(root: str, n: int, classes: int, seed: int = 0) -> None:
     _result(images=n + max(n // 20, 1), seconds=round(time.perf_counter() - t0, 1))
 
 
+def _direct(out: str, n: int, classes: int, seed: int = 0, per_shard: int = 5000, pool: int = 64) -> None:
+    """Shards of n training and n // 20 validation samples written straight (no image folder, no checks):
+    the layout and ``dataset.json`` of :func:`trainer.data.shard_writer.write_shards`, ``pool`` distinct
+    JPEGs per class (the samples of a class reuse them under their own keys)."""
+    import simplejpeg
+    import webdataset as wds
+
+    from trainer.data.meta import META_NAME, build_meta, write_meta
+
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tints = rng.integers(30, 226, (classes, 3))
+    jpegs = [[simplejpeg.encode_jpeg(np.clip(tints[c] + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8),
+                                     quality=90) for _ in range(pool)] for c in range(classes)]
+    t0, splits = time.perf_counter(), {}
+    for split, count in (("train", n), ("val", max(n // 20, 1))):
+        names, sizes, counts = [], [], [0] * classes
+        for start in range(0, count, per_shard):
+            names.append(f"{split}-{len(names):06d}.tar")
+            sizes.append(min(per_shard, count - start))
+            with wds.TarWriter(str(out_p / names[-1]), encoder=False, mtime=0, format="PAX_FORMAT") as w:
+                for i in range(start, start + sizes[-1]):
+                    label = i % classes
+                    counts[label] += 1
+                    w.write({"__key__": f"{split}/{i:08d}", "jpg": jpegs[label][(i // classes) % pool],
+                             "cls": str(label).encode()})
+        splits[split] = {"num_samples": count, "num_shards": len(names), "class_counts": counts, "shards": names,
+                         "shard_sizes": sizes, "num_skipped": 0, "skipped": []}
+    write_meta(out_p / META_NAME, build_meta([f"c{c:05d}" for c in range(classes)], splits))
+    total = n + max(n // 20, 1)
+    dt = time.perf_counter() - t0
+    _result(images=total, seconds=round(dt, 1), images_per_s=round(total / dt))
+
+
 def _write(root: str, out: str, workers: int) -> None:
     from trainer.data.shard_writer import write_shards
 
@@ -202,7 +242,7 @@ def _write(root: str, out: str, workers: int) -> None:
     _result(images=n, seconds=round(dt, 1), images_per_s=round(n / dt))
 
 
-def _load(shards: str, workers: int = 2, batch: int = 64) -> None:
+def _load(shards: str, workers: int = 2, batch: int = 64, images: int = 0) -> None:
     from trainer.data.loader import TrainLoader
     from trainer.data.meta import read_meta
     from trainer.data.transforms import build_transforms
@@ -212,7 +252,7 @@ def _load(shards: str, workers: int = 2, batch: int = 64) -> None:
     tf = build_transforms(32, train=True, crop_pct=1.0, interpolation="bilinear", augment="standard")
     loader = TrainLoader(meta.shard_urls("train"), micro_batch_size=batch, transform=tf, seed=0, rank=0,
                          world_size=1, num_workers=workers, num_classes=len(meta.classes))
-    steps = n // batch
+    steps = (min(n, images) if images > 0 else n) // batch
     it = iter(loader.epoch(0, steps))
     next(it)  # worker start-up not timed
     t0, seen = time.perf_counter(), 0
@@ -253,8 +293,11 @@ def _train(shards: str, out: str, steps: int) -> None:
 
 
 def run(size: str = "10k", classes: str = "10,1000,10000", steps: int = 200, work: str = "/tmp/scale_bench",
-        keep: bool = False) -> None:
-    """Generate, shard (1 and 2 writers), load and train at ``size`` for each C; print one JSON line per phase."""
+        keep: bool = False, direct: bool = False, load_images: int = 0) -> None:
+    """Generate, shard (1 and 2 writers), load and train at ``size`` for each C; print one JSON line per phase.
+
+    ``direct``: write the shards straight (``_direct``) instead of generating and sharding a folder;
+    ``load_images`` > 0: the loader pass reads that many training images instead of one epoch."""
     import shutil
 
     n = SIZES[str(size).lower()] if str(size).lower() in SIZES else int(size)  # an int: smoke tests
@@ -264,12 +307,16 @@ def run(size: str = "10k", classes: str = "10,1000,10000", steps: int = 200, wor
         base = work_p / f"{size}_c{c}"
         shutil.rmtree(base, ignore_errors=True)
         common = {"bench": "run", "size": n, "classes": c}
-        _emit(work_p, {**common, "phase": "generate", **_child("gen", root=base / "images", n=n, classes=c)})
-        for w in (1, 2):
-            shard_dir = base / f"shards_w{w}"
-            _emit(work_p, {**common, "phase": f"write_shards_{w}proc",
-                           **_child("write", root=base / "images", out=shard_dir, workers=w)})
-        _emit(work_p, {**common, "phase": "loader", **_child("load", shards=base / "shards_w2")})
+        if direct:
+            _emit(work_p, {**common, "phase": "direct_shards", **_child("direct", out=base / "shards_w2", n=n,
+                                                                          classes=c)})
+        else:
+            _emit(work_p, {**common, "phase": "generate", **_child("gen", root=base / "images", n=n, classes=c)})
+            for w in (1, 2):
+                shard_dir = base / f"shards_w{w}"
+                _emit(work_p, {**common, "phase": f"write_shards_{w}proc",
+                               **_child("write", root=base / "images", out=shard_dir, workers=w)})
+        _emit(work_p, {**common, "phase": "loader", **_child("load", shards=base / "shards_w2", images=load_images)})
         _emit(work_p, {**common, "phase": "train",
                        **_child("train", shards=base / "shards_w2", out=base / "run", steps=steps)})
         if not keep:
@@ -279,4 +326,4 @@ def run(size: str = "10k", classes: str = "10,1000,10000", steps: int = 200, wor
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # a phase: watch its worker processes
         _PEAK = _ChildPeak()
-    fire.Fire({"metrics": metrics, "run": run, "_gen": _gen, "_write": _write, "_load": _load, "_train": _train})
+    fire.Fire({"metrics": metrics, "run": run, "_gen": _gen, "_direct": _direct, "_write": _write, "_load": _load, "_train": _train})

@@ -24,7 +24,9 @@ self-contained; nothing is downloaded. Preprocessing is the model's own: the eva
 Speed: ``--num_workers`` DataLoader processes read and decode batches of ``--batch_size`` images
 (batch ``k`` in worker ``k % num_workers``, so rows come out in input order; shards: worker ``w`` reads
 shards ``w, w + num_workers, ...``) while the main process runs the model (channels_last, on the GPU
-when there is one: ``--device auto``). Rows are written as each batch finishes (memory does not grow
+when there is one: ``--device auto``; in bfloat16 autocast where the hardware computes it natively, as
+the trainer's ``mixed_precision: auto`` does for a frozen backbone: ``--precision auto``, see
+:func:`resolve_precision`). Rows are written as each batch finishes (memory does not grow
 with the number of images; a folder's file names are listed first) into a temp file renamed to
 ``--out`` at the end, so an interrupted run leaves no partial CSV.
 
@@ -208,21 +210,47 @@ def _raise(e: BaseException):
 
 
 @torch.inference_mode()
-def predict_logits(model, images: torch.Tensor, *, tta: bool = False) -> torch.Tensor:
+def predict_logits(model, images: torch.Tensor, *, tta: bool = False, bf16: bool = False) -> torch.Tensor:
     """Class probabilities for a batch.
 
     Args:
         model: an :class:`trainer.models.classifier.ImageClassifier` (it normalises the images).
         images: (B, 3, H, W) uint8.
         tta: also run the horizontally flipped batch and average the softmax outputs.
+        bf16: run the model under ``torch.autocast`` in bfloat16 on the images' device type (the
+            softmax is taken in float32).
 
     Returns:
         (B, C) float32 probabilities.
     """
-    probs = model(images).float().softmax(dim=1)
-    if tta:
-        probs = (probs + model(images.flip(dims=[3])).float().softmax(dim=1)) / 2
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        probs = model(images).float().softmax(dim=1)
+        if tta:
+            probs = (probs + model(images.flip(dims=[3])).float().softmax(dim=1)) / 2
     return probs
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``fp32`` or ``bf16`` for ``--precision`` on ``device`` (``cpu`` / ``cuda``).
+
+    ``auto``: ``bf16`` where the hardware computes bfloat16 natively (a CUDA GPU of compute capability
+    >= 8.0, a CPU with ``avx512_bf16`` or ``amx_bf16``: :func:`trainer.config.launcher.bf16_hardware`),
+    else ``fp32``: the rule of the trainer's ``train.mixed_precision: auto`` for a frozen backbone,
+    which inference is. Predicted classes match float32 on the README's benchmark; probabilities
+    differ by up to about 1e-2 (bfloat16 keeps 8 bits of mantissa), so ``fp32`` is there for exact ones.
+
+    Raises:
+        ConfigError: a value other than auto / fp32 / bf16.
+    """
+    from trainer.config.fields import ConfigError
+    from trainer.config.launcher import NATIVE_BF16_CPU_FLAGS, bf16_hardware
+
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision: {precision!r} is not one of auto, fp32, bf16")
+    if precision != "auto":
+        return precision
+    hw = bf16_hardware({"ACCELERATE_USE_CPU": "1"} if device == "cpu" else {})
+    return "bf16" if hw == "cuda" or hw in NATIVE_BF16_CPU_FLAGS else "fp32"
 
 
 def default_workers() -> int:
@@ -231,8 +259,8 @@ def default_workers() -> int:
 
 
 def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size: int = 32, topk: int = 1,
-         tta: bool = False, num_workers: int | None = None, device: str = "auto", path_column=None,
-         label_column=None) -> float | None:
+         tta: bool = False, num_workers: int | None = None, device: str = "auto", precision: str = "auto",
+         path_column=None, label_column=None) -> float | None:
     """Write predictions for every image of ``images`` to ``out``; return top-1 where labels are known.
 
     Args:
@@ -247,6 +275,8 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
         num_workers: DataLoader worker processes reading and decoding images (0: in this process; default:
             CPU count, at most 8).
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
+        precision: ``auto`` (bfloat16 where the hardware computes it natively, else float32:
+            :func:`resolve_precision`), ``fp32`` or ``bf16``.
         path_column, label_column: columns of a CSV list (name or 0-based index; default: found by name).
     """
     from trainer.config.fields import ConfigError
@@ -258,6 +288,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
         raise ConfigError(f"--device: {device!r} is not one of auto, cpu, cuda")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = resolve_precision(precision, device) == "bf16"
     workers = default_workers() if num_workers is None else num_workers
     model, pre, classes = load_for_inference(checkpoint, device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions (CPU and GPU); same values
@@ -279,7 +310,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
             for batch in loader:
                 probs = None
                 if batch["image"] is not None:
-                    probs = predict_logits(model, batch["image"].to(device, non_blocking=True), tta=tta).cpu()
+                    probs = predict_logits(model, batch["image"].to(device, non_blocking=True), tta=tta, bf16=bf16).cpu()
                     top_p, top_i = probs.topk(topk, dim=1)
                 j = 0
                 for name, true, ok, err in zip(batch["name"], batch["true"], batch["ok"], batch["error"]):

@@ -43,8 +43,9 @@ def test_topk_columns_and_tta_average(setup):
     from trainer.train.inference_checkpoint import load_for_inference
 
     root, ckpt = setup
-    acc = main(str(ckpt), str(root / "images"), out=str(root / "plain.csv"), topk=2)
-    main(str(ckpt), str(root / "images"), out=str(root / "tta.csv"), topk=2, tta=True, batch_size=4)
+    acc = main(str(ckpt), str(root / "images"), out=str(root / "plain.csv"), topk=2, precision="fp32")
+    main(str(ckpt), str(root / "images"), out=str(root / "tta.csv"), topk=2, tta=True, batch_size=4,
+         precision="fp32")
     plain, tta = read(root / "plain.csv"), read(root / "tta.csv")
     assert len(plain) == len(tta) == 7
     broken = [r for r in plain if r["path"].endswith("broken.jpg")]
@@ -73,6 +74,31 @@ def test_topk_columns_and_tta_average(setup):
     # and it is mirror-invariant: an image and its mirror get the same TTA probabilities
     torch.testing.assert_close(predict_logits(model, imgs, tta=True),
                                predict_logits(model, imgs.flip(3), tta=True), atol=1e-6, rtol=0)
+
+
+def test_precision_auto_follows_the_hardware_and_bf16_keeps_the_classes(setup, monkeypatch):
+    import predict
+
+    import trainer.config.launcher as launcher
+    from trainer.config.fields import ConfigError
+
+    monkeypatch.setattr(launcher, "cpu_flags", lambda *a: frozenset({"avx2", "avx512_bf16"}))
+    assert predict.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(launcher, "cpu_flags", lambda *a: frozenset({"avx2", "fma"}))
+    assert predict.resolve_precision("auto", "cpu") == "fp32"
+    assert predict.resolve_precision("bf16", "cpu") == "bf16" and predict.resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ConfigError, match="--precision"):
+        predict.resolve_precision("fp16", "cpu")
+
+    root, ckpt = setup
+    predict.main(str(ckpt), str(root / "images"), out=str(root / "p32.csv"), precision="fp32")
+    predict.main(str(ckpt), str(root / "images"), out=str(root / "p16.csv"), precision="bf16")
+    fp32, bf16 = read(root / "p32.csv"), read(root / "p16.csv")
+    assert [r["path"] for r in fp32] == [r["path"] for r in bf16]
+    probs32 = [float(r["prob"]) for r in fp32 if r["pred"]]
+    probs16 = [float(r["prob"]) for r in bf16 if r["pred"]]
+    assert len(probs32) == 6 and probs32 != probs16  # bf16 really ran
+    assert max(abs(a - b) for a, b in zip(probs32, probs16)) < 0.05
 
 
 def test_topk_is_clamped_to_the_class_count(setup):

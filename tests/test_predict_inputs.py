@@ -65,7 +65,7 @@ def test_folder_with_odd_name_and_broken_file(ckpt, tmp_path):
     os.close(fd)
     (root / "ants" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     (root / "bees" / "notes.txt").write_text("not an image suffix: not listed")
-    acc = main(str(ckpt), str(root), out=str(tmp_path / "p.csv"), num_workers=0, batch_size=2)
+    acc = main(str(ckpt), str(root), out=str(tmp_path / "p.csv"), precision="fp32", num_workers=0, batch_size=2)
     rows = read(tmp_path / "p.csv")
     names = [unescape_name(r["path"]) for r in rows]
     assert sorted(names) == sorted([os.fsencode(p) for p in paths] + [odd, os.fsencode(root / "ants/broken.jpg")])
@@ -89,7 +89,7 @@ def test_csv_list_relative_paths_in_csv_order(ckpt, tmp_path):
     lines = ["id,image,class"] + [f"{i},{p.relative_to(root).as_posix()},{p.parent.name}" for i, p in enumerate(order)]
     lines.insert(3, "9,img/missing.jpg,ants")
     (root / "list.csv").write_text("\n".join(lines) + "\n")
-    main(str(ckpt), str(root / "list.csv"), out=str(tmp_path / "p.csv"), num_workers=0, batch_size=4)
+    main(str(ckpt), str(root / "list.csv"), out=str(tmp_path / "p.csv"), precision="fp32", num_workers=0, batch_size=4)
     rows = read(tmp_path / "p.csv")
     assert [Path(r["path"]).name for r in rows] == [p.name for p in order[:2]] + ["missing.jpg"] + \
         [p.name for p in order[2:]]
@@ -110,7 +110,7 @@ def test_shards_names_and_labels_from_the_samples(ckpt, tmp_path):
     write_class_tree(root / "train", {"ants": 2, "bees": 2})
     val = write_class_tree(root / "val", {"ants": 2, "bees": 1}, seed=8)
     write_listing(list_split_folders(root), tmp_path / "shards", max_samples_per_shard=2)
-    main(str(ckpt), str(tmp_path / "shards" / "val-*.tar"), out=str(tmp_path / "p.csv"), num_workers=0)
+    main(str(ckpt), str(tmp_path / "shards" / "val-*.tar"), out=str(tmp_path / "p.csv"), precision="fp32", num_workers=0)
     rows = read(tmp_path / "p.csv")
     assert [r["path"] for r in rows] == [p.relative_to(root).as_posix() for p in val]
     assert [r["true"] for r in rows] == [p.parent.name for p in val]
@@ -124,8 +124,8 @@ def test_loader_workers_keep_input_order_and_values(ckpt, tmp_path):
     root = tmp_path / "imgs"
     write_class_tree(root, {"ants": 5, "bees": 6}, seed=21)
     (root / "bees" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    main(str(ckpt), str(root), out=str(tmp_path / "w0.csv"), num_workers=0, batch_size=3)
-    main(str(ckpt), str(root), out=str(tmp_path / "w2.csv"), num_workers=2, batch_size=3)
+    main(str(ckpt), str(root), out=str(tmp_path / "w0.csv"), precision="fp32", num_workers=0, batch_size=3)
+    main(str(ckpt), str(root), out=str(tmp_path / "w2.csv"), precision="fp32", num_workers=2, batch_size=3)
     a, b = read(tmp_path / "w0.csv"), read(tmp_path / "w2.csv")
     assert [r["path"] for r in a] == [r["path"] for r in b] and len(a) == 12
     assert [r["pred"] for r in a] == [r["pred"] for r in b] and [r["error"] for r in a] == [r["error"] for r in b]

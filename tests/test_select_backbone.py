@@ -161,6 +161,14 @@ def test_select_end_to_end_table_cache_budget(tiny_folder, tmp_path, monkeypatch
     assert again.chosen is None and "config" not in again.files
     assert not (tmp_path / "out2" / "chosen.yaml").exists()
 
+    # data.image_size: every candidate runs at that size (features recomputed, not the 160 px cache)
+    monkeypatch.undo()
+    cfg.data.image_size = 64
+    opts.time_budget_s, opts.out_dir = None, str(tmp_path / "out3")
+    small = select_backbones(cfg, opts, acc)
+    assert [r.input_px for r in small.rows] == [64, 64] and not any(r.features_cached for r in small.rows)
+    assert all(r.infer_img_s > 0 for r in small.rows) and len(list((tmp_path / "cache").glob("*.pt"))) == 4
+
 
 # ---------------------------------------------------------------- several processes
 WORKER = """

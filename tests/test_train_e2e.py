@@ -46,7 +46,7 @@ def test_single_process_run_on_real_images_then_predict(data):
     out = data / "run1"
     run_cmd([PY, "trainer/main.py", "--config", "configs/ants_bees_lite0.yaml",
              *tiny_overrides(data / "images", data / "shards", out, **{"train.epochs": 2,
-                                                                        # predict.py runs in float32: the
+                                                                        # predict.py --precision fp32: the
                                                                         # same numerics as the val top-1
                                                                         "train.mixed_precision": "no"})])
     rows = run_metrics(out)
@@ -63,7 +63,8 @@ def test_single_process_run_on_real_images_then_predict(data):
     # predict.py with the best checkpoint labels the val images with the accuracy measured in training
     csv_path = data / "pred.csv"
     p = run_cmd([PY, "launch/predict.py", "--checkpoint", str(out / "checkpoints/best"),
-                 "--images", str(data / "images/val"), "--out", str(csv_path), "--topk", "2"])
+                 "--images", str(data / "images/val"), "--out", str(csv_path), "--topk", "2",
+                 "--precision", "fp32"])
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 24

@@ -90,6 +90,9 @@ class SelectionResult:
 def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> SelectionResult:
     """Compare ``opts.candidates`` on the dataset of ``cfg.data`` (any layout the trainer reads).
 
+    Each candidate runs at ``cfg.data.image_size`` when set (the size the run would train at), else at
+    its own pretraining size; features, cost and the table's ``input`` column use that size.
+
     Every rank reads its part of a stratified subset of the train / val shards once (only if some
     candidate's features are not cached) and computes its part of each candidate's features
     (:mod:`trainer.selection.features`, gathered once per candidate). The main process then fits the
@@ -122,6 +125,8 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
         t0 = time.perf_counter()
         torch.manual_seed(opts.seed)  # the head (and a randomly initialised backbone) equal on every rank
         model, prep = build_model(backbone, meta.num_classes, weights, channels_last=cfg.model.channels_last)
+        if cfg.data.image_size:  # the size the run will train at, as in trainer.train.trainer
+            prep = dataclasses.replace(prep, input_size=cfg.data.image_size)
         path = cache_path(opts.cache_dir, backbone, weights, prep, precision, fingerprint, subset_id)
         splits = load_cached(path) if main else None
         hit = [splits is not None]
@@ -151,7 +156,7 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
             top1 = probe.top1(splits["val"].x, splits["val"].y)
             cost = measure_cost(backbone, weights, num_classes=meta.num_classes, batch_size=batch, device=device,
                                 autocast=accelerator.autocast, channels_last=cfg.model.channels_last,
-                                steps=opts.steps)
+                                steps=opts.steps, input_size=prep.input_size)
             scale = world if device.type == "cuda" else 1  # CPU ranks share the cores measured here
             est = estimate_finetune_s(data.num_train_samples, data.num_val_samples, epochs,
                                       cost.train_img_s, cost.infer_img_s, scale)
