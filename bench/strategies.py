@@ -15,7 +15,8 @@ full_finetune       the textbook baseline (only with ``--only``): ``*_lite0.yaml
                     lr 3e-4, BatchNorm statistics updated, no layer_decay
 gradual             gradual unfreezing (``ants_bees_lite0_gradual.yaml``; ants/bees only)
 last_stages         explicit unfreeze timetable (``ants_bees_lite0_partial.yaml``; ants/bees only)
-scratch             the fine-tuning recipe from random weights (``model.weights=none``), same epochs
+scratch             the fine-tuning recipe from random weights (``model.weights=none``, no EMA, no L2-SP),
+                    same epochs
 ==================  ============================================================================
 
 Columns: val top-1 after each epoch (the linear probe has one evaluation), best val top-1, test top-1
@@ -59,7 +60,8 @@ STRATEGIES: dict[str, tuple[str, dict]] = {
     "full_finetune": ("{d}_lite0.yaml", {"finetune.freeze": "none", "optim.lr": 3e-4}),
     "gradual": ("{d}_lite0_gradual.yaml", {}),
     "last_stages": ("{d}_lite0_partial.yaml", {}),
-    "scratch": ("{d}_lite0_finetune.yaml", {"model.weights": "none", "train.ema_decay": None}),
+    "scratch": ("{d}_lite0_finetune.yaml", {"model.weights": "none", "train.ema_decay": None,
+                                            "finetune.l2_sp": None}),  # no pretrained weights to pull toward
 }
 DATASETS = ("ants_bees", "eurosat")
 BASELINES = ("full_finetune",)

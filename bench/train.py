@@ -315,11 +315,12 @@ def run_plain(mode: str, args) -> StepTimer:
 
 def run_trainer(mode: str, args, *, extra: dict | None = None, full_val: bool = False) -> tuple[StepTimer, object]:
     """``trainer.train.trainer.run`` on the shards of the same images, instrumented from outside."""
+    import trainer.train.evaluation as eval_mod
     import trainer.train.trainer as run_mod
     from trainer.config.loading import load_config
 
     timer = StepTimer()
-    orig_step, orig_eval = run_mod.train_step, run_mod.evaluate
+    orig_step, orig_eval = run_mod.train_step, eval_mod.evaluate
 
     def train_step(model, micro_batches, **kw):
         if timer.first_start is None:
@@ -335,7 +336,7 @@ def run_trainer(mode: str, args, *, extra: dict | None = None, full_val: bool = 
         timer.epoch_boundary()
         return res
 
-    run_mod.train_step, run_mod.evaluate = train_step, evaluate
+    run_mod.train_step, eval_mod.evaluate = train_step, evaluate  # the names the trainer's modules call
     out_dir = tempfile.mkdtemp(prefix="bench_trainer_")
     shard_dir = Path(args.shard_dir)
     epochs = -(-args.steps // -(-args.train_samples // args.batch))  # ceil(steps / steps_per_epoch)

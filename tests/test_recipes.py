@@ -284,7 +284,7 @@ def test_lp_ft_with_every_augmentation_and_ema_resumes_the_ema(tiny):
     ov = {"finetune.strategy": "lp_ft", "finetune.freeze": "none", "train.ema_decay": 0.99,
           "data.augment": "standard", "data.auto_augment": "randaugment", "data.random_erasing": 0.5,
           "data.mixup_alpha": 0.4, "data.cutmix_alpha": 1.0, "data.crop_scale": [0.3, 1.0],
-          "optim.label_smoothing": 0.1, "model.drop_path_rate": 0.1, "optim.lr": 1e-4}
+          "optim.label_smoothing": 0.1, "model.drop_path_rate": 0.1, "optim.lr": 1e-4, "finetune.l2_sp": 100.0}
     _run(tiny, "lpft", **ov)
     rows = _metrics(tiny / "lpft")
     assert any("lp/l2" in r for r in rows)
@@ -310,4 +310,11 @@ def test_lp_ft_with_every_augmentation_and_ema_resumes_the_ema(tiny):
         "logging.wandb": "disabled", "logging.progress": False})
     t = Trainer(cfg)
     assert all(torch.equal(t.ema.state_dict()[k], last["ema"][k]) for k in last["ema"])
+    # L2-SP still pulls toward the pretrained weights, not toward the resumed checkpoint's
+    from trainer.models.build import build_model
+
+    pretrained = build_model(cfg.model.backbone, 2, cfg.model.weights)[0].state_dict()
+    starts = {t.param_names[id(p)]: p0 for _, params, p0s in t.l2_sp.covered for p, p0 in zip(params, p0s)}
+    assert len(starts) > 10 and all(torch.equal(p0, pretrained[n]) for n, p0 in starts.items())
+    assert any(not torch.equal(p0, last["model"][n]) for n, p0 in starts.items())
     t.tracker.close()

@@ -80,6 +80,9 @@ class Config(Section):
         if self.model.drop_path_rate > 0 and not self.model.backbone.startswith("timm:"):
             raise ConfigError(f"model.drop_path_rate needs a timm backbone ('timm:<name>'), got "
                               f"{self.model.backbone!r}")
+        if self.finetune.l2_sp is not None and self.model.weights == "none":
+            raise ConfigError("finetune.l2_sp pulls toward the pretrained weights, but model.weights=none starts "
+                              "from random ones: set finetune.l2_sp=null")
         if self.finetune.strategy != "epochs" and self.train.feature_cache:
             raise ConfigError(f"train.feature_cache is for finetune.strategy=epochs; strategy "
                               f"{self.finetune.strategy!r} computes its features itself")

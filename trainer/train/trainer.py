@@ -48,6 +48,7 @@ from trainer.data.transforms import build_transforms
 from trainer.dist.accelerator import check_replicas, describe_threads, make_accelerator, unwrap, wrap_ddp
 from trainer.dist.signals import PreemptionHandler
 from trainer.finetune.freezing import apply_phase
+from trainer.finetune.l2sp import StartingPointDecay
 from trainer.finetune.losses import build_criterion
 from trainer.finetune.optim import build_optimizer, set_lrs
 from trainer.finetune.schedule import build_phases_for, phase_index_at
@@ -173,6 +174,9 @@ class Trainer:
         self.phases = build_phases_for(cfg, self.num_layers)
         optimizer, self.groups, self.param_names = build_optimizer(model, self.layer_of, self.num_layers,
                                                                    cfg.optim, cfg.finetune)
+        # L2-SP pulls toward the weights as built (pretrained), before any checkpoint is restored
+        self.l2_sp = StartingPointDecay(optimizer, self.groups, head_layer_id=self.num_layers - 1,
+                                        strength=cfg.finetune.l2_sp) if cfg.finetune.l2_sp else None
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.batch_augment = build_batch_augment(cfg.data, num_classes=len(self.class_names),
                                                  label_smoothing=cfg.optim.label_smoothing, device=acc.device,
@@ -255,6 +259,8 @@ class Trainer:
             meter.add(train_step(ddp_model, stream, optimizer=self.optimizer, criterion=self.criterion,
                                    accelerator=acc, grad_accum_steps=self.accum, grad_clip=cfg.optim.grad_clip,
                                    batch_augment=self.batch_augment))
+            if self.l2_sp is not None:
+                self.l2_sp.step()
             p.step += 1
             if self.ema is not None:
                 self.ema.update(unwrap(self.model), p.step)

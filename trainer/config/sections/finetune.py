@@ -80,6 +80,11 @@ class FinetuneConfig(Section):
     """Linear lr warmup of newly unfrozen layers after each unfreeze (optimizer steps)."""
     unfrozen_lr_scale: float = num(1.0, gt=0)
     """Default lr multiplier for unfrozen backbone layers in gradual mode (phases set their own)."""
+    l2_sp: Optional[float] = num(None, gt=0, le=1e4)
+    """L2-SP strength (Li et al. 2018), decoupled: after each step every trainable backbone weight moves
+    ``lr x l2_sp`` of its distance back toward its pretrained value, instead of weight decay toward zero
+    (``trainer.finetune.l2sp``); a weight then stays within about ``1 / l2_sp`` of its pretrained value.
+    null: off. 1000 in ``configs/ants_bees_lite0_finetune.yaml`` (244 training images)."""
 
     def _check(self) -> None:
         if not self.lp_l2_grid or any(not v > 0 for v in self.lp_l2_grid):
