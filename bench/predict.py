@@ -90,14 +90,16 @@ def main() -> int:
         old = load_baseline(tmp)
         times: dict[str, list[float]] = {"old": [], "new": []}
         for r in range(args.rounds):
-            for name, fn, kw in (("old", old.main, {}), ("new", new.main, {"num_workers": args.num_workers, "precision": precision})):
+            new_kw = {"num_workers": args.num_workers, "precision": precision}
+            for name, fn, kw in (("old", old.main, {}), ("new", new.main, new_kw)):
                 t = time.perf_counter()
                 fn(args.checkpoint, args.images, out=str(tmp / f"{name}.csv"), batch_size=args.batch_size, **kw)
                 times[name].append(time.perf_counter() - t)
         rows = {k: read_rows(tmp / f"{k}.csv") for k in times}
         problems = compare(rows["old"], rows["new"], atol)
         both = [p for p in rows["new"] if rows["new"][p]["pred"] and rows["old"].get(p, {}).get("pred")]
-        max_diff = max((abs(float(rows["new"][p]["prob"]) - float(rows["old"][p]["prob"])) for p in both), default=0.0)
+        max_diff = max((abs(float(rows["new"][p]["prob"]) - float(rows["old"][p]["prob"])) for p in both),
+                       default=0.0)
     n = len(rows["new"])
     ips = {k: n / min(v) for k, v in times.items()}
     print(f"\n{n} images ({sum(1 for r in rows['new'].values() if not r['pred'])} unreadable), "

@@ -326,4 +326,5 @@ def run(size: str = "10k", classes: str = "10,1000,10000", steps: int = 200, wor
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # a phase: watch its worker processes
         _PEAK = _ChildPeak()
-    fire.Fire({"metrics": metrics, "run": run, "_gen": _gen, "_direct": _direct, "_write": _write, "_load": _load, "_train": _train})
+    fire.Fire({"metrics": metrics, "run": run, "_gen": _gen, "_direct": _direct, "_write": _write, "_load": _load,
+               "_train": _train})

@@ -244,14 +244,15 @@ def resolve_precision(precision: str, device: str) -> str:
         ConfigError: a value other than auto / fp32 / bf16.
     """
     from trainer.config.fields import ConfigError
-    from trainer.config.launcher import NATIVE_BF16_CPU_FLAGS, bf16_hardware
+    from trainer.config.launcher import bf16_hardware, resolve_mixed_precision
 
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision: {precision!r} is not one of auto, fp32, bf16")
     if precision != "auto":
         return precision
+    # the trainer's own rule, on this device's hardware; no launcher variables (env={}) for predict
     hw = bf16_hardware({"ACCELERATE_USE_CPU": "1"} if device == "cpu" else {})
-    return "bf16" if hw == "cuda" or hw in NATIVE_BF16_CPU_FLAGS else "fp32"
+    return "bf16" if resolve_mixed_precision("auto", {}, frozen_backbone=True, hardware=hw)[0] == "bf16" else "fp32"
 
 
 def default_workers() -> int:
@@ -311,7 +312,8 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
             for batch in loader:
                 probs = None
                 if batch["image"] is not None:
-                    probs = predict_logits(model, batch["image"].to(device, non_blocking=True), tta=tta, bf16=bf16).cpu()
+                    images = batch["image"].to(device, non_blocking=True)
+                    probs = predict_logits(model, images, tta=tta, bf16=bf16).cpu()
                     top_p, top_i = probs.topk(topk, dim=1)
                 j = 0
                 for name, true, ok, err in zip(batch["name"], batch["true"], batch["ok"], batch["error"]):

@@ -1,8 +1,8 @@
 """Frozen-backbone features of the selected subset: computed once per rank, gathered once, cached on disk.
 
 Each rank decodes its own selected samples (:func:`trainer.selection.subset.read_subset`) with the
-trainer's evaluation transform at the run's input size (``data.image_size``, else the backbone's own) / crop / interpolation
-(:func:`trainer.data.transforms.build_transforms`), normalises with the backbone's mean / std and runs
+trainer's evaluation transform at the run's input size (``data.image_size``, else the backbone's own),
+crop and interpolation (:func:`trainer.data.transforms.build_transforms`), normalises with the backbone's mean / std and runs
 the backbone in eval mode (no gradients, the run's precision). The ``(key, label, feature)`` rows of
 all ranks are exchanged in ONE ``gather_object`` per backbone (train and val together) and sorted by
 key, so the result does not depend on the number of ranks.
