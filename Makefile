@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (see README.md):
 #   make demo   - set up .venv (once) and run the shipped default job
 #   make test   - set up .venv (once) and run the test suite
+#   make test-fast - the same, without the tests marked slow (a minute or two)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CONFIG ?= configs/ants_bees_lite0.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs data/shards

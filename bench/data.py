@@ -23,7 +23,6 @@ shared machines are noisy), and the ratio. The first batches (worker start-up) a
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 import warnings
@@ -36,7 +35,6 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.data.loader import TrainLoader  # noqa: E402
 from trainer.data.meta import read_meta

@@ -24,14 +24,11 @@ import csv
 import importlib.util
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "launch"))
 
 BASELINE_COMMIT = "bef5517"
 
@@ -81,7 +78,7 @@ def main() -> int:
 
     import torch
 
-    import predict as new
+    from launch import predict as new
 
     precision = new.resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     atol = args.atol if args.atol is not None else (1e-5 if precision == "fp32" else 5e-2)

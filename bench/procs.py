@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 DATA_ROOT = Path(os.environ.get("BENCH_DATA_ROOT", REPO.parent / "shared" / "data" / "hymenoptera_data"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 

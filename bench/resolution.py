@@ -26,14 +26,12 @@ import argparse
 import glob
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from trainer.config.schema import Config  # noqa: E402
 from trainer.data.loader import EvalLoader  # noqa: E402

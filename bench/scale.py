@@ -47,7 +47,6 @@ import fire
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 

@@ -42,12 +42,10 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from trainer.config.loading import load_config, yaml_load  # noqa: E402
 

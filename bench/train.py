@@ -59,7 +59,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 DATA_ROOT = Path(os.environ.get("BENCH_DATA_ROOT", REPO.parent / "shared" / "data" / "hymenoptera_data"))
 CONFIG = REPO / "configs" / "ants_bees_lite0.yaml"

@@ -36,13 +36,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from trainer.cli.errors import run_cli  # noqa: E402
-from trainer.data.listing import DataError, Listing  # noqa: E402
+from trainer.cli.errors import run_cli
+from trainer.data.listing import DataError, Listing
 
 log = logging.getLogger("evaluate")
 SPLITS = ("train", "val", "test")
@@ -75,7 +72,7 @@ def data_listing(data: Path, split: str, *, path_column=None, label_column=None,
     Raises:
         DataError: no such split, an unreadable source (from the data layer, named).
     """
-    from trainer.data.listing import list_class_folders, list_split_folders
+    from trainer.data.listing import list_class_folders, list_split_folders, split_folder
     from trainer.data.manifest import has_split_column, list_manifest
 
     if data.is_file():
@@ -87,7 +84,7 @@ def data_listing(data: Path, split: str, *, path_column=None, label_column=None,
             full.splits = {split: full.splits["val"]}
         where = label_map if label_map else str(data)
     elif (data / "train").is_dir():
-        if not (data / split).is_dir():
+        if split_folder(data, split) is None:
             raise DataError(f"--split: {data} has no {split}/ folder")
         full, where = list_split_folders(data, splits=[split]), str(data / "train")
     else:  # root/<class>/<image>: every image (the stratified split's val part at fraction 1)
@@ -103,21 +100,25 @@ def data_listing(data: Path, split: str, *, path_column=None, label_column=None,
 
 def _write_or_reuse(listing: Listing, shard_dir: Path, num_workers: int) -> None:
     from trainer.config.fields import ConfigError
+    from trainer.data import staging
     from trainer.data.meta import read_meta
     from trainer.data.prepare import source_change
     from trainer.data.shard_writer import write_listing
 
-    if (shard_dir / "dataset.json").is_file():
-        problem = source_change(read_meta(shard_dir).source, listing.source, str(shard_dir))
-        if problem:
-            raise ConfigError(problem.replace("data.shard_dir", "--shard_dir").replace("data.", "--"))
-        return
-    write_listing(listing, shard_dir, max_samples_per_shard=256, num_workers=max(1, num_workers))
+    with staging.shard_lock(shard_dir):  # another evaluation writing this folder: wait, then reuse or refuse
+        staging.recover(shard_dir)
+        if (shard_dir / "dataset.json").is_file():
+            problem = source_change(read_meta(shard_dir).source, listing.source, str(shard_dir))
+            if problem:
+                raise ConfigError(problem.replace("data.shard_dir", "--shard_dir").replace("data.", "--"))
+            return
+        write_listing(listing, shard_dir, max_samples_per_shard=256, num_workers=max(1, num_workers))
 
 
 def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = None, meta: str | None = None,
-         shard_dir: str | None = None, path_column=None, label_column=None, split_column=None,
-         label_map: str | None = None, batch_size: int = 64, num_workers: int = 2) -> dict:
+         shard_dir: str | None = None, path_column: int | str | None = None,
+         label_column: int | str | None = None, split_column: int | str | None = None, label_map: str | None = None,
+         batch_size: int = 64, num_workers: int = 2) -> dict:
     """Evaluate ``checkpoint`` on split ``split`` of ``data``; print top-1, loss, per-class accuracy; write reports.
 
     Args:
@@ -128,7 +129,10 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
         out_dir: reports go to ``out_dir/reports``; default ``<run>/eval-<split>`` (or ``./eval-<split>``).
         meta: the ``dataset.json`` of a shard spec given as ``data``.
         shard_dir: keep the shards written from a folder or manifest here (reused while the source is unchanged).
-        path_column, label_column, split_column, label_map: manifest columns and class map, as ``data.*``.
+        path_column: manifest column of the image paths (name or 0-based index), as ``data.path_column``.
+        label_column: manifest column of the labels (name or 0-based index), as ``data.label_column``.
+        split_column: manifest column of the split (name or 0-based index), as ``data.split_column``.
+        label_map: JSON file mapping the manifest's labels to class names, as ``data.label_map``.
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes decoding images (also shard-writing processes).
 
@@ -152,7 +156,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     ckpt_file = str(src / META_FILE if src.is_dir() else src)
     ckpt_classes = list(read_ckpt_meta(src)["class_names"])
     if out_dir is None:
-        run = src.parent.parent if src.is_dir() and src.parent.name == "checkpoints" else Path(".")
+        run = src.parent.parent if src.parent.name == "checkpoints" else Path(".")  # best/, best.pt, last.pt
         out_dir = str(run / f"eval-{split}")
     path = Path(data)
     accelerator = make_accelerator()

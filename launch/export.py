@@ -129,7 +129,7 @@ def onnx_logits(path: str | Path, images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(sess.run(["logits"], {"images": images.detach().cpu().numpy()})[0])
 
 
-def export(checkpoint: str, out_dir: str | None = None, formats: str | tuple = FORMATS, opset: int = 17,
+def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str] = FORMATS, opset: int = 17,
            check: bool = True, atol: float = 1e-3) -> dict:
     """Export ``checkpoint`` to the given formats plus ``preprocessing.json``.
 
@@ -137,7 +137,7 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | tuple = F
         checkpoint: an inference checkpoint folder (``<run>/checkpoints/best``, ``model.safetensors`` +
             ``model.json``), a file in it, a run folder, or a ``best.pt`` / ``last.pt``.
         out_dir: output folder (default ``<run>/export``).
-        formats: comma-separated or tuple of ``torchscript``, ``onnx``.
+        formats: ``torchscript``, ``onnx`` or both, comma-separated (``onnx,torchscript``) or a list.
         opset: ONNX opset version.
         check: compare the exported models with PyTorch on a random batch of 2.
         atol: largest allowed absolute logit difference in that check.

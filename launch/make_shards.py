@@ -18,23 +18,18 @@ error`` (default), end this command with status 2 after writing. Bad input: one 
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
+from typing import Literal
 
-import fire
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from trainer.cli.errors import run_cli  # noqa: E402
-from trainer.config.loading import yaml_load  # noqa: E402
-from trainer.config.schema import ConfigError, DataConfig  # noqa: E402
-from trainer.data.prepare import build_listing  # noqa: E402
-from trainer.data.shard_writer import leak_message, merge_partial_metadata, write_listing  # noqa: E402
+from trainer.cli.errors import run_cli
+from trainer.config.schema import ConfigError, DataConfig
+from trainer.data.prepare import build_listing
+from trainer.data.shard_writer import leak_message, merge_partial_metadata, write_listing
 
 
-def main(root: str | None = None, out: str | None = None, manifest=None, path_column=None, label_column=None,
-         split_column=None, label_map: str | None = None, val_fraction: float | None = None,
-         test_fraction: float = 0.0, split_seed: int = 0, on_leak: str = "error",
+def main(root: str | None = None, out: str | None = None, manifest: str | dict | None = None,
+         path_column: int | str | None = None, label_column: int | str | None = None,
+         split_column: int | str | None = None, label_map: str | None = None, val_fraction: float | None = None,
+         test_fraction: float = 0.0, split_seed: int = 0, on_leak: Literal["error", "warn"] = "error",
          max_samples_per_shard: int = 1000, max_bytes_per_shard: float = 1e9, num_workers: int = 1,
          worker_index: int | None = None, strict: bool = False, overwrite: bool = False, merge: bool = False,
          progress: bool = True) -> None:
@@ -43,10 +38,18 @@ def main(root: str | None = None, out: str | None = None, manifest=None, path_co
     Args:
         root: image folder ``root/{train,val[,test]}/<class>/`` or ``root/<class>/`` (with ``val_fraction``).
         out: output folder for shards and ``dataset.json`` (written atomically).
-        manifest, path_column, label_column, split_column, label_map: a CSV/JSONL source instead of ``root``.
-        val_fraction, test_fraction, split_seed: stratified split of class folders.
+        manifest: a CSV/JSONL file with a split column, or ``{train: a.csv, val: b.csv[, test: c.csv]}`` (one
+            file per split), instead of ``root``.
+        path_column: manifest column of the image paths (name or 0-based index; default: found by name).
+        label_column: manifest column of the labels (name or 0-based index; default: found by name).
+        split_column: manifest column of the split (``train``/``val``/``test``; default: ``split``).
+        label_map: JSON file mapping the manifest's labels to class names (as ``data.label_map``).
+        val_fraction: fraction of each class of ``root/<class>/`` held out for validation (stratified).
+        test_fraction: fraction of each class of ``root/<class>/`` held out for testing (stratified).
+        split_seed: seed of the stratified split.
         on_leak: ``error`` (exit 2 after writing when images leak across splits) or ``warn``.
-        max_samples_per_shard, max_bytes_per_shard: shard size limits (samples; bytes).
+        max_samples_per_shard: most samples in one shard.
+        max_bytes_per_shard: most bytes in one shard.
         num_workers: N writers; without ``--worker_index`` they run here in a process pool.
         worker_index: run only writer k of N (one per process/node).
         strict: unreadable files are an error instead of a warning.
@@ -59,8 +62,6 @@ def main(root: str | None = None, out: str | None = None, manifest=None, path_co
         raise ConfigError("--out is required")
     if root is None and manifest is None:
         raise ConfigError("--root or --manifest is required")
-    if isinstance(manifest, str) and manifest.lstrip().startswith("{"):
-        manifest = yaml_load(manifest)  # '{train: a.csv, val: b.csv}' as on the trainer's command line
     cfg = DataConfig(root=root, manifest=manifest, path_column=path_column, label_column=label_column,
                      split_column=split_column, label_map=label_map, val_fraction=val_fraction,
                      test_fraction=test_fraction, split_seed=split_seed, shard_dir=out)
@@ -83,6 +84,7 @@ def main(root: str | None = None, out: str | None = None, manifest=None, path_co
 def cli() -> None:
     """Console script ``finetune-shards`` (same as ``python launch/make_shards.py``)."""
     run_cli(main, prog="finetune-shards")
+
 
 if __name__ == "__main__":
     run_cli(main)

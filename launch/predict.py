@@ -50,16 +50,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from trainer.cli.errors import run_cli  # noqa: E402
-from trainer.data.decode import decode_image_bytes  # noqa: E402
-from trainer.data.listing import DataError, escape_name, files_under, printable  # noqa: E402
-from trainer.data.transforms import build_transforms  # noqa: E402
-from trainer.train.inference_checkpoint import load_for_inference  # noqa: E402
-from trainer.utils.files import atomic_write  # noqa: E402
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+from trainer.cli.errors import run_cli
+from trainer.data.decode import decode_image_bytes
+from trainer.data.extensions import IMAGE_EXTENSIONS, IMAGE_FIELDS
+from trainer.data.listing import DataError, escape_name, files_under, printable
+from trainer.data.transforms import build_transforms
+from trainer.train.inference_checkpoint import load_for_inference
+from trainer.utils.files import atomic_write
 
 
 def _is_shards(path: Path, spec: str) -> bool:
@@ -103,7 +100,7 @@ class ImageSource(IterableDataset):
     def _csv_columns(self):
         from trainer.data.manifest import LABEL_NAMES, PATH_NAMES
 
-        with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
             header = next(csv.reader(f), None) or []
 
         def find(spec, names, required):
@@ -127,7 +124,7 @@ class ImageSource(IterableDataset):
         if self.path.is_file() and self.path.suffix.lower() == ".csv":
             pcol, lcol = self._csv_columns()
             base = self.path.parent
-            with open(self.path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
                 rows = csv.reader(f)
                 next(rows, None)
                 for row in rows:
@@ -138,7 +135,7 @@ class ImageSource(IterableDataset):
             yield str(self.path), self._parent_class(str(self.path))
         else:
             for rel in files_under(self.path):
-                if os.path.splitext(rel)[1].lower() in IMAGE_SUFFIXES:
+                if os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS:
                     name = os.path.join(self.path, rel)
                     yield name, self._parent_class(name)
 
@@ -168,13 +165,13 @@ class ImageSource(IterableDataset):
         return out
 
     def _samples(self, shards: list[str]) -> Iterator[tuple[str, str, object]]:
-        from trainer.data.stream import IMAGE_EXTENSIONS, iter_shard
+        from trainer.data.stream import iter_shard
 
         for url in shards:
             try:
                 for s in iter_shard(url):
                     name = os.fsdecode(s["path.txt"]) if "path.txt" in s else s["__key__"]
-                    data = next((s[e] for e in IMAGE_EXTENSIONS if e in s), b"")
+                    data = next((s[e] for e in IMAGE_FIELDS if e in s), b"")
                     cls = s.get("cls", b"").decode("ascii", "replace").strip()
                     true = self.classes[int(cls)] if self.shard_labels and cls.isdigit() and \
                         int(cls) < len(self.classes) else ""
@@ -236,7 +233,7 @@ def resolve_precision(precision: str, device: str) -> str:
     ``auto``: ``bf16`` where the hardware computes bfloat16 natively (a CUDA GPU of compute capability
     >= 8.0, a CPU with ``avx512_bf16`` or ``amx_bf16``: :func:`trainer.config.launcher.bf16_hardware`),
     else ``fp32``: the rule of the trainer's ``train.mixed_precision: auto`` for a frozen backbone,
-    which inference is. Predicted classes match float32 on the README's benchmark; probabilities
+    which inference is. Predicted classes match float32 on the benchmark in docs/performance.md; probabilities
     differ by a few 1e-2 (0.028 at most there; bfloat16 keeps 8 bits of mantissa), so ``fp32`` is there
     for exact ones.
 
@@ -262,7 +259,7 @@ def default_workers() -> int:
 
 def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size: int = 32, topk: int = 1,
          tta: bool = False, num_workers: int | None = None, device: str = "auto", precision: str = "auto",
-         path_column=None, label_column=None) -> float | None:
+         path_column: int | str | None = None, label_column: int | str | None = None) -> float | None:
     """Write predictions for every image of ``images`` to ``out``; return top-1 where labels are known.
 
     Args:
@@ -279,7 +276,8 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
         precision: ``auto`` (bfloat16 where the hardware computes it natively, else float32:
             :func:`resolve_precision`), ``fp32`` or ``bf16``.
-        path_column, label_column: columns of a CSV list (name or 0-based index; default: found by name).
+        path_column: column of the image paths in a CSV list (name or 0-based index; default: found by name).
+        label_column: column of the labels in a CSV list (name or 0-based index; default: found by name).
     """
     from trainer.config.fields import ConfigError
 

@@ -12,12 +12,9 @@ Prints one ``<backbone>\t<path>`` line per backbone; exits non-zero naming the b
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from trainer.cli.errors import run_cli  # noqa: E402
-from trainer.models.weights import fetch_weights  # noqa: E402
+from trainer.cli.errors import run_cli
+from trainer.models.weights import fetch_weights
 
 
 def prefetch(*backbones: str) -> None:

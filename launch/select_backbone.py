@@ -18,41 +18,54 @@ option, config field or unavailable weights end as one line with exit status 2
 from __future__ import annotations
 
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from trainer.cli.errors import run_cli  # noqa: E402
-from trainer.config.schema import ConfigError  # noqa: E402
+from trainer.cli.errors import run_cli
+from trainer.config.schema import ConfigError
 
 _OPTIONS = ("train_subset", "val_subset", "seed", "batch_size", "steps", "epochs", "cache_dir", "out_dir",
             "time_budget_s", "memory_budget_mib")
 
 
-def main(config: str | None = None, candidates=None, **options) -> None:
+def read_options(config: str | None, options: dict) -> tuple:
+    """``(Config, selection options)`` from ``config`` and the ``**options`` of :func:`main`.
+
+    Text values are read once by their type (:mod:`trainer.cli.args`): a selection option by its
+    :class:`~trainer.selection.select.SelectionOptions` field, a ``section.key`` by its config field.
+
+    Raises:
+        ConfigError: an unknown option, or a value that does not fit its type (names it).
+    """
+    from trainer.cli.args import config_overrides, convert
+    from trainer.config.fields import type_hints
+    from trainer.config.loading import load_config
+    from trainer.selection.select import SelectionOptions
+
+    hints = type_hints(SelectionOptions)
+    opts = {k: convert(v, hints[k], f"--{k}") if isinstance(v, str) else v for k, v in options.items()
+            if k in _OPTIONS}
+    overrides = {k: v for k, v in options.items() if k not in _OPTIONS}
+    unknown = [k for k in overrides if "." not in k and k != "name"]
+    if unknown:
+        raise ConfigError(f"unknown option --{unknown[0]} (options: {', '.join(_OPTIONS)}, --candidates, "
+                          f"--config, --section.key=value)")
+    return load_config(config, config_overrides(overrides), parse_strings=False), opts
+
+
+def main(config: str | None = None, candidates: str | None = None, **options) -> None:
     """Compare backbones on the dataset of ``config`` (+ ``--section.key=value`` overrides) and recommend one.
 
     Args:
         config: YAML config of the run (its data, batch size, precision and epochs are used).
         candidates: ``a,b=weights,...`` (default: every backbone available offline).
-        options: ``--train_subset=1000 --val_subset=500 --seed=0 --batch_size --steps=3 --epochs
-            --cache_dir=data/feature_cache --out_dir=runs/select_backbone --time_budget_s
-            --memory_budget_mib`` (:class:`trainer.selection.select.SelectionOptions`); any other
-            ``--section.key=value`` overrides the config.
+        options: the fields of :class:`trainer.selection.select.SelectionOptions` (``--train_subset=1000``
+            ...; listed by ``--help``); any other ``--section.key=value`` overrides the config.
     """
     from trainer.config.launcher import resolve_mixed_precision
-    from trainer.config.loading import load_config
     from trainer.selection.candidates import parse_candidates
     from trainer.selection.select import SelectionOptions, select_backbones, summary
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    opts = {k: options.pop(k) for k in list(options) if k in _OPTIONS}
-    unknown = [k for k in options if "." not in k and k != "name"]
-    if unknown:
-        raise ConfigError(f"unknown option --{unknown[0]} (options: {', '.join(_OPTIONS)}, --candidates, "
-                          f"--config, --section.key=value)")
-    cfg = load_config(config, options)
+    cfg, opts = read_options(config, options)
     cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)[0]
     try:
         cands = parse_candidates(candidates)
@@ -69,6 +82,9 @@ def main(config: str | None = None, candidates=None, **options) -> None:
             print(summary(result, selection), flush=True)
     finally:
         shutdown()
+
+
+main.keyword_options = "trainer.selection.select:SelectionOptions"  # the --help of **options
 
 
 def cli() -> None:

@@ -172,3 +172,30 @@ def test_inference_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeyp
     assert meta["write_id"] != first_id and torch.equal(sd["w"], torch.zeros(4, 3))
     assert sorted(os.listdir(folder)) == ["model.json", "model.safetensors"]
     assert not ic.repair(folder)
+
+
+def test_older_run_folders_and_plain_weights_files_say_what_to_do(tmp_path):
+    from trainer.train import inference_checkpoint as ic
+
+    run = tmp_path / "run"
+    old = {"format_version": 1, "model": {"w": torch.zeros(2)}, "class_names": ["a", "b"], "backbone": "x"}
+    ck.atomic_save(old, run / "checkpoints" / "best.pt")  # a run of an older trainer version: best.pt only
+    for p in (run, run / "checkpoints"):
+        assert ic.resolve(p) == run / "checkpoints" / "best.pt"
+    assert ic.read_meta(run)["class_names"] == ["a", "b"]
+    only_last = tmp_path / "young"
+    ck.atomic_save({"format_version": 2}, only_last / "checkpoints" / "last.pt")
+    with pytest.raises(ck.CheckpointError, match=r"no checkpoints/best .*: pass .*young/checkpoints/last.pt"):
+        ic.resolve(only_last)
+    with pytest.raises(ck.CheckpointError, match="does not exist"):
+        ic.resolve(tmp_path / "typo")
+    plain = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "class_names": ["a", "b"]}, plain)
+    with pytest.raises(ck.CheckpointError) as e:
+        ic.load_state(plain)
+    msg = str(e.value)
+    assert "plain weights (class_names, state_dict)" in msg and "inference_checkpoint.save(" in msg and "\n" not in msg
+    newer = tmp_path / "newer.pt"
+    torch.save({"format_version": 9}, newer)
+    with pytest.raises(ck.CheckpointError, match="newer trainer version .*update the trainer"):
+        ck.load(newer)

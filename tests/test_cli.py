@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from trainer.cli.commands import COMMANDS, entry, run_command
 from trainer.cli.errors import run_cli
-from trainer.cli.help import config_help
+from trainer.cli.help import config_help, function_help
 from trainer.config.launcher import resolve_mixed_precision
 from trainer.config.schema import ConfigError
 
@@ -174,3 +175,42 @@ def test_launcher_bf16_gives_a_bf16_run_unless_the_yaml_says_otherwise(tmp_path)
         note = [ln for ln in r.stderr.splitlines() if ln.startswith("train.mixed_precision=")]
         assert len(note) == 1, r.stderr[-3000:]
         assert ("-> bf16 from the launcher" in note[0]) if want == "bf16" else ("from the config wins" in note[0])
+
+
+@pytest.mark.parametrize("cmd", sorted(set(COMMANDS) - {"train"}))
+def test_every_option_of_every_command_has_its_type_and_its_own_doc(cmd):
+    """Issue 24: `finetune-shards --help` gave five options one shared text and no type."""
+    import inspect
+
+    fn = entry(cmd)
+    lines = function_help(fn, f"finetune {cmd}").splitlines()
+    docs = {}
+    for name, p in inspect.signature(fn).parameters.items():
+        flag = {p.VAR_POSITIONAL: f"{name.upper()} ...",
+                p.VAR_KEYWORD: "--SECTION.KEY=VALUE ..."}.get(p.kind, f"--{name}")
+        i = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {flag}  "))
+        type_text = lines[i][len(f"  {flag}  "):].split(" = ")[0].removesuffix("  (required)")
+        assert type_text and type_text.split()[0] in {"str", "int", "float", "bool", "one", "any"}, lines[i]
+        assert lines[i + 1].startswith("      ") and lines[i + 1].strip(), f"{cmd} --{name}: no doc"
+        docs[name] = lines[i + 1].strip()
+    assert len(set(docs.values())) == len(docs), docs
+    assert "Booleans: true/false, yes/no, on/off, 1/0" in "\n".join(lines)
+
+
+def test_finetune_help_lists_the_subcommands_and_each_has_the_same_help_style(capsys):
+    with pytest.raises(SystemExit):
+        run_command(["-h"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: finetune COMMAND") and all(f"  {c} " in out for c in COMMANDS)
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            run_command([cmd, "--help"])
+        assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: finetune {cmd} ")
+
+
+def test_launch_scripts_run_without_sys_path_edits():
+    for path in sorted((REPO / "launch").glob("*.py")):
+        assert "sys.path" not in path.read_text(), path
+    r = subprocess.run([sys.executable, str(REPO / "launch/prefetch_weights.py"), "--help"], cwd="/",
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: "), r.stderr

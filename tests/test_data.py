@@ -8,7 +8,6 @@ import functools
 import http.server
 import io
 import json
-import sys
 import threading
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from trainer.data.sources import resolve_shards, steps_per_epoch
 from trainer.data.stream import BadSampleError
 from trainer.data.transforms import build_transforms
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from data_synth import jpeg_bytes, write_samples, write_tar_shards  # noqa: E402
+from tests.helpers.data_synth import jpeg_bytes, write_samples, write_tar_shards
 
 S = 8  # output side of the test transforms
 TRAIN_TF = build_transforms(S, train=True)
@@ -436,3 +434,27 @@ def test_loader_workers_run_one_torch_thread_at_lower_priority(tmp_path):
         assert b["image"][:, 0, 0, 0].tolist() == [want_nice] * 2  # niceness added in the worker
         assert b["image"][:, 1, 0, 0].tolist() == [loader_mod.WORKER_TORCH_THREADS] * 2
     assert (os.nice(0), torch.get_num_threads()) == before
+
+
+def test_one_list_of_image_extensions():
+    """Issue 24: every list of image suffixes is trainer.data.extensions' (predict and the shard reader had
+    their own, which disagreed on .ppm/.pgm). An AST scan: no other literal holds three image extensions."""
+    import ast
+
+    from trainer.data.extensions import IMAGE_EXTENSIONS, IMAGE_FIELDS
+
+    repo = Path(__file__).resolve().parents[1]
+    known = {e.lstrip(".") for e in IMAGE_EXTENSIONS}
+    own = []
+    for folder in ("trainer", "launch", "bench"):
+        for path in sorted((repo / folder).rglob("*.py")):
+            if path == repo / "trainer" / "data" / "extensions.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                    words = {e.value.lower().lstrip(".") for e in node.elts
+                             if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                    if len(words & known) >= 3:
+                        own.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert own == [], f"image extension lists outside trainer/data/extensions.py: {own}"
+    assert set(IMAGE_FIELDS) >= known and all(e.startswith(".") and e == e.lower() for e in IMAGE_EXTENSIONS)

@@ -81,8 +81,8 @@ def test_truncated_last_checkpoint(shards, tmp_path, capfd):
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 40)  # the start of a zip, cut short
     line = _fails_with_one_line(capfd, **_overrides(shards, tmp_path / "run"))
-    assert str(ckpt) in line
-    assert (tmp_path / "run/logs/error-rank0.log").is_file()
+    assert str(ckpt) in line and "to start the run over" in line  # what to do
+    assert not (tmp_path / "run/logs").exists()  # a refused start writes nothing into the run folder
 
 
 def test_only_rank_0_prints_and_debug_shows_the_traceback(tmp_path, capfd, monkeypatch):
@@ -124,5 +124,5 @@ def test_two_processes_print_the_error_once(shards, tmp_path):
     # no traceback from the trainer's processes (the launcher prints its own summary of the failed child:
     # torch.distributed.elastic's ChildFailedError, with "exitcode : 2" for rank 0)
     assert f'{REPO / "trainer"}' not in p.stderr and "exitcode  : 2" in p.stderr, p.stderr[-4000:]
-    assert (tmp_path / "run/logs/error-rank0.log").is_file()
+    assert not (tmp_path / "run/logs").exists()  # refused before any work: nothing written
 

@@ -16,7 +16,6 @@ from tests.helpers.data_synth import write_class_tree
 from tests.helpers.inprocess import make_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))
 
 REPORTS = ("metrics.json", "per_class.csv", "confused_pairs.csv", "predictions.csv", "confusion_matrix.png",
            "per_class_accuracy.png", "mistakes.png")
@@ -42,7 +41,7 @@ def expected_top1(ckpt, files_and_labels):
 
 
 def run(ckpt, data, out, **kw):
-    from evaluate import main
+    from launch.evaluate import main
 
     kw.setdefault("num_workers", 0)
     return main(str(ckpt), str(data), out_dir=str(out), **kw)
@@ -80,7 +79,7 @@ def test_split_folders_pick_the_split_and_default_out_dir(ckpt, tmp_path):
     root = tmp_path / "ds"
     write_class_tree(root / "train", {"ants": 2, "bees": 2})
     val = write_class_tree(root / "val", {"ants": 2, "bees": 3}, seed=20)
-    from evaluate import main
+    from launch.evaluate import main
 
     record = main(str(ckpt), str(root), split="val", num_workers=0)
     assert record["val/num_samples"] == 5
@@ -141,7 +140,7 @@ def test_kept_shard_dir_is_reused_and_a_changed_source_refused(ckpt, tmp_path):
 
 
 def test_other_class_names_exit_2_with_one_line_naming_the_files(ckpt, tmp_path, capfd):
-    from evaluate import main
+    from launch.evaluate import main
 
     from trainer.cli.errors import run_cli
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 from helpers.realdata import HYMENOPTERA
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"needs {HYMENOPTERA}")]
 
@@ -26,7 +24,7 @@ def real_images():
 
 def test_torchscript_and_onnx_match_pytorch_on_real_images(tmp_path):
     import onnxruntime as ort
-    from export import export
+    from launch.export import export
     from helpers.inprocess import make_checkpoint
     from torchvision.transforms import v2
 
@@ -65,7 +63,7 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(tmp_path):
 
 
 def test_unknown_format_is_named(tmp_path):
-    from export import export
+    from launch.export import export
 
     with pytest.raises(ValueError, match="tflite"):
         export(str(tmp_path / "best.pt"), formats="onnx,tflite")

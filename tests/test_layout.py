@@ -1,4 +1,4 @@
-"""The package layout's rules (README "Layout"): no import cycles, between modules or between subpackages.
+"""The package layout's rules (docs/architecture.md "Layout"): no import cycles, between modules or between subpackages.
 
 Read from the source with ``ast`` (nothing is imported): an edge ``a -> b`` for every ``import``/``from
 ... import`` of a ``trainer`` module in ``a``. Module level: the imports that run when ``a`` is imported

@@ -15,10 +15,10 @@ import pytest
 
 from tests.helpers.data_synth import jpeg_bytes, shard_keys_and_paths, write_class_tree
 from trainer.config.schema import ConfigError, DataConfig
-from trainer.data.listing import DataError, list_class_folders, printable
+from trainer.data.listing import DataError, list_class_folders, list_split_folders, printable
 from trainer.data.manifest import list_manifest
 from trainer.data.meta import read_meta
-from trainer.data.prepare import prepare_dataset
+from trainer.data.prepare import prepare_dataset, tree_sha256
 from trainer.data.shard_writer import write_listing
 
 ONE = SimpleNamespace(num_processes=1, is_main_process=True, process_index=0)
@@ -40,7 +40,7 @@ def test_stratified_split_is_deterministic_and_recorded(tmp_path):
     two = list_class_folders(root, val_fraction=0.2, test_fraction=0.2, seed=3)
     assert {s: [i.rel for i in v] for s, v in one.splits.items()} == {s: [i.rel for i in v] for s, v in two.splits.items()}
     counts = {s: [sum(1 for i in v if i.label == c) for c in range(3)] for s, v in one.splits.items()}
-    assert counts == {"train": [12, 6, 3], "val": [4, 2, 1], "test": [4, 2, 1]}  # per class: round(f * n)
+    assert counts == {"train": [12, 6, 3], "val": [4, 2, 1], "test": [4, 2, 1]}  # per class: floor(f * n + 0.5)
     other = list_class_folders(root, val_fraction=0.2, test_fraction=0.2, seed=4)
     assert [i.rel for i in other.splits["val"]] != [i.rel for i in one.splits["val"]]  # the seed matters
     all_rel = sorted(i.rel for v in one.splits.values() for i in v)
@@ -94,6 +94,36 @@ def test_config_rules_name_the_field(tmp_path):
     write_class_tree(split / "val", {"a": 1}, seed=100)
     with pytest.raises(ConfigError, match=r"^data\.val_fraction: .* already has train/"):
         _prepare(tmp_path, root=str(split), val_fraction=0.2)
+
+
+@pytest.mark.parametrize("val_name", ["val", "validation", "valid"])
+def test_split_folders_named_validation_or_valid_are_val(tmp_path, val_name):
+    root = tmp_path / "split"
+    write_class_tree(root / "train", {"a": 2, "b": 2})
+    write_class_tree(root / val_name, {"a": 1, "b": 1}, seed=100)
+    write_class_tree(root / "test", {"a": 1}, seed=200)
+    listing = list_split_folders(root)
+    assert sorted(listing.splits) == ["test", "train", "val"] and len(listing.splits["val"]) == 2
+    assert {it.rel.split("/")[0] for it in listing.splits["val"]} == {val_name}  # rel: the real path
+    prep = _prepare(tmp_path, root=str(root))
+    assert (prep.num_train_samples, prep.num_val_samples, prep.num_test_samples) == (4, 2, 1)
+    for name in ("val", "validation", "valid"):  # make_shards --splits train,validation: the val split too
+        assert list_split_folders(root, splits=["train", name]).splits["val"] == listing.splits["val"]
+    before = tree_sha256(root)  # a download's tree checksum covers the validation folder, whatever its name
+    (root / val_name / "a" / "img000.jpg").write_bytes(jpeg_bytes(7))
+    assert tree_sha256(root) != before
+    other = "valid" if val_name == "validation" else "validation"
+    write_class_tree(root / other, {"a": 1}, seed=300)
+    names = sorted([val_name, other], key=("val", "validation", "valid").index)
+    with pytest.raises(DataError, match=rf"^data\.root: .* has two validation folders, {names[0]}/ and {names[1]}/"):
+        list_split_folders(root)
+
+
+def test_split_folders_without_val_name_the_accepted_names(tmp_path):
+    root = tmp_path / "split"
+    write_class_tree(root / "train", {"a": 2})
+    with pytest.raises(DataError, match=r"has train/ but no val/ \(or validation/, valid/\) folder"):
+        list_split_folders(root)
 
 
 # ---- data sanity -------------------------------------------------------------------------------------------

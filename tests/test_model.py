@@ -64,7 +64,7 @@ def test_lite_mapping_every_tensor(weights, lite0_imagenet):
         assert torch.equal(own[k], v), k
     assert tuple(len(stage) for stage in model.blocks) == pkg.stage_lengths
     last = sum(pkg.stage_lengths) - 1
-    assert mapped[f"blocks.6.0.bn3.weight"] is src[f"_blocks.{last}._bn2.weight"]
+    assert mapped["blocks.6.0.bn3.weight"] is src[f"_blocks.{last}._bn2.weight"]
     # the Lite0 stage lengths do not fit the Lite1/2 files (and vice versa): the error names a key
     other = (1, 3, 3, 4, 4, 5, 1) if weights == LITE0_PACKAGE else (1, 2, 2, 3, 3, 4, 1)
     with pytest.raises((KeyError, RuntimeError)):
@@ -124,7 +124,7 @@ def test_lite0_shape_mismatch_and_missing_named(lite0_file, tmp_path):
 def test_lite_imagenet_ants_bees_zero_shot(weights, lite0_imagenet):
     """Untouched ImageNet classifier predicts 'ant' (310) / 'bee' (309) for most val images with
     timm's eval preprocessing (mean=std=0.5, each model's own input size). On all 153 val images
-    (bench/lite_zero_shot.py, figures in README): Lite0 0.850, Lite1/Lite2 see README; here
+    (bench/lite_zero_shot.py, figures in docs/clusters.md): Lite0 0.850, Lite1/Lite2 see there; here
     10 + 10 images, deterministic."""
     import timm
     from PIL import Image

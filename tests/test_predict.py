@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import torch
 from helpers.realdata import HYMENOPTERA
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"needs {HYMENOPTERA}")]
 
@@ -36,7 +34,7 @@ def read(path):
 
 
 def test_topk_columns_and_tta_average(setup):
-    from predict import main, predict_logits
+    from launch.predict import main, predict_logits
 
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
@@ -77,7 +75,7 @@ def test_topk_columns_and_tta_average(setup):
 
 
 def test_precision_auto_follows_the_hardware_and_bf16_keeps_the_classes(setup, monkeypatch):
-    import predict
+    from launch import predict
 
     import trainer.config.launcher as launcher
     from trainer.config.fields import ConfigError
@@ -102,7 +100,7 @@ def test_precision_auto_follows_the_hardware_and_bf16_keeps_the_classes(setup, m
 
 
 def test_topk_is_clamped_to_the_class_count(setup):
-    from predict import main
+    from launch.predict import main
 
     root, ckpt = setup
     main(str(ckpt), str(root / "images/ants"), out=str(root / "k5.csv"), topk=5)

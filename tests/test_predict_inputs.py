@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from tests.helpers.inprocess import make_checkpoint
 from trainer.data.listing import escape_name, unescape_name
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))
 
 ODD = b"caf\xe9 \\x41\n,\"x\".jpg"  # not UTF-8, a backslash sequence, a newline, a comma and quotes
 
@@ -55,7 +53,7 @@ def test_escape_name_round_trips_any_bytes():
 
 
 def test_folder_with_odd_name_and_broken_file(ckpt, tmp_path):
-    from predict import main
+    from launch.predict import main
 
     root = tmp_path / "imgs"
     paths = write_class_tree(root, {"ants": 2, "bees": 2}, seed=3)
@@ -81,7 +79,7 @@ def test_folder_with_odd_name_and_broken_file(ckpt, tmp_path):
 
 
 def test_csv_list_relative_paths_in_csv_order(ckpt, tmp_path):
-    from predict import main
+    from launch.predict import main
 
     root = tmp_path / "d"
     paths = write_class_tree(root / "img", {"ants": 2, "bees": 3}, seed=11)
@@ -101,7 +99,7 @@ def test_csv_list_relative_paths_in_csv_order(ckpt, tmp_path):
 
 
 def test_shards_names_and_labels_from_the_samples(ckpt, tmp_path):
-    from predict import main
+    from launch.predict import main
 
     from trainer.data.listing import list_split_folders
     from trainer.data.shard_writer import write_listing
@@ -119,7 +117,7 @@ def test_shards_names_and_labels_from_the_samples(ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_loader_workers_keep_input_order_and_values(ckpt, tmp_path):
-    from predict import main
+    from launch.predict import main
 
     root = tmp_path / "imgs"
     write_class_tree(root, {"ants": 5, "bees": 6}, seed=21)

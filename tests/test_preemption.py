@@ -17,7 +17,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from helpers.launch_util import (
     REPO,
     accelerate_cmd,

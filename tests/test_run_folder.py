@@ -6,6 +6,7 @@ scenario of a finished run and the random-kill test run real processes (slow).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -35,7 +36,8 @@ def _cfg(out: Path, **changes) -> Config:
 
 
 def _finished_run(out: Path, *, step=6, epoch=3, **changes) -> Config:
-    """A folder as a finished run leaves it: config.yaml, metrics.jsonl, last.pt (counters + config)."""
+    """A folder as a finished run leaves it: config.yaml, metrics.jsonl, last.pt (counters + config), and the
+    training curves drawn after it (the end-of-run work is complete)."""
     cfg = _cfg(out, **changes)
     out.mkdir(parents=True)
     save_config(cfg, out / "config.yaml")
@@ -43,6 +45,8 @@ def _finished_run(out: Path, *, step=6, epoch=3, **changes) -> Config:
     ckpt_lib.atomic_save({"format_version": ckpt_lib.FORMAT_VERSION, "kind": "resume", "step": step,
                           "epoch": epoch, "config": cfg.to_dict(), "early_stopping": {}},
                          ckpt_lib.checkpoint_dir(out) / "last.pt")
+    (out / rf.CURVES).parent.mkdir()
+    (out / rf.CURVES).write_bytes(b"png")
     return cfg
 
 
@@ -192,3 +196,62 @@ def test_random_kills_during_checkpoint_writes_leave_nothing_stale(tmp_path):
             assert meta["metrics"]["step"] in (done_best, last_step) and meta["metrics"]["step"] <= last_step
             best_step = meta["metrics"]["step"]
     assert kills_with_temp >= 5  # the kills really landed mid-write
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_start_up_removes_dead_writers_temp_files_anywhere_in_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    _finished_run(out)
+    dead, alive = _dead_pid(), os.getpid()
+    stale = [f"reports/latest/.val_per_class.csv.tmp-{dead}", f".metrics.jsonl.tmp-{dead}",
+             f".config.yaml.tmp-{dead}", f"reports/.confusion_matrix.png.tmp-{dead}",
+             f"checkpoints/best/.model.json.tmp-{dead}", f"checkpoints/.last.pt.tmp-{dead}"]
+    kept = [f"reports/latest/.val_per_class.csv.tmp-{alive}",  # a live writer's
+            f"reports/notes.tmp-{dead}", f"reports/.notes.tmp-{dead}x", "wandb/run/.x.tmp"]  # not our pattern
+    for rel in stale + kept:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text("partial")
+    removed = rf.clean_start(out)
+    assert sorted(str(p.relative_to(out)) for p in removed) == sorted(stale)
+    assert all((out / rel).is_file() for rel in kept)
+
+
+def test_refused_start_writes_nothing_into_the_run_folder(tmp_path, capfd):
+    from trainer.main import main
+
+    out = tmp_path / "run"
+    _finished_run(out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        main(**{"train.output_dir": str(out), "optim.lr": 0.5, "logging.wandb": "disabled"})
+    assert e.value.code == 2
+    assert "optim.lr: 0.001 -> 0.5" in capfd.readouterr().err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # no logs/error-rank0.log
+
+
+def test_finished_run_killed_in_its_end_of_run_work_resumes_to_complete_it(tmp_path):
+    out = tmp_path / "run"
+    cfg = _finished_run(out)
+    assert rf.plan_start(cfg).action == "finished"
+    (out / rf.CURVES).unlink()  # killed before the training curves (the last of the end-of-run work)
+    plan = rf.plan_start(cfg)
+    assert plan.action == "resume" and plan.last == ckpt_lib.checkpoint_dir(out) / "last.pt"
+
+
+def test_resume_rewinds_the_records_its_checkpoint_does_not_include(tmp_path):
+    from trainer.reporting.tracking import rewind_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 3, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9}, {"step": 4, "epoch": 1, "val/top1": 0.5},
+            {"step": 4, "test/top1": 0.4}, {"step": 5, "train/loss": 0.8}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the checkpoint of step 4 was written before its evaluation: that record goes, the run evaluates again
+    assert rewind_metrics(path, 4, ("val/",)) == 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [rows[0], rows[1], rows[3]]
+    assert [json.loads(line) for line in (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()] == \
+        [rows[2], rows[4]]

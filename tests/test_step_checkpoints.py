@@ -223,3 +223,127 @@ def test_sigkill_between_interval_checkpoints_resumes_from_the_last_complete_one
     assert names(out) == ["best", "last.pt", f"step_{step:09d}.pt", f"step_{step + 2:09d}.pt"]
     train_steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
     assert train_steps == list(range(1, step + 3))  # each step once: none lost, none twice
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged checkpoints (issue 23 item 4): never block a start, never deleted
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    with open(path, "r+b") as f:  # in place: a hard-linked last.pt is cut with it
+        f.truncate(len(data) // 2)
+
+
+def _kept_run(out, cfg, steps=(2, 4, 6)):
+    for step in steps:
+        files.save_resume({**fake_state(step), "config": cfg.to_dict()}, out, step, keep=3)
+    (out / "config.yaml").write_text("{}\n")
+
+
+def test_corrupt_newest_checkpoint_is_set_aside_and_the_newest_intact_one_resumed(tmp_path, caplog):
+    from trainer.train.run_folder import prepare_folder
+
+    out = tmp_path / "run"
+    cfg = load_config(None, {"train.output_dir": str(out)})
+    _kept_run(out, cfg)
+    _truncate(files.step_checkpoint(out, 6))  # last.pt is the same file
+    plan = plan_start(cfg)
+    assert plan.action == "resume" and plan.last == files.step_checkpoint(out, 4) and not plan.rewind
+    assert sorted(p.name for p, _ in plan.corrupt) == ["last.pt", "step_000000006.pt"]
+    assert names(out) == ["last.pt", "step_000000002.pt", "step_000000004.pt", "step_000000006.pt"]  # plan only reads
+    with caplog.at_level("WARNING", logger="trainer"):
+        prepare_folder(plan, out)
+    assert names(out) == ["corrupt", "step_000000002.pt", "step_000000004.pt"]
+    assert sorted(p.name for p in (ckpt_lib.checkpoint_dir(out) / "corrupt").iterdir()) == \
+        ["last.pt", "step_000000006.pt"]  # moved, never deleted
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("step_000000006.pt is unreadable" in w and "corrupt/step_000000006.pt" in w
+               and "continues from step_000000004.pt" in w for w in warned), warned
+    assert plan_start(cfg).last == files.step_checkpoint(out, 4)  # the next start: nothing left to set aside
+
+
+def test_resume_from_is_honoured_whatever_the_newest_checkpoint_holds(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, {"train.output_dir": str(out), "train.resume_from": "step_000000002.pt"})
+    _kept_run(out, cfg)
+    _truncate(files.step_checkpoint(out, 6))
+    plan = plan_start(cfg)
+    assert plan.action == "resume" and plan.last == files.step_checkpoint(out, 2) and plan.rewind
+    assert [p.name for p, _ in plan.corrupt] == ["last.pt", "step_000000006.pt"]
+
+
+def test_no_intact_checkpoint_is_refused_saying_what_to_do(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(None, {"train.output_dir": str(out)})
+    _kept_run(out, cfg, steps=(2,))
+    _truncate(files.step_checkpoint(out, 2))
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"no resume checkpoint loads .*: move last.pt, "
+                                                       r"step_000000002.pt out of .* to start the run over"):
+        plan_start(cfg)
+    assert names(out) == ["last.pt", "step_000000002.pt"]  # a refused start moves nothing
+    cfg.train.resume_from = "step_000000002.pt"
+    with pytest.raises(ckpt_lib.CheckpointError, match="train.resume_from: cannot read checkpoint .*choose another"):
+        plan_start(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# a kill at an epoch end (issue 23 item 8): each evaluation recorded once, each checkpoint written once
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing of the run handles it."""
+
+
+def _kill_at(monkeypatch, step: int, reason: str, writes: list):
+    """Record every resume-checkpoint write as (step, reason); raise :class:`Killed` instead of the first write of
+    (``step``, ``reason``)."""
+    from trainer.train import checkpointer
+
+    real = files.save_resume
+
+    def save_resume(state, output_dir, at, keep):
+        writes.append((at, state["reason"]))
+        if (at, state["reason"]) == (step, reason) and writes.count((at, reason)) == 1:
+            raise Killed
+        return real(state, output_dir, at, keep)
+
+    monkeypatch.setattr(checkpointer, "save_resume", save_resume)
+
+
+@pytest.mark.slow
+@needs_data
+def test_kill_before_the_epoch_checkpoint_leaves_one_evaluation_record(tiny, monkeypatch):
+    out = tiny / "epoch_kill"
+    common = {"train.epochs": 2, "train.checkpoint_every_steps": 2, "train.keep_checkpoints": 2}
+    writes = []
+    _kill_at(monkeypatch, 4, "epoch", writes)
+    with pytest.raises(Killed):  # evaluated at step 4 (its record written), killed writing step_000000004.pt
+        run(tiny, out, **common)
+    assert run(tiny, out, **common).step == 8
+    assert val_steps(out) == [4, 8]  # step 4's evaluation once: resumed from step 2, its later records rewound
+    # an epoch's end is one write (not an interval checkpoint and then the epoch's); step 4's twice: killed once
+    assert writes == [(2, "interval"), (4, "epoch"), (4, "epoch"), (6, "interval"), (8, "epoch")]
+
+
+@pytest.mark.slow
+@needs_data
+def test_checkpoint_written_before_an_epoch_end_evaluation_has_it_redone_once(tiny, monkeypatch):
+    """A preemption at an epoch's last step writes the checkpoint before that epoch's evaluation; the next start
+    evaluates and is killed before its own checkpoint: the start after it evaluates again, one record remains."""
+    from trainer.dist.signals import PreemptionHandler
+
+    out = tiny / "preempted_kill"
+    common = {"train.epochs": 2}
+    calls = []
+    monkeypatch.setattr(PreemptionHandler, "should_stop", lambda self, acc=None: calls.append(1) or len(calls) == 4)
+    res = run(tiny, out, **common)
+    assert res.preempted and res.step == 4 and val_steps(out) == []
+    assert ckpt_lib.load(out / "checkpoints/last.pt")["reason"].startswith("preempted")  # written before evaluating
+    monkeypatch.undo()
+    _kill_at(monkeypatch, 4, "epoch", [])
+    with pytest.raises(Killed):
+        run(tiny, out, **common)
+    assert val_steps(out) == [4]
+    assert run(tiny, out, **common).step == 8
+    assert val_steps(out) == [4, 8]

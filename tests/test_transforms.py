@@ -8,8 +8,6 @@ the plain decode path (including the errors it raises)."""
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +25,7 @@ from trainer.data.decode import (
 )
 from trainer.data.transforms import RandomResizedCropFlip, build_transforms
 
-sys.path.insert(0, str(Path(__file__).parent / "helpers"))
-from realdata import HYMENOPTERA  # noqa: E402
+from tests.helpers.realdata import HYMENOPTERA
 
 
 def textured(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -31,11 +31,12 @@ from trainer.config.loading import load_config  # noqa: E402
 def main(config: str | None = None, dry_run: bool = False, print_config: bool = False, **overrides) -> None:
     """Train (or, with ``dry_run``, print the parameter-group table) for ``config`` + overrides.
 
-    ``print_config`` prints the resolved config (defaults + YAML + overrides) as YAML and exits. A failure
-    the user can fix (config field, file, checkpoint, launcher variable, weights) ends with one line naming
-    it and exit status 2 (``trainer/cli/errors.py``); the checks that need more than the config run before
-    any expensive set-up (``trainer/cli/preflight.py``). A run stopped by SIGUSR1/SIGTERM exits 0 after its
-    checkpoint (``trainer/dist/signals.py``).
+    ``overrides`` are ``{"section.key": value}``; text values are read by the field's type (as on the command line:
+    ``trainer.cli.args.config_overrides``). ``print_config`` prints the resolved config (defaults + YAML +
+    overrides) as YAML and exits. A failure the user can fix (config field, file, checkpoint, launcher variable,
+    weights) ends with one line naming it and exit status 2 (``trainer/cli/errors.py``); the checks that need
+    more than the config run before any expensive set-up (``trainer/cli/preflight.py``). A run stopped by
+    SIGUSR1/SIGTERM exits 0 after its checkpoint (``trainer/dist/signals.py``).
     """
     with exit_on_user_error():
         _run(config, dry_run, print_config, overrides)
@@ -43,7 +44,9 @@ def main(config: str | None = None, dry_run: bool = False, print_config: bool = 
 
 def _run(config, dry_run, print_config, overrides) -> None:
     set_log_dir(None)  # no traceback file until the run folder is known to be writable
-    cfg = load_config(config, overrides)
+    from trainer.cli.args import config_overrides
+    # text values (the command line's) are read once, by their field's type: a str field keeps `007`
+    cfg = load_config(config, config_overrides(overrides), parse_strings=False)
     if print_config:
         import yaml
 
@@ -59,8 +62,8 @@ def _run(config, dry_run, print_config, overrides) -> None:
         from trainer.finetune.dryrun import print_group_table
         print_group_table(cfg)
         return
-    set_log_dir(cfg.train.output_dir)
-    from trainer.train.trainer import run
+    from trainer.train.trainer import run  # sets the traceback folder once the start is accepted: a refused
+    # start (a config that does not fit the run folder) writes nothing into train.output_dir
     try:
         run(cfg)  # also returns normally after a preemption checkpoint: exit 0, the job requeues
     finally:
@@ -71,9 +74,10 @@ def _run(config, dry_run, print_config, overrides) -> None:
 
 
 def cli() -> None:
-    """Console script ``finetune`` (same as ``python trainer/main.py``)."""
-    from trainer.cli.help import config_help
-    run_cli(main, help_text=config_help, prog="finetune")
+    """Console script ``finetune``: ``finetune train|predict|evaluate|export|shards|select|prefetch [options]``;
+    without a subcommand it is ``finetune train`` (same as ``python trainer/main.py``)."""
+    from trainer.cli.commands import run_command
+    run_command(prog="finetune")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from trainer.data.loader import EvalLoader, TrainLoader  # noqa: E402
 from trainer.data.sources import resolve_shards, steps_per_epoch

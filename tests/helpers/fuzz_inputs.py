@@ -10,7 +10,6 @@ import random
 import struct
 import zlib
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

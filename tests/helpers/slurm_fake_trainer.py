@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `trainer`
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -1,7 +1,8 @@
-"""The command-line boundary shared by ``trainer/main.py`` and the ``launch/`` scripts: ``help`` (``--help``
-text generated from the config dataclasses and function signatures), ``preflight`` (checks and launcher
-settings resolved before any expensive set-up) and ``errors`` (a user-fixable failure ends as one line,
-printed once, exit status 2; the traceback goes to ``<output_dir>/logs/``).
+"""The command-line boundary shared by ``trainer/main.py`` and the ``launch/`` scripts: ``commands`` (the one
+``finetune COMMAND`` dispatcher), ``args`` (one parser: each value converted once by its option's type),
+``help`` (``--help`` text generated from the config dataclasses and function signatures), ``preflight`` (checks
+and launcher settings resolved before any expensive set-up) and ``errors`` (a user-fixable failure ends as one
+line, printed once, exit status 2; the traceback goes to ``<output_dir>/logs/``).
 
 May import ``trainer.config`` and, lazily, the other subpackages; nothing imports ``trainer.cli`` except
 the entry points.

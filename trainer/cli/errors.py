@@ -45,7 +45,8 @@ _log_dir: Path | None = None
 
 
 def set_log_dir(output_dir: str | Path | None) -> None:
-    """Where tracebacks of user errors go from now on: ``<output_dir>/logs`` (None: nowhere)."""
+    """Where tracebacks of user errors go from now on: ``<output_dir>/logs`` (None: nowhere). The trainer sets it
+    once its start is accepted (``trainer.train.trainer.Trainer``), so a refused start writes nothing there."""
     global _log_dir
     _log_dir = None if output_dir is None else Path(output_dir) / "logs"
 
@@ -121,10 +122,14 @@ def exit_on_user_error():
 
 def run_cli(fn: Callable, *, argv: Sequence[str] | None = None, help_text: Callable[[str], str] | None = None,
             prog: str | None = None) -> None:
-    """Run ``fn`` as a command (``fire``), with ``-h``/``--help`` and user errors handled.
+    """Run ``fn`` as a command, with ``-h``/``--help`` and user errors handled.
+
+    The command line is read by :func:`trainer.cli.args.parse_command_line` (``fire`` splits the words; each
+    value is converted once by the type annotation of its option, with the config loader's rules): a bad
+    value, an unknown option or a missing one ends as one line, exit status 2, before ``fn`` runs.
 
     Args:
-        fn: the entry function; its keyword arguments are the options.
+        fn: the entry function; its parameters are the options.
         argv: arguments (default ``sys.argv[1:]``).
         help_text: builds the ``--help`` text from ``prog`` (default: from ``fn``'s signature and docstring).
         prog: program name shown in the usage line (default ``python <script>``).
@@ -136,7 +141,8 @@ def run_cli(fn: Callable, *, argv: Sequence[str] | None = None, help_text: Calla
 
         print(help_text(prog) if help_text else function_help(fn, prog))
         raise SystemExit(0)
-    import fire
+    from trainer.cli.args import parse_command_line
 
     with exit_on_user_error():
-        fire.Fire(fn, command=argv, name=prog, serialize=lambda _: None)
+        args, kwargs = parse_command_line(fn, argv)
+        fn(*args, **kwargs)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
-from trainer.config.fields import describe, type_hints
+from trainer.config.fields import describe, type_hints, type_name
 from trainer.config.schema import SECTIONS, Config
 
 
@@ -103,9 +103,11 @@ def config_help(prog: str = "python trainer/main.py") -> str:
 
 
 def _arg_docs(doc: str) -> dict[str, str]:
-    """``Args:`` entries of a Google-style docstring: ``{name: text}`` (``a, b: text`` documents both)."""
+    """``Args:`` (or ``Attributes:``) entries of a Google-style docstring: ``{name: text}`` (``a, b: text``
+    documents both)."""
     docs: dict[str, str] = {}
-    m = re.search(r"^\s*Args:\s*\n(.*?)(?:^\s*(?:Returns|Raises|Yields|Examples?|Notes?):|\Z)", doc, re.S | re.M)
+    m = re.search(r"^\s*(?:Args|Attributes):\s*\n(.*?)(?:^\s*(?:Returns|Raises|Yields|Examples?|Notes?):|\Z)", doc,
+                  re.S | re.M)
     if not m:
         return docs
     current: list[str] = []
@@ -121,26 +123,62 @@ def _arg_docs(doc: str) -> dict[str, str]:
     return docs
 
 
+def _keyword_option_lines(spec: str | None, skip: set[str]) -> list[str]:
+    if not spec:
+        return []
+    import importlib
+
+    module, name = spec.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    docs = _arg_docs(inspect.getdoc(cls) or "")
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = _default(f)
+        tail = "  (required)" if isinstance(default, str) and default == "(required)" else f" = {_show(default)}"
+        lines.append(f"  --{f.name}  {type_name(type_hints(cls)[f.name])}{tail}")
+        if f.name in docs:
+            lines.append(f"      {first_sentence(docs[f.name])}")
+    return lines
+
+
 def function_help(fn: Callable, prog: str) -> str:
-    """The ``--help`` text of a launch script from ``fn``'s signature and docstring."""
+    """The ``--help`` text of a command from ``fn``'s signature and docstring.
+
+    One entry per option: ``--name  TYPE = DEFAULT`` (or ``(required)``), then the first sentence of its own
+    ``Args:`` entry. The type is the annotation in words (``int or null``); an option without one shows ``any``.
+    A ``**kwargs`` parameter is listed as ``--SECTION.KEY=VALUE`` (config overrides), preceded by the fields of
+    ``fn.keyword_options`` (``"module:Dataclass"``, documented under ``Attributes:``) where ``fn`` sets it.
+    """
+    from trainer.cli.args import option_types
+
     doc = inspect.getdoc(fn) or ""
     summary = doc.split("\n\n")[0].replace("\n", " ")
     args = _arg_docs(doc)
     sig = inspect.signature(fn)
+    types = option_types(fn)
+    P = inspect.Parameter
     lines = [f"usage: {prog} [--option=VALUE ...]" if any(
-        p.kind is not p.VAR_POSITIONAL for p in sig.parameters.values()) else f"usage: {prog} ARG [ARG ...]",
+        p.kind is not P.VAR_POSITIONAL for p in sig.parameters.values()) else f"usage: {prog} ARG [ARG ...]",
              "", summary.replace("``", ""), ""]
     for name, p in sig.parameters.items():
-        ann = p.annotation if p.annotation is not inspect.Parameter.empty else ""
-        ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
-        if p.kind is p.VAR_POSITIONAL:
-            head = f"  {name.upper()} ...  {ann}"
-        elif p.default is inspect.Parameter.empty:
-            head = f"  --{name}  {ann}  (required)"
+        tp = "any" if types[name] is None else type_name(types[name])
+        if p.kind is P.VAR_POSITIONAL:
+            head = f"  {name.upper()} ...  {tp}"
+        elif p.kind is P.VAR_KEYWORD:
+            lines += _keyword_option_lines(getattr(fn, "keyword_options", None), skip=set(sig.parameters))
+            lines += ["  --SECTION.KEY=VALUE ...  any",
+                      "      a config field, overriding the YAML file (the train command's --help lists them)."]
+            continue
+        elif p.default is P.empty:
+            head = f"  --{name}  {tp}  (required)"
         else:
-            head = f"  --{name}  {ann} = {_show(p.default)}"
+            head = f"  --{name}  {tp} = {_show(p.default)}"
         lines.append(head)
         if name in args:
             lines.append(f"      {first_sentence(args[name])}")
-    lines += ["  -h, --help  show this help and exit"]
+    lines += ["  -h, --help  show this help and exit", "",
+              "Booleans: true/false, yes/no, on/off, 1/0 or a bare --flag (true); a str keeps its text; null: None.",
+              "Errors in any option end the command before any work with one line naming it and exit status 2."]
     return "\n".join(lines)

@@ -88,8 +88,9 @@ def field_range(f: dataclasses.Field) -> Range | None:
 # ---------------------------------------------------------------------------------------------
 # conversion by type
 
-_TRUE = {"true", "yes", "on", "y"}
-_FALSE = {"false", "no", "off", "n"}
+# the one spelling of booleans for config files, overrides and every command line (trainer/cli/args.py)
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
 
 
 def _type_name(tp: Any) -> str:
@@ -111,8 +112,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 
     Numbers: an int is a valid float; a string that spells a number (``"1e-3"``, as YAML 1.1 reads it) is
     converted; a float with an integral value is a valid int (``1e3`` -> 1000). Floats must be finite.
-    Booleans: true/false, yes/no, on/off (any case). Literal sets: the string itself (``no`` stays ``"no"``;
-    a boolean false from a YAML 1.1 reader becomes ``"no"``/``"off"`` when that is in the set).
+    Booleans: exactly true/false, yes/no, on/off, 1/0 (any case); nothing else. Literal sets: the string
+    itself (``no`` stays ``"no"``; a boolean false from a YAML 1.1 reader becomes ``"no"``/``"off"`` when
+    that is in the set).
     Dataclasses: a mapping is built with :func:`from_dict`.
     """
     origin = typing.get_origin(tp)
@@ -145,7 +147,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected a boolean (true/false, yes/no, on/off, 1/0), got "
+                          f"{type(value).__name__} {value!r}")
     if tp is float or tp is int:
         return _number(value, tp, key)
     if tp is str:
@@ -192,6 +195,11 @@ def _number(value: Any, tp: type, key: str) -> int | float:
             x = int(x)
         return x
     return float(x)
+
+
+def type_name(tp: Any) -> str:
+    """An annotation in words, as ``--help`` shows it (``Optional[int]`` -> ``int or null``)."""
+    return _type_name(tp)
 
 
 @lru_cache(maxsize=None)

@@ -12,7 +12,7 @@ as ``ACCELERATE_MIXED_PRECISION``. ``train.mixed_precision: auto`` (the default)
    a CPU with ``avx512_bf16`` or ``amx_bf16`` (``/proc/cpuinfo`` flags), for feature extraction only, i.e.
    a backbone frozen for the whole run (:func:`backbone_frozen_throughout`). Fine-tuning on a CPU stays
    float32: its backward pass (depthwise convolutions, BatchNorm) was slower in bf16 both on an AMD EPYC
-   with avx512_bf16 and on a Xeon with AMX (README, Performance).
+   with avx512_bf16 and on a Xeon with AMX (docs/performance.md, precision per hardware).
 3. Otherwise ``no`` (float32).
 
 A value set in the YAML or on the command line wins over both, and when it differs from the launcher's

@@ -46,11 +46,13 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def parse_overrides(overrides: dict) -> dict:
+def parse_overrides(overrides: dict, parse_strings: bool = True) -> dict:
     """Turn ``{"optim.lr": 3e-4, "train.epochs": 2}`` into a nested dict.
 
     Values that arrive as strings are parsed as YAML 1.2 (``"1e-3"`` -> 1e-3, ``"[1, 2]"`` -> list, ``"no"``
-    stays ``"no"``), so overrides given by ``fire`` or by a shell script behave the same.
+    stays ``"no"``), so overrides given by a shell script or Python behave as on the command line. With
+    ``parse_strings=False`` values are taken as they are (the command line's parser, ``trainer/cli/args.py``,
+    has read each text by its field's type already: a ``str`` field keeps ``007``).
 
     Raises:
         ConfigError: a key with an empty part (``--optim..lr``).
@@ -60,7 +62,7 @@ def parse_overrides(overrides: dict) -> dict:
         parts = dotted.replace("-", "_").split(".")
         if any(not p for p in parts):
             raise ConfigError(f"bad override key '{dotted}'")
-        if isinstance(value, str):
+        if parse_strings and isinstance(value, str):
             try:
                 value = yaml_load(value) if value.strip() else value
             except yaml.YAMLError:
@@ -74,12 +76,14 @@ def parse_overrides(overrides: dict) -> dict:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: dict | None = None, *,
+                parse_strings: bool = True) -> Config:
     """Build a :class:`Config` from defaults, an optional YAML file and dotted overrides.
 
     Args:
         path: YAML file with the same sections as :class:`Config` (only the differences).
         overrides: ``{"section.key": value}`` applied after the file.
+        parse_strings: read string override values as YAML (:func:`parse_overrides`).
 
     Raises:
         ConfigError: unreadable or malformed file (names it), unknown key, wrong type, value out of its
@@ -101,7 +105,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config file {p}: expected a mapping of sections, got {type(loaded).__name__}")
         values = loaded
     if overrides:
-        values = _deep_merge(values, parse_overrides(overrides))
+        values = _deep_merge(values, parse_overrides(overrides, parse_strings))
     return from_dict(Config, values, "")
 
 

@@ -56,6 +56,7 @@ eval transform stays deterministic.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ from collections.abc import Sequence
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
@@ -73,6 +74,19 @@ TRANSPARENCY_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 
 class ImageDecodeError(ValueError):
     """The bytes of a sample are not a decodable image (empty, truncated, unknown format, too large)."""
+
+
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def describe_decode_error(exn: BaseException, data: bytes) -> str:
+    """One-line reason for a decoder's exception on ``data``, for messages that name the file or sample
+    themselves: ``"<type>: <message>"``; PIL's ``cannot identify image file <_io.BytesIO object at 0x..>``
+    becomes ``not a known image format (first bytes b'...')``, and no other object repr is kept."""
+    if isinstance(exn, UnidentifiedImageError):
+        return f"not a known image format (PIL cannot identify it; first bytes {data[:12]!r})"
+    text = " ".join(_OBJECT_REPR.sub("the data", str(exn)).split())
+    return f"{type(exn).__name__}: {text}"
 
 
 def check_pixels(width: int, height: int) -> None:
@@ -199,7 +213,7 @@ def decode_image_bytes(data: bytes, *, background: Sequence[int] = TRANSPARENCY_
     except ImageDecodeError:
         raise
     except Exception as exn:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        reason = f"{type(exn).__name__}: {exn}"
+        reason = describe_decode_error(exn, data)
         if tv_error:
             reason = f"torchvision: {tv_error}; PIL: {reason}"
         raise ImageDecodeError(f"cannot decode {fmt} image ({len(data)} bytes): {reason}") from None

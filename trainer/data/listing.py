@@ -2,7 +2,8 @@
 
 Three layouts become the same :class:`Listing` (class map + ``split -> [Item]`` + a fingerprint):
 
-* ``split_folders``: ``root/{train,val[,test]}/<class>/<image>`` (:func:`list_split_folders`);
+* ``split_folders``: ``root/{train,val[,test]}/<class>/<image>``, val also named ``validation`` or ``valid``
+  (:func:`list_split_folders`);
 * ``class_folders``: ``root/<class>/<image>`` split by :func:`stratified_split` (:func:`list_class_folders`);
 * ``manifest``: CSV / JSONL rows (``trainer.data.manifest``).
 
@@ -20,6 +21,8 @@ one-line text that :func:`unescape_name` turns back into the exact bytes (CSV co
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 import random
 import re
@@ -28,6 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+VAL_FOLDER_NAMES = ("val", "validation", "valid")
+"""Names of the validation split folder, in order of preference (Hugging Face and many published datasets
+use ``validation`` or ``valid``); a root with two of them is an error."""
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -152,22 +160,47 @@ def _require_training_files(classes: list[str], per_class: dict[str, list], fold
                         + "; remove it or add images (an empty class could never be learned)")
 
 
+def split_folder(root: str | os.PathLike, split: str) -> Path | None:
+    """The folder of ``split`` under ``root``: ``root/<split>``, for ``val`` the one of
+    :data:`VAL_FOLDER_NAMES` that exists; None when there is none.
+
+    Raises:
+        DataError: two validation folders (e.g. ``val/`` and ``validation/``), both named.
+    """
+    root = Path(root)
+    names = VAL_FOLDER_NAMES if split == "val" else (split,)
+    found = [n for n in names if (root / n).is_dir()]
+    if len(found) > 1:
+        raise DataError(f"data.root: {root} has two validation folders, {found[0]}/ and {found[1]}/; keep one "
+                        "(rename or move the other)")
+    return root / found[0] if found else None
+
+
 def list_split_folders(root: str | os.PathLike, splits: Sequence[str] | None = None) -> Listing:
     """``root/{train,val[,test]}/<class>/<image>`` -> :class:`Listing` (``rel`` = path relative to root).
 
+    The validation folder may be named ``val``, ``validation`` or ``valid`` (:func:`split_folder`); its
+    split is ``val`` whatever its name, ``rel`` keeps the real folder name.
+
     Args:
-        splits: split folders to list (default: ``train``, ``val`` and ``test`` if present).
+        splits: splits to list (default: ``train``, ``val`` and ``test`` if present); ``validation`` and
+            ``valid`` mean ``val``.
 
     Raises:
-        DataError: no ``train`` folder or no class in it, an empty training class folder, a class
-            folder in another split that training does not have, a requested split folder missing.
+        DataError: no ``train`` folder or no class in it, no validation folder or two of them, an empty
+            training class folder, a class folder in another split that training does not have, a
+            requested split folder missing.
     """
     root = Path(root)
     if not (root / "train").is_dir():
         raise DataError(f"data.root: {root} has no train/ folder (expected root/train/<class>/<image>)")
-    if splits is None and not (root / "val").is_dir():
-        raise DataError(f"data.root: {root} has train/ but no val/ folder (expected root/{{train,val}}/<class>/<image>)")
-    wanted = list(splits) if splits is not None else [s for s in SPLITS if s == "train" or (root / s).is_dir()]
+    if splits is not None:  # "validation" / "valid" name the val split too
+        splits = list(dict.fromkeys("val" if s in VAL_FOLDER_NAMES else s for s in splits))
+    folders = {s: split_folder(root, s) for s in (splits if splits is not None else SPLITS)}
+    if splits is None and folders["val"] is None:
+        raise DataError(f"data.root: {root} has train/ but no val/ (or validation/, valid/) folder "
+                        "(expected root/{train,val}/<class>/<image>)")
+    wanted = list(splits) if splits is not None else [s for s in SPLITS if folders[s] is not None]
     classes = [p.name for p in _class_folders(root / "train")]
     if not classes:
         raise DataError(f"data.root: {root / 'train'} holds no class folder")
@@ -175,9 +208,9 @@ def list_split_folders(root: str | os.PathLike, splits: Sequence[str] | None = N
     out: dict[str, list[Item]] = {}
     all_files: list[str] = []
     for split in wanted:
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise DataError(f"data.root: split folder {split_dir} not found (splits: {wanted})")
+        split_dir = folders[split]
+        if split_dir is None:
+            raise DataError(f"data.root: split folder {root / split} not found (splits: {wanted})")
         per_class: dict[str, list[str]] = {c: [] for c in classes}
         for entry in sorted(split_dir.iterdir()):
             if _is_hidden(entry.name) or not entry.is_dir():
@@ -188,7 +221,8 @@ def list_split_folders(root: str | os.PathLike, splits: Sequence[str] | None = N
             per_class[entry.name] = files_under(entry)
         if split == "train":
             _require_training_files(classes, per_class, lambda c: split_dir / c)
-        items = [Item(str(split_dir / c / f), f"{split}/{c}/{f}", index[c]) for c in classes for f in per_class[c]]
+        items = [Item(str(split_dir / c / f), f"{split_dir.name}/{c}/{f}", index[c])
+                 for c in classes for f in per_class[c]]
         items.sort(key=lambda it: os.fsencode(it.rel))
         out[split] = items
         all_files += [it.file for it in items]
@@ -207,11 +241,54 @@ def _tree_fingerprint(root: Path, files: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _share(fraction: float, n: int) -> int:
+    return math.floor(fraction * n + 0.5) if fraction > 0 else 0  # round half up (round() rounds 0.5 to 0)
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[int, int, int]:
+    """``(train, val, test)`` image counts of one class of ``n`` images under :func:`stratified_split`.
+
+    Rule (``share(f) = floor(f * n + 0.5)``, round half up): val gets ``share(val_fraction)``, test
+    ``share(test_fraction)``, then
+
+    * a class of at least 2 images gets at least 1 val image; with ``test_fraction > 0`` a class of at
+      least 3 images gets at least 1 test image (smaller ones get none: :func:`stratified_split` names them);
+    * at least 1 image stays in train (when ``val_fraction + test_fraction < 1``): while val + test is
+      more than ``n - 1``, the one further above its exact share ``f * n`` gives one back (test on a tie),
+      never below its minimum above.
+
+    So val is at most ``max(1, share(val_fraction)) <= val_fraction * n + 1`` (the same for test), and
+    never 0 for ``n >= 2``. ``val_fraction + test_fraction >= 1`` (evaluation: "every image is val")
+    puts everything in val and test.
+    """
+    n_test, n_val = min(_share(test_fraction, n), n), min(_share(val_fraction, n), n)
+    if val_fraction + test_fraction >= 1:
+        return 0, n - n_test, n_test
+    min_val = 1 if n >= 2 else 0
+    min_test = 1 if test_fraction > 0 and n >= 3 else 0
+    n_val, n_test = max(n_val, min_val), max(n_test, min_test)
+    while n_val + n_test > n - 1:  # ends: min_val + min_test <= n - 1 for every n >= 1
+        val_over, test_over = n_val - val_fraction * n, n_test - test_fraction * n
+        if n_test > min_test and (test_over >= val_over or n_val <= min_val):
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n - n_val - n_test, n_val, n_test
+
+
+def _names(classes: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(printable(c)) for c in classes[:limit])
+    return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
+
+
 def stratified_split(files_by_class: dict[str, list[str]], val_fraction: float, test_fraction: float,
                      seed: int) -> dict[str, dict[str, list[str]]]:
     """Per class: shuffle the sorted files with ``Random(f"split/{seed}/{class}")``, then the first
-    ``round(test_fraction * n)`` go to test, the next ``round(val_fraction * n)`` to val, the rest to
-    train (each split's list sorted again). Depends only on the sorted names, the fractions and the seed.
+    ``test`` of :func:`split_sizes` go to test, the next ``val`` to val, the rest to train (each split's
+    list sorted again). Depends only on the sorted names, the fractions and the seed.
+
+    Logs one warning naming the classes too small for a val image (1 image) and, with ``test_fraction > 0``,
+    one naming those too small for a test image (fewer than 3); no class loses its val image otherwise.
 
     Returns:
         ``{"train": {class: files}, "val": {...}, "test": {...}}`` (``test`` only when ``test_fraction > 0``).
@@ -219,15 +296,24 @@ def stratified_split(files_by_class: dict[str, list[str]], val_fraction: float, 
     out: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
     if test_fraction > 0:
         out["test"] = {}
+    no_val, no_test = [], []
     for cls, files in files_by_class.items():
         order = sorted(files, key=os.fsencode)
         random.Random(f"split/{seed}/{cls}").shuffle(order)
-        n = len(order)
-        n_test = round(test_fraction * n) if test_fraction > 0 else 0
-        n_val = round(val_fraction * n)
+        _, n_val, n_test = split_sizes(len(order), val_fraction, test_fraction)
         parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
         for split in out:
             out[split][cls] = sorted(parts[split], key=os.fsencode)
+        if order and n_val == 0 and val_fraction > 0:
+            no_val.append(cls)
+        if order and n_test == 0 and test_fraction > 0:
+            no_test.append(cls)
+    if no_val:
+        log.warning("data.val_fraction: %d class(es) with a single image get no validation image (it stays in "
+                    "train; their val accuracy is not measured): %s", len(no_val), _names(no_val))
+    if no_test:
+        log.warning("data.test_fraction: %d class(es) with fewer than 3 images get no test image (train and val "
+                    "come first): %s", len(no_test), _names(no_test))
     return out
 
 
@@ -255,6 +341,7 @@ def list_class_folders(root: str | os.PathLike, *, val_fraction: float, test_fra
     source = {"layout": "class_folders", "location": str(root),
               "params": {"val_fraction": val_fraction, "test_fraction": test_fraction, "split_seed": seed},
               "files_sha256": _tree_fingerprint(root, all_files), "num_files": len(all_files),
-              "split": {"method": "stratified per class, Random(f'split/{seed}/{class}') over sorted names",
+              "split": {"method": "stratified per class, Random(f'split/{seed}/{class}') over sorted names, "
+                                  "sizes of split_sizes (>= 1 val image from 2 images)",
                         "sha256": {s: _rel_list_sha(items) for s, items in splits.items()}}}
     return Listing(classes=classes, splits=splits, source=source, key_prefix=True)

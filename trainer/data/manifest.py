@@ -1,6 +1,8 @@
 """CSV / JSONL manifests -> :class:`trainer.data.listing.Listing`.
 
-``data.manifest`` is one file with a split column, or a mapping ``{train: f1, val: f2[, test: f3]}``.
+``data.manifest`` is one file with a split column, or a mapping ``{train: f1, val: f2[, test: f3]}`` (keys
+may also be any split value below, e.g. ``validation``; two keys of one split are an error). Files are
+UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is dropped, also in the label map.
 CSV files have a header row; JSONL files hold one object (or array) per line. Columns are given by
 name or by 0-based index (``data.path_column``, ``data.label_column``, ``data.split_column``); unset,
 they are found by name, case-insensitively: path from ``path, filepath, file_path, filename, file,
@@ -11,8 +13,12 @@ split from ``split``. Split values: ``train``/``training``, ``val``/``valid``/``
 Paths are relative to the manifest's folder (absolute paths are kept). Labels are class names or
 integers. The class map: with ``data.label_map`` (a JSON file ``{name: index}`` or ``[names]``) that
 file's order, and a row's label may be a name or an index of it; without, the distinct labels of the
-training rows, sorted (numerically when all are integers). A label that is not in the class map is
-an error naming the file and line; so is a class of the label map without a training row. A path
+training rows, sorted (numerically when all are integers).
+
+Bad rows are refused, all of them at once: a row without one of the columns, an empty (or whitespace)
+path or label, an unknown split value, a label that is not in the class map. One line names up to
+:data:`MAX_ROWS_NAMED` of them by file and line, then ``and N more (M bad rows)``. A class of the
+label map without a training row is an error too. A path
 listed in more than one row is recorded (``Listing.repeated``) and reported under ``data.on_leak``.
 Missing or unreadable files are found while writing and reported with their line.
 
@@ -34,15 +40,21 @@ PATH_NAMES = ("path", "filepath", "file_path", "filename", "file", "image", "ima
 LABEL_NAMES = ("label", "class", "class_name", "classname", "target", "category", "y")
 SPLIT_VALUES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                 "dev": "val", "test": "test", "testing": "test"}
+MAX_ROWS_NAMED = 20
+"""Bad rows named in one error message; the rest are counted (``and N more``)."""
+
+ENCODING = "utf-8-sig"
+"""Manifests and label maps are UTF-8; a leading byte-order mark (Excel's "CSV UTF-8") is dropped."""
 
 
 def _read_rows(path: Path) -> tuple[list[str] | None, list[tuple[int, list | dict]]]:
-    """(CSV header or None, [(line number, row)]); JSONL rows are dicts or lists."""
+    """(CSV header or None, [(line number, row)]); JSONL rows are dicts or lists (anything else is kept
+    and reported as a bad row)."""
     if not path.is_file():
         raise DataError(f"data.manifest: file not found: {path}")
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
         rows = []
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        with open(path, encoding=ENCODING, errors="surrogateescape") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -50,7 +62,7 @@ def _read_rows(path: Path) -> tuple[list[str] | None, list[tuple[int, list | dic
                     except json.JSONDecodeError as exn:
                         raise DataError(f"data.manifest: {path} line {n}: not valid JSON ({exn.msg})") from None
         return None, rows
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, newline="", encoding=ENCODING, errors="surrogateescape") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -61,18 +73,21 @@ def _read_rows(path: Path) -> tuple[list[str] | None, list[tuple[int, list | dic
 
 def _column(spec, names: tuple[str, ...], header: list[str] | None, rows, field: str, path: Path,
             required: bool = True):
-    """Resolve a column spec (name, index or None = look for ``names``) -> a getter ``row -> value``."""
+    """Resolve a column spec (name, index or None = look for ``names``) -> ``(getter row -> value, column
+    name or index for messages)``, or None when not ``required`` and not found."""
     if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
         i = int(spec)
-        return lambda r: (list(r.values()) if isinstance(r, dict) else r)[i]
-    keys = header if header is not None else (list(rows[0][1]) if rows and isinstance(rows[0][1], dict) else [])
+        shown = header[i] if header is not None and i < len(header) else i
+        return (lambda r: (list(r.values()) if isinstance(r, dict) else r)[i]), shown
+    first = next((r for _, r in rows if isinstance(r, dict)), None)
+    keys = header if header is not None else (list(first) if first is not None else [])
     if spec is not None:
         if spec in keys:
             found = spec
         else:
             raise DataError(f"data.{field}: column {spec!r} not in {path} (columns: {keys})")
     else:
-        lower = {k.lower(): k for k in keys if isinstance(k, str)}
+        lower = {k.strip().lower(): k for k in keys if isinstance(k, str)}
         found = next((lower[n] for n in names if n in lower), None)
         if found is None:
             if not required:
@@ -81,27 +96,48 @@ def _column(spec, names: tuple[str, ...], header: list[str] | None, rows, field:
                             f"set data.{field} to a column name or index")
     if header is not None:
         i = header.index(found)
-        return lambda r: r[i]
-    return lambda r: r[found]
+        return (lambda r: r[i]), found
+    return (lambda r: r[found]), found
+
+
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _bad_rows_message(problems: list[tuple[str, str]], files: list[Path]) -> str:
+    """One line: ``data.<field>: <row>: <problem>; ...; and N more (M bad rows) (in <files>)``; the field
+    is the one all problems share, else ``manifest``."""
+    fields = {f for f, _ in problems}
+    field = fields.pop() if len(fields) == 1 else "manifest"
+    text = "; ".join(t for _, t in problems[:MAX_ROWS_NAMED])
+    if len(problems) > MAX_ROWS_NAMED:
+        text += f"; and {len(problems) - MAX_ROWS_NAMED} more ({len(problems)} bad rows)"
+    return f"data.{field}: {text} (in {', '.join(str(p) for p in files)})"
 
 
 def load_label_map(path: str | os.PathLike) -> list[str]:
     """Class names in index order from a JSON ``{name: index}`` (indices 0..K-1) or ``[names]``.
 
+    Read as UTF-8; a byte-order mark is dropped.
+
     Raises:
-        DataError: missing file, invalid JSON, or indices that are not 0..K-1 (names ``data.label_map``).
+        DataError: missing file, invalid JSON, an empty class name, or indices that are not 0..K-1 (names
+            ``data.label_map``).
     """
     p = Path(path)
     try:
-        obj = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exn:
+        obj = json.loads(p.read_text(encoding=ENCODING))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exn:
         raise DataError(f"data.label_map: cannot read {p}: {exn}") from None
+    names = None
     if isinstance(obj, list) and all(isinstance(n, str) for n in obj) and len(set(obj)) == len(obj) and obj:
-        return list(obj)
-    if isinstance(obj, dict) and obj and sorted(obj.values()) == list(range(len(obj))):
-        return [name for name, _ in sorted(obj.items(), key=lambda kv: kv[1])]
-    raise DataError(f"data.label_map: {p} must be a JSON list of distinct class names or a mapping "
-                    "{name: index} with indices 0..K-1")
+        names = list(obj)
+    elif isinstance(obj, dict) and obj and sorted(obj.values()) == list(range(len(obj))):
+        names = [name for name, _ in sorted(obj.items(), key=lambda kv: kv[1])]
+    if names is None or any(not n.strip() for n in names):
+        raise DataError(f"data.label_map: {p} must be a JSON list of distinct, non-empty class names or a mapping "
+                        "{name: index} with indices 0..K-1")
+    return names
 
 
 def has_split_column(manifest: str | os.PathLike, split_column=None) -> bool:
@@ -136,24 +172,73 @@ def _class_map(train_labels: list, label_map: list[str] | None) -> list[str]:
     return sorted(values)
 
 
+def _split_files(manifest: str | os.PathLike | Mapping[str, str]) -> dict[str, Path]:
+    """``{"all": file}`` or ``{split: file}`` with split names as in :data:`SPLIT_VALUES` made canonical."""
+    if isinstance(manifest, (str, os.PathLike)):
+        return {"all": Path(manifest)}
+    files: dict[str, Path] = {}
+    given: dict[str, str] = {}
+    for key, value in dict(manifest).items():
+        split = SPLIT_VALUES.get(str(key).strip().lower())
+        if split is None:
+            raise DataError(f"data.manifest: unknown split {key!r} (use train, val, test; or one of "
+                            f"{sorted(SPLIT_VALUES)})")
+        if split in files:
+            raise DataError(f"data.manifest: both {given[split]!r} and {key!r} are given (the same split, "
+                            f"{split}); keep one")
+        files[split], given[split] = Path(value), str(key)
+    if not {"train", "val"} <= set(files):
+        raise DataError(f"data.manifest: needs at least train and val files, got {sorted(given.values())}")
+    return files
+
+
+def _row_problems(row, get_path, get_label, get_split) -> tuple[list[tuple[str, str]], tuple]:
+    """``([(field, problem)], (rel, label, split))`` of one row (getters from :func:`_column`, ``get_split``
+    None for a per-split file); the values are valid only without problems."""
+    none = (None, None, None)
+    if not isinstance(row, (list, dict)):
+        return [("manifest", f"a row is a JSON object or array, not {type(row).__name__}")], none
+    values = []
+    for getter in (get_path, get_label, get_split):
+        if getter is None:
+            values.append(None)
+            continue
+        try:
+            values.append(getter[0](row))
+        except (IndexError, KeyError):
+            return [("manifest", f"row has no column {getter[1]!r}")], none
+    rel, label, split = values
+    none = (None, label, None)
+    problems = []
+    if _is_empty(rel):
+        problems.append(("manifest", f"empty path (column {get_path[1]!r})"))
+    if _is_empty(label):
+        problems.append(("manifest", f"empty label (column {get_label[1]!r})"))
+    if get_split is not None:
+        split = SPLIT_VALUES.get(str(split).strip().lower())
+        if split is None:
+            problems.append(("split_column", f"split {values[2]!r} is not one of {sorted(SPLIT_VALUES)}"))
+    return problems, ((str(rel), label, split) if not problems else none)
+
+
 def list_manifest(manifest: str | Mapping[str, str], *, path_column=None, label_column=None, split_column=None,
                   label_map: str | None = None) -> Listing:
     """Read one manifest with a split column, or ``{split: manifest}`` files (format: module docstring).
 
+    Files are read as UTF-8 (a byte-order mark is dropped). Every bad row (a missing column, an empty
+    path or label, an unknown split value, a label not in the class map) is collected first; then one
+    error names up to :data:`MAX_ROWS_NAMED` of them, by file and line, and counts the rest.
+
     Raises:
-        DataError: a missing manifest or column, an unknown split value, a label not in the class map
-            (file and line named), a label-map class without training rows, no training row.
+        DataError: one line: a missing manifest or column, bad rows (above), a label-map class without
+            training rows, no training row, two keys for one split (``val`` and ``validation``).
     """
-    files = {"all": Path(manifest)} if isinstance(manifest, (str, os.PathLike)) else \
-        {str(k): Path(v) for k, v in dict(manifest).items()}
-    unknown = sorted(set(files) - {"all", "train", "val", "test"})
-    if unknown:
-        raise DataError(f"data.manifest: unknown split {unknown[0]!r} (use train, val, test)")
-    if "all" not in files and not {"train", "val"} <= set(files):
-        raise DataError(f"data.manifest: needs at least train and val files, got {sorted(files)}")
-    raw: dict[str, list[tuple[str, object, str]]] = {"train": [], "val": [], "test": []}
+    files = _split_files(manifest)
+    raw: dict[str, list[tuple[str, object, str, str, tuple[int, int]]]] = {"train": [], "val": [], "test": []}
+    problems: list[tuple[tuple[int, int], str, str]] = []  # ((file index, line), field, "where: problem")
+    labels_of_bad_rows: set[str] = set()  # not reported again as "not in the class map" (a consequence)
     h = hashlib.sha256()
-    for split, path in files.items():
+    for k, (split, path) in enumerate(files.items()):
         header, rows = _read_rows(path)
         h.update(path.read_bytes())
         get_path = _column(path_column, PATH_NAMES, header, rows, "path_column", path)
@@ -162,21 +247,20 @@ def list_manifest(manifest: str | Mapping[str, str], *, path_column=None, label_
         base = path.parent
         for n, row in rows:
             where = f"{path.name} line {n}"
-            try:
-                rel, label = str(get_path(row)), get_label(row)
-                s = SPLIT_VALUES.get(str(get_split(row)).strip().lower()) if get_split else split
-            except (IndexError, KeyError):
-                raise DataError(f"data.manifest: {path} line {n}: row has no such column ({row!r})") from None
-            if s is None:
-                raise DataError(f"data.split_column: {path} line {n}: split {get_split(row)!r} is not one of "
-                                f"{sorted(SPLIT_VALUES)}")
-            raw[s].append((rel, label, where, str(base / rel)))
+            found, (rel, label, s) = _row_problems(row, get_path, get_label, get_split)
+            if found:
+                field = found[0][0] if len({f for f, _ in found}) == 1 else "manifest"
+                problems.append(((k, n), field, f"{where}: {', '.join(t for _, t in found)}"))
+                if not _is_empty(label):
+                    labels_of_bad_rows.add(str(label).strip())
+                continue
+            raw[s if get_split else split].append((rel, label, where, str(base / rel), (k, n)))
     names = load_label_map(label_map) if label_map else None
     if label_map:
         h.update(Path(label_map).read_bytes())
-    if not raw["train"]:
+    if not raw["train"] and not problems:
         raise DataError(f"data.manifest: no training row in {[str(p) for p in files.values()]}")
-    classes = _class_map([lab for _, lab, _, _ in raw["train"]], names)
+    classes = _class_map([row[1] for row in raw["train"]], names)
     index = {c: i for i, c in enumerate(classes)}
     splits: dict[str, list[Item]] = {}
     seen: dict[str, list[str]] = {}
@@ -184,19 +268,25 @@ def list_manifest(manifest: str | Mapping[str, str], *, path_column=None, label_
         if not rows and split == "test":
             continue
         items = []
-        for rel, label, where, file in rows:
+        for rel, label, where, file, pos in rows:
             key = str(label).strip()
             if key in index:
                 y = index[key]
             elif names is not None and _as_int(label) is not None and 0 <= _as_int(label) < len(classes):
                 y = _as_int(label)
+            elif key in labels_of_bad_rows:
+                continue  # its training rows are bad rows, named already
             else:
                 src = f"data.label_map {label_map}" if names is not None else "the training rows"
-                raise DataError(f"data.label_column: {where}: label {label!r} is not in the class map "
-                                f"({len(classes)} classes from {src}) for {rel!r}")
+                problems.append((pos, "label_column", f"{where}: label {label!r} is not in the class map "
+                                 f"({len(classes)} classes from {src}) for {rel!r}"))
+                continue
             items.append(Item(file, rel, y, where))
             seen.setdefault(os.path.normpath(file), []).append(f"{where} ({split})")
         splits[split] = items
+    if problems:
+        problems.sort(key=lambda p: p[0])
+        raise DataError(_bad_rows_message([(f, t) for _, f, t in problems], list(files.values())))
     counts = [0] * len(classes)
     for it in splits["train"]:
         counts[it.label] += 1

@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 
 from trainer.config.schema import ConfigError, DataConfig
 from trainer.data import staging
-from trainer.data.listing import DataError, Listing, list_class_folders, list_split_folders
+from trainer.data.listing import DataError, Listing, list_class_folders, list_split_folders, split_folder
 from trainer.data.meta import DatasetMeta, read_meta
 from trainer.data.sources import resolve_shards
 from trainer.utils.files import atomic_write, sha256_file
@@ -63,11 +63,17 @@ class PreparedDataset:
 
 
 def tree_sha256(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> str:
-    """SHA-256 hex digest over the sorted relative paths and contents of every file in ``root/<split>``."""
+    """SHA-256 hex digest over the sorted relative paths and contents of every file in ``root/<split>``
+    (``val``: the folder :func:`trainer.data.listing.split_folder` finds, e.g. ``validation/``).
+
+    Raises:
+        DataError: two validation folders.
+    """
     root = Path(root)
     h = hashlib.sha256()
     for split in splits:
-        for path in sorted(p for p in (root / split).rglob("*") if p.is_file()):
+        folder = split_folder(root, split) or root / split
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             h.update(path.relative_to(root).as_posix().encode() + b"\0")
             h.update(path.read_bytes())
     return h.hexdigest()
@@ -176,7 +182,9 @@ def source_change(old: dict, new: dict, shard_dir: str) -> str | None:
 
 
 def ensure_shards(cfg: DataConfig, *, progress: bool = False) -> None:
-    """Main process: make ``shard_dir`` hold shards of the configured source (write or reuse).
+    """Main process: make ``shard_dir`` hold shards of the configured source (write or reuse), holding
+    ``shard_dir``'s lock (:func:`trainer.data.staging.shard_lock`): a run that finds another one writing
+    the folder waits (logging who holds the lock), then reuses its shards or refuses them.
 
     Raises:
         ConfigError: a bad field or a changed source (one line naming it).
@@ -184,20 +192,22 @@ def ensure_shards(cfg: DataConfig, *, progress: bool = False) -> None:
     from trainer.data.shard_writer import write_listing
 
     out = Path(cfg.shard_dir)
-    staging.recover(out)
     try:
-        listing = build_listing(cfg)
-        if listing is None:
-            return
-        if (out / "dataset.json").is_file():
-            problem = source_change(read_meta(out).source, listing.source, cfg.shard_dir)
-            if problem:
-                raise ConfigError(problem)
-            return
-        workers = cfg.shard_workers or min(8, os.cpu_count() or 1)
-        log.info("writing shards of %s into %s (%d process(es))", listing.source["location"], out, workers)
-        write_listing(listing, out, max_samples_per_shard=cfg.samples_per_shard, num_workers=workers,
-                      progress=progress)
+        with staging.shard_lock(out):  # a run writing this folder now: wait for it, then reuse or refuse
+            staging.recover(out)
+            listing = build_listing(cfg)
+            if listing is None:
+                return
+            if (out / "dataset.json").is_file():
+                problem = source_change(read_meta(out).source, listing.source, cfg.shard_dir)
+                if problem:
+                    raise ConfigError(problem)
+                log.info("reusing the shards in %s (same source)", out)
+                return
+            workers = cfg.shard_workers or min(8, os.cpu_count() or 1)
+            log.info("writing shards of %s into %s (%d process(es))", listing.source["location"], out, workers)
+            write_listing(listing, out, max_samples_per_shard=cfg.samples_per_shard, num_workers=workers,
+                          progress=progress)
     except (DataError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
 

@@ -1,7 +1,8 @@
 """A :class:`~trainer.data.listing.Listing` -> WebDataset shards + ``dataset.json`` (also ``launch/make_shards.py``).
 
-Output in ``out`` (written in a staging folder and renamed into place when complete, see
-:mod:`trainer.data.staging`: a kill at any moment leaves the old state or the finished one):
+Output in ``out`` (written in a staging folder and committed when complete, one writer at a time under
+the folder's lock, see :mod:`trainer.data.staging`: a kill at any moment leaves the old state or the
+finished one, and a reader never finds ``out`` missing):
 
 * ``{split}-{000000..}.tar``: shard ``i`` of a split holds the listed items ``i*S .. (i+1)*S - 1``
   (``S = max_samples_per_shard``, the listing's fixed order) minus the unreadable ones; a shard that
@@ -46,7 +47,7 @@ import hashlib
 import io
 import logging
 import os
-import tarfile
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -55,7 +56,7 @@ import webdataset as wds
 from PIL import Image
 
 from trainer.data import staging
-from trainer.data.decode import check_pixels
+from trainer.data.decode import check_pixels, describe_decode_error
 from trainer.data.listing import DataError, Item, Listing, list_split_folders, printable
 from trainer.data.meta import META_NAME, build_meta, load_json, write_meta
 
@@ -95,7 +96,7 @@ def check_image(data: bytes) -> tuple[bytes, str]:
             im.save(buf, "PNG")
             return buf.getvalue(), "png"
     except Exception as exn:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise ValueError(f"not a readable image: {type(exn).__name__}: {exn}") from None
+        raise ValueError(f"not a readable image: {describe_decode_error(exn, data)}") from None
 
 
 def assign_keys(items: Sequence[Item], split: str, prefix: bool) -> list[str]:
@@ -275,8 +276,9 @@ def write_listing(listing: Listing, out: str | os.PathLike, *, max_samples_per_s
         the ``dataset.json`` dict (``worker_index`` set and others not done yet: this writer's partial dict).
 
     Raises:
-        FileExistsError: ``out`` holds a dataset and not ``overwrite``. DataError: ``out`` holds other
-            files. ValueError: bad arguments; with ``strict``, unreadable files.
+        FileExistsError: ``out`` holds a dataset and not ``overwrite`` (also one another writer committed
+            while this one waited for the lock). DataError: ``out`` holds other files. ValueError: bad
+            arguments; with ``strict``, unreadable files. LockLost: the lock was taken over (nothing committed).
     """
     out = Path(out)
     if num_workers < 1 or (worker_index is not None and not 0 <= worker_index < num_workers):
@@ -285,40 +287,53 @@ def write_listing(listing: Listing, out: str | os.PathLike, *, max_samples_per_s
     if max_samples_per_shard < 1 or max_bytes_per_shard <= 0:
         raise ValueError(f"write_shards: max_samples_per_shard ({max_samples_per_shard}) and "
                          f"max_bytes_per_shard ({max_bytes_per_shard}) must be positive")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging.recover(out)
-    staging.check_target(out, overwrite)
+    with staging.shard_lock(out):  # one writer at a time; a waiter then finds this one's dataset (module docstring)
+        staging.recover(out)
+        staging.check_target(out, overwrite)
+        if worker_index is None:
+            return _write_all(listing, out, max_samples_per_shard, max_bytes_per_shard, num_workers, strict,
+                              progress)
+        folder = staging.staging_dir(out, num_workers)
+        folder.mkdir(exist_ok=True)
+    # N independent writers share one staging folder: each writes its shards without the lock ...
     jobs = _chunks(listing, max_samples_per_shard)
     split_names = list(listing.splits)
-    folder = staging.staging_dir(out, num_workers if worker_index is not None else None)
-    folder.mkdir(exist_ok=True)
-    try:
-        if worker_index is not None:
-            mine = jobs[worker_index::num_workers]
-            partial = folder / _partial_name(worker_index, num_workers)
-            partial.unlink(missing_ok=True)
-            parts = _run_chunks(mine, folder, len(listing.classes), max_bytes_per_shard, 1, progress)
-            write_meta(partial, {"parts": parts})
-            names = [folder / _partial_name(k, num_workers) for k in range(num_workers)]
-            if not all(p.is_file() for p in names):
-                return build_meta(listing.classes, _merge(listing.classes, split_names, parts))
-            parts = [r for p in names for r in load_json(p)["parts"]]
-        else:
-            parts = _run_chunks(jobs, folder, len(listing.classes), max_bytes_per_shard, num_workers, progress)
+    partial = folder / _partial_name(worker_index, num_workers)
+    partial.unlink(missing_ok=True)
+    parts = _run_chunks(jobs[worker_index::num_workers], folder, len(listing.classes), max_bytes_per_shard, 1,
+                        progress)
+    write_meta(partial, {"parts": parts})
+    names = [folder / _partial_name(k, num_workers) for k in range(num_workers)]
+    if not all(p.is_file() for p in names):
+        return build_meta(listing.classes, _merge(listing.classes, split_names, parts))
+    with staging.shard_lock(out):  # ... and the one that finds all partial files merges and commits
+        if not folder.is_dir():  # another writer of the N committed first
+            return load_json(out / META_NAME)
+        parts = [r for p in names for r in load_json(p)["parts"]]
         meta = build_meta(listing.classes, _merge(listing.classes, split_names, parts), source=listing.source,
                           leaks=find_leaks(parts, listing.repeated))
         _report(meta, strict)
         write_meta(folder / META_NAME, meta)
-        try:
-            staging.commit(folder, out)
-        except FileNotFoundError:  # another independent writer committed first
-            pass
+        staging.check_target(out, overwrite)
+        return staging.commit(folder, out)
+
+
+def _write_all(listing: Listing, out: Path, max_samples_per_shard: int, max_bytes_per_shard: float,
+               num_workers: int, strict: bool, progress: bool) -> dict:
+    """One process (and its pool) writes every shard into its own staging folder and commits (lock held)."""
+    folder = staging.staging_dir(out)
+    folder.mkdir(exist_ok=True)
+    try:
+        parts = _run_chunks(_chunks(listing, max_samples_per_shard), folder, len(listing.classes),
+                            max_bytes_per_shard, num_workers, progress)
+        meta = build_meta(listing.classes, _merge(listing.classes, list(listing.splits), parts),
+                          source=listing.source, leaks=find_leaks(parts, listing.repeated))
+        _report(meta, strict)
+        write_meta(folder / META_NAME, meta)
+        return staging.commit(folder, out)
     except BaseException:
-        if worker_index is None:
-            import shutil
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
-    return meta
 
 
 def merge_partial_metadata(out: str | os.PathLike, num_workers: int, listing: Listing) -> dict:
@@ -330,16 +345,16 @@ def merge_partial_metadata(out: str | os.PathLike, num_workers: int, listing: Li
     out = Path(out)
     folder = staging.staging_dir(out, num_workers)
     names = [folder / _partial_name(k, num_workers) for k in range(num_workers)]
-    for k, p in enumerate(names):
-        if not p.is_file():
-            raise FileNotFoundError(f"merge_partial_metadata: {p} missing (writer {k} of {num_workers} not done)")
-    parts = [r for p in names for r in load_json(p)["parts"]]
-    meta = build_meta(listing.classes, _merge(listing.classes, list(listing.splits), parts), source=listing.source,
-                      leaks=find_leaks(parts, listing.repeated))
-    write_meta(folder / META_NAME, meta)
-    staging.check_target(out, overwrite=True)
-    staging.commit(folder, out)
-    return meta
+    with staging.shard_lock(out):
+        for k, p in enumerate(names):
+            if not p.is_file():
+                raise FileNotFoundError(f"merge_partial_metadata: {p} missing (writer {k} of {num_workers} not done)")
+        parts = [r for p in names for r in load_json(p)["parts"]]
+        meta = build_meta(listing.classes, _merge(listing.classes, list(listing.splits), parts),
+                          source=listing.source, leaks=find_leaks(parts, listing.repeated))
+        write_meta(folder / META_NAME, meta)
+        staging.check_target(out, overwrite=True)
+        return staging.commit(folder, out)
 
 
 def write_shards(root: str | os.PathLike, out: str | os.PathLike, *, splits: Sequence[str] | str | None = None,

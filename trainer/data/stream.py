@@ -58,12 +58,10 @@ from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.data.decode import ImageDecodeError, decode_image_bytes
+from trainer.data.extensions import IMAGE_FIELDS
 from trainer.utils.seeds import seed_int
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "image", "img")
-"""Sample fields looked up, in this order, for the encoded image."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,10 +126,10 @@ def _decode_sample(sample: dict, transform: Callable, num_classes: int | None) -
         raise _BadSample(f"'cls' is not an integer: {bytes(raw)[:20]!r}") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise _BadSample(f"label {label} outside [0, {num_classes})")
-    data = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+    data = next((sample[e] for e in IMAGE_FIELDS if e in sample), None)
     if data is None:
         fields = sorted(k for k in sample if not k.startswith("__"))
-        raise _BadSample(f"no image field (have {fields}, want one of {IMAGE_EXTENSIONS})")
+        raise _BadSample(f"no image field (have {fields}, want one of {IMAGE_FIELDS})")
     fused = getattr(transform, "from_bytes", None)  # decode + augment in one step (reduced-size JPEG decode)
     try:
         return (fused(data) if fused is not None else transform(decode_image_bytes(data))), label

@@ -13,7 +13,9 @@ Resume rewinds the history to the checkpoint's step ``S`` (``Tracker(..., resume
 killed at step 12 after a checkpoint at step 10 logged steps 11-12 that the resumed job trains again.
 
 * ``metrics.jsonl``: records with ``step > S`` are moved to ``metrics.rewound.jsonl`` (kept, not
-  lost), so ``metrics.jsonl`` holds each step once.
+  lost), so ``metrics.jsonl`` holds each step once; so are the records *at* ``S`` of an evaluation that the
+  checkpoint does not include and the resumed run does again (``redo``: a validation after a checkpoint written
+  at an epoch's end by a preemption, an interrupted test evaluation), so each ``(step, kind)`` is recorded once.
 * W&B: the run is continued with ``resume_from="<id>?_step=S"`` (W&B's run rewind: the history after
   ``S`` is dropped and logging continues from ``S``), because with ``resume="allow"`` W&B would ignore
   every record whose step is below the run's last step (steps 11-12 of the new job silently lost).
@@ -62,8 +64,10 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def rewind_metrics(path: str | Path, step: int) -> int:
-    """Move records with ``step`` > ``step`` from ``path`` (metrics.jsonl) to ``metrics.rewound.jsonl``.
+def rewind_metrics(path: str | Path, step: int, redo: tuple[str, ...] = ()) -> int:
+    """Move records with ``step`` > ``step`` from ``path`` (metrics.jsonl) to ``metrics.rewound.jsonl``, and the
+    records *at* ``step`` holding a key that starts with one of ``redo`` (e.g. ``"val/"``: an evaluation at
+    ``step`` logged after the checkpoint was written, which the resumed run does again).
 
     Rewrites ``path`` atomically (temp file + rename). Unparseable lines (a record cut by a kill)
     are moved too.
@@ -79,8 +83,10 @@ def rewind_metrics(path: str | Path, step: int) -> int:
         if not line.strip():
             continue
         try:
-            ok = json.loads(line).get("step", 0) <= step
-        except (json.JSONDecodeError, AttributeError):
+            row = json.loads(line)
+            at = row.get("step", 0)
+            ok = at < step or (at == step and not any(k.startswith(redo) for k in row))
+        except (json.JSONDecodeError, AttributeError, TypeError):
             ok = False
         (keep if ok else moved).append(line)
     if moved:
@@ -103,15 +109,16 @@ class Tracker:
         run_id: W&B run id to continue (from a checkpoint), or None for a new run.
         resume_step: the checkpoint's optimizer step when resuming (None: fresh run); history after
             it is rewound (module docstring).
+        redo: key prefixes of the records at ``resume_step`` that are rewound too (:func:`rewind_metrics`).
     """
 
     def __init__(self, run_dir: str | Path, config: dict, *, mode: str = "auto", project: str = "finetune",
                  entity: str | None = None, run_name: str | None = None, run_id: str | None = None,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, redo: tuple[str, ...] = ()):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.rewound = rewind_metrics(self.metrics_path, resume_step) if resume_step is not None else 0
+        self.rewound = rewind_metrics(self.metrics_path, resume_step, redo) if resume_step is not None else 0
         self._file = open(self.metrics_path, "a", buffering=1)
         self.mode = wandb_mode(mode)
         self._wandb_run = None

@@ -49,6 +49,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is unreadable or does not fit the run (message names the file and the mismatch)."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read at all (truncated, damaged, not a torch file): a damaged file, not
+    one refused for its content. A run folder sets such a file aside (:mod:`trainer.train.checkpoint_files`)."""
+
+
 def checkpoint_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -79,8 +84,9 @@ def safe_torch_load(path: str | Path, mmap: bool = False):
 
     Raises:
         CheckpointError: missing file; a pickle that needs anything beyond tensors and plain data (its
-            code never runs: the weights-only unpickler stops at the first such object); a truncated
-            or otherwise unreadable file. The message is one line naming the file.
+            code never runs: the weights-only unpickler stops at the first such object);
+            :class:`CorruptCheckpointError` for a truncated or otherwise unreadable file. The message is one
+            line naming the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -93,7 +99,7 @@ def safe_torch_load(path: str | Path, mmap: bool = False):
         raise CheckpointError(_refusal(path, e)) from None
     except Exception as e:  # truncated zip, not a torch file, ...
         first = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
+        raise CorruptCheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
 
 
 def load(path: str | Path) -> dict:
@@ -106,9 +112,27 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format_version") not in READABLE_VERSIONS:
-        raise CheckpointError(f"{path} is not a checkpoint of this trainer (format_version "
-                              f"{FORMAT_VERSION} expected)")
+        raise CheckpointError(not_a_checkpoint(path, ckpt))
     return ckpt
+
+
+def not_a_checkpoint(path: Path, obj: Any) -> str:
+    """One line for a readable file that is not a checkpoint of this trainer: what it holds and what to do."""
+    version = obj.get("format_version") if isinstance(obj, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        return (f"{path} was written by a newer trainer version (format_version {version}; this one reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}): update the trainer to read it")
+    weights = isinstance(obj, dict) and ("state_dict" in obj or "model" in obj
+                                         or bool(obj) and all(torch.is_tensor(v) for v in obj.values()))
+    if weights:
+        keys = ", ".join(sorted(map(str, obj))[:4]) + (", ..." if len(obj) > 4 else "")
+        return (f"{path} holds plain weights ({keys}), not a checkpoint of this trainer: it names no backbone or "
+                "preprocessing to rebuild the model from; write it as an inference checkpoint folder with "
+                "trainer.train.inference_checkpoint.save(folder, state_dict, class_names=..., backbone=..., "
+                "preprocessing=..., ...) and pass that folder")
+    return (f"{path} is not a checkpoint of this trainer (a dict with format_version "
+            f"{' or '.join(map(str, READABLE_VERSIONS))} expected, found {type(obj).__name__}): pass a run's "
+            "checkpoints/best folder or a last.pt / best.pt this trainer wrote")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,12 +146,16 @@ class Progress:
     Attributes:
         step: optimizer steps done. epoch: epochs completed. samples_seen: step x global_batch_size.
         best_top1: val top-1 of the model in ``checkpoints/best/`` (-1 before the first evaluation).
+        eval_step: the step of the newest validation this state includes (early stopping, ``best/``, its
+            ``metrics.jsonl`` row; -1: none). A checkpoint with ``eval_step < step`` was written before the
+            validation at ``step`` (an epoch end's preemption): a resumed run runs that validation (again).
     """
 
     step: int = 0
     epoch: int = 0
     samples_seen: int = 0
     best_top1: float = -1.0
+    eval_step: int = -1
 
 
 def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, param_names: dict[int, str],
@@ -151,7 +179,8 @@ def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pa
         "optimizer": optimizer_state_by_name(optimizer, param_names),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng, "step": progress.step, "epoch": progress.epoch, "samples_seen": progress.samples_seen,
-        "best_top1": progress.best_top1, "class_names": list(class_names), "backbone": backbone,
+        "best_top1": progress.best_top1, "eval_step": progress.eval_step,
+        "class_names": list(class_names), "backbone": backbone,
         "preprocessing": preprocessing, "config": config, "early_stopping": early_stopping,
         "wandb_run_id": wandb_run_id, "world_size": len(rng), "reason": reason,
         "ema": ema.state_dict() if ema is not None else None, "resumed_from": resumed_from,
@@ -203,7 +232,7 @@ def restore_resume_state(path: str | Path, *, model: torch.nn.Module, optimizer:
         log.warning("resuming on %d processes from a checkpoint of %d: per-rank RNG states not restored, "
                     "data order and augmentation differ from an uninterrupted run", world_size, len(rng))
     progress = Progress(step=state["step"], epoch=state["epoch"], samples_seen=state["samples_seen"],
-                        best_top1=state["best_top1"])
+                        best_top1=state["best_top1"], eval_step=state.get("eval_step", state["step"]))
     log.info("resumed from %s at epoch %d step %d (samples_seen %d)", path, progress.epoch, progress.step,
              progress.samples_seen)
     return progress, state.get("wandb_run_id")

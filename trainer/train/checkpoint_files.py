@@ -10,6 +10,9 @@ Each write is atomic (:func:`trainer.utils.files.atomic_write`: temp file, fsync
 moment leaves every complete checkpoint readable and at worst a temp file, which the next start deletes
 (:func:`trainer.train.run_folder.clean_start`); :func:`latest_checkpoint` then picks the newest complete one
 (a step file written just before the kill, ahead of ``last.pt``, included).
+
+A checkpoint damaged otherwise (truncated by a full disk, a bad copy) never blocks a start: :func:`newest_intact`
+skips it for the newest one that loads, and :func:`set_aside` moves it to ``checkpoints/corrupt/`` (never deleted).
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ import os
 import re
 from pathlib import Path
 
-from trainer.train.checkpoint import atomic_save, checkpoint_dir, safe_torch_load
-from trainer.utils.files import atomic_link
+from trainer.train.checkpoint import (
+    CorruptCheckpointError,
+    atomic_save,
+    checkpoint_dir,
+    load,
+    safe_torch_load,
+)
+from trainer.utils.files import atomic_link, fsync_dir
 
 log = logging.getLogger("trainer")
 
 LAST = "last.pt"
+CORRUPT = "corrupt"
+"""Folder in ``checkpoints/`` where unreadable checkpoints are moved (:func:`set_aside`)."""
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -68,6 +79,65 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     if os.path.samefile(last, newest):
         return last
     return last if checkpoint_step(last) >= step else newest
+
+
+def newest_intact(output_dir: str | Path) -> tuple[Path | None, dict | None, list[tuple[Path, str]]]:
+    """The newest resume checkpoint of a run folder that loads, skipping unreadable ones; only reads.
+
+    Candidates in the order of :func:`latest_checkpoint` (a step file newer than ``last.pt``, ``last.pt``, then
+    the older step files). A file whose loading raises :class:`trainer.train.checkpoint.CorruptCheckpointError`
+    (truncated, damaged) is skipped; ``last.pt``'s hard-linked step file with it.
+
+    Returns:
+        (path, its loaded state) of the newest intact checkpoint or ``(None, None)``, and the skipped files as
+        ``(path, reason)``, newest first.
+
+    Raises:
+        trainer.train.checkpoint.CheckpointError: a checkpoint that loads but is refused (code payload) or not
+            one of this trainer: not damaged, so not skipped.
+    """
+    last = checkpoint_dir(output_dir) / LAST
+    corrupt: list[tuple[Path, str]] = []
+    last_state = None
+    if last.is_file():
+        try:
+            last_state = load(last)
+        except CorruptCheckpointError as e:
+            corrupt.append((last, str(e)))
+    for step, path in reversed(step_checkpoints(output_dir)):
+        if last_state is not None and step <= last_state["step"]:
+            break  # last.pt is as new (on a tie, it is this file's link)
+        if corrupt and corrupt[0][0] == last and os.path.samefile(path, last):
+            corrupt.append((path, corrupt[0][1]))
+            continue
+        try:
+            return path, load(path), corrupt
+        except CorruptCheckpointError as e:
+            corrupt.append((path, str(e)))
+    return (last, last_state, corrupt) if last_state is not None else (None, None, corrupt)
+
+
+def set_aside(paths: list[Path]) -> list[Path]:
+    """Move unreadable checkpoints to ``checkpoints/corrupt/<name>`` (``<name>.1``, ... if taken), never deleting
+    one. Main process only.
+
+    Returns:
+        their new paths.
+    """
+    moved = []
+    for path in paths:
+        folder = path.parent / CORRUPT
+        folder.mkdir(exist_ok=True)
+        dest, n = folder / path.name, 0
+        while dest.exists():
+            n += 1
+            dest = folder / f"{path.name}.{n}"
+        os.replace(path, dest)
+        moved.append(dest)
+    if moved:
+        fsync_dir(moved[0].parent)
+        fsync_dir(paths[0].parent)
+    return moved
 
 
 def save_resume(state: dict, output_dir: str | Path, step: int, keep: int) -> Path:

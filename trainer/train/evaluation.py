@@ -97,6 +97,24 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
     return result, record
 
 
+def test_pending(out_dir: str | Path) -> bool:
+    """True unless ``reports/test_metrics.json`` (written last by the test evaluation of :func:`test_best_checkpoint`)
+    is at least as new as ``checkpoints/best/model.json``: the test evaluation of the current best model is not
+    complete (not run yet, or a kill interrupted it: a ``test/`` record without its reports is then redone)."""
+    from trainer.train.inference_checkpoint import META_FILE, best_dir
+
+    done, meta = Path(out_dir) / "reports" / "test_metrics.json", best_dir(out_dir) / META_FILE
+    return not (done.is_file() and meta.is_file() and done.stat().st_mtime_ns >= meta.stat().st_mtime_ns)
+
+
+def records_to_redo(progress, out_dir: str | Path) -> tuple[str, ...]:
+    """Key prefixes of the ``metrics.jsonl`` records at a resume checkpoint's step that the resumed run logs again
+    (so they are rewound: :func:`trainer.reporting.tracking.rewind_metrics`): ``val/`` when the checkpoint was
+    written before that step's validation (``progress.eval_step < progress.step``: an epoch end's preemption),
+    ``test/`` when the test evaluation of ``checkpoints/best/`` is not complete (:func:`test_pending`)."""
+    return (("val/",) if progress.eval_step < progress.step else ()) + (("test/",) if test_pending(out_dir) else ())
+
+
 def test_best_checkpoint(out_dir: Path, best: Path, test_shards: Sequence[str] | None, *, accelerator, tracker,
                          step: int, micro_batch_size: int, num_workers: int) -> dict | None:
     """At the end of a run: evaluate the inference checkpoint folder ``best`` on the test split once (skipped
@@ -107,8 +125,7 @@ def test_best_checkpoint(out_dir: Path, best: Path, test_shards: Sequence[str] |
     """
     from trainer.train.inference_checkpoint import META_FILE
 
-    done, meta = Path(out_dir) / "reports" / "test_metrics.json", Path(best) / META_FILE
-    if not test_shards or not meta.is_file() or (done.is_file() and done.stat().st_mtime >= meta.stat().st_mtime):
+    if not test_shards or not (Path(best) / META_FILE).is_file() or not test_pending(out_dir):
         return None
     result, record = evaluate_checkpoint(best, test_shards, accelerator=accelerator, split="test", out_dir=out_dir,
                                          tracker=tracker, step=step, micro_batch_size=micro_batch_size,
@@ -189,6 +206,7 @@ def record_validation(v: Validation, progress, *, extra: dict, tracker, stopper,
         True if this evaluation improved the monitored metric (``checkpoints/best/`` was written).
     """
     p = progress
+    p.eval_step = p.step  # the next checkpoint includes this evaluation (no second record of it after a resume)
     tracker.log({**extra, **v.raw, **v.ema_record}, step=p.step)
     if is_main:
         log.info("epoch %d step %d: val/loss %.4f val/top1 %.4f%s", p.epoch, p.step, v.raw["val/loss"],

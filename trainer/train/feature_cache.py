@@ -38,7 +38,7 @@ A run resumed in the middle of an epoch records from the next full epoch on.
 
 This is the classic "precompute bottleneck features" recipe (e.g. Keras' transfer-learning guide,
 Yosinski et al. 2014 for frozen-feature transfer); accuracy matches an uncached run with
-``augment: none`` up to the order in which samples are drawn (see the README for measured figures).
+``augment: none`` up to the order in which samples are drawn (measured figures: docs/performance.md, feature cache).
 """
 
 from __future__ import annotations

@@ -97,22 +97,31 @@ def save(folder: str | Path, model_state: dict[str, torch.Tensor], *, class_name
 def resolve(path: str | Path) -> Path:
     """The checkpoint a user named: an inference folder, or a ``.pt`` file.
 
-    Accepts the folder, either file inside it, a run folder (``<run>/checkpoints/best``) or a
-    ``best.pt`` / ``last.pt``.
+    Accepts the folder, either file inside it, a run folder or its ``checkpoints/`` (``best/`` in it, else a
+    ``best.pt`` of an older trainer version) or a ``best.pt`` / ``last.pt``.
 
     Raises:
-        CheckpointError: nothing of the kind at ``path`` (one line naming it).
+        CheckpointError: nothing of the kind at ``path``: one line naming it and what to pass instead.
     """
     p = Path(path)
     if p.is_file() and p.name in (META_FILE, WEIGHTS_FILE):
         return p.parent
     if p.is_file():
         return p
-    for folder in (p, best_dir(p)):
+    ckpts = p if p.name == "checkpoints" else checkpoint_dir(p)
+    for folder in (p, ckpts / BEST_DIR):
         if (folder / META_FILE).is_file():
             return folder
-    raise CheckpointError(f"checkpoint not found: {p} (expected a folder with {META_FILE} + {WEIGHTS_FILE}, "
-                          f"a run folder, or a .pt file)")
+    if (ckpts / "best.pt").is_file():  # a run of an older trainer version
+        return ckpts / "best.pt"
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p} does not exist (pass a run folder, its "
+                              f"checkpoints/{BEST_DIR} folder with {META_FILE} + {WEIGHTS_FILE}, or a .pt file)")
+    if (ckpts / "last.pt").is_file():
+        raise CheckpointError(f"checkpoint not found: {p} has no checkpoints/{BEST_DIR} (no evaluation of the run has "
+                              f"finished yet): pass {ckpts / 'last.pt'} for its latest weights")
+    raise CheckpointError(f"checkpoint not found: {p} holds no {META_FILE} and no checkpoints/{BEST_DIR} or "
+                          f"checkpoints/best.pt (pass a run folder, its checkpoints/{BEST_DIR} folder or a .pt file)")
 
 
 def _read_json(path: Path) -> dict:

@@ -27,6 +27,13 @@ name, so a later start with the same ``resume_from`` (a requeued job) continues 
 (3) A folder without ``config.yaml``, ``checkpoints/`` or ``logs/`` is not a run folder: nothing there is
 deleted, not even with ``train.overwrite``; choose another ``train.output_dir``.
 
+An unreadable (truncated, damaged) checkpoint never blocks a start: the newest one that loads is used
+(:func:`trainer.train.checkpoint_files.newest_intact`), and the start moves the damaged ones to
+``checkpoints/corrupt/`` with a warning naming each; ``train.resume_from`` is honoured whatever the newest
+holds. Only when no checkpoint loads is the start refused, saying what to do. A run that reached its end but
+was killed during its end-of-run work (test evaluation, training curves: ``reports/training_curves.png`` older
+than the checkpoint) resumes to finish that work.
+
 Keys present in only one of the two configs (a field added or removed by another trainer version)
 are not compared.
 """
@@ -43,7 +50,7 @@ import yaml
 from trainer.config.launcher import resolve_config_precision
 from trainer.config.schema import Config, ConfigError
 from trainer.train import checkpoint as ckpt_lib
-from trainer.train.checkpoint_files import latest_checkpoint, rewind
+from trainer.train.checkpoint_files import newest_intact, rewind, set_aside
 from trainer.utils.files import remove_stale_temp_files
 
 log = logging.getLogger("trainer")
@@ -77,6 +84,7 @@ class StartPlan:
         rewind: ``last`` is a ``train.resume_from`` checkpoint not yet gone back to: the newer step files go
             (:func:`trainer.train.checkpoint_files.rewind`). resumed_from: the ``train.resume_from`` name the
             run continues (recorded in its next checkpoints), or None.
+        corrupt: unreadable checkpoints passed over, as ``(path, reason)``: :func:`prepare_folder` sets them aside.
     """
 
     action: str
@@ -86,6 +94,7 @@ class StartPlan:
     state: dict | None = None
     rewind: bool = False
     resumed_from: str | None = None
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -135,8 +144,8 @@ def is_finished(state: dict, cfg: Config) -> bool:
 
 
 ERROR_LOGS = "logs"
-"""Folder of error tracebacks (``trainer/cli/errors.py``), also written by a start that was refused:
-on its own it does not make a folder a run."""
+"""Folder of error tracebacks (``trainer/cli/errors.py``; a refused start writes none, earlier trainer versions
+did): on its own it does not make a folder a run."""
 
 
 def _is_run_folder(out: Path) -> bool:
@@ -166,7 +175,8 @@ def plan_start(cfg: Config) -> StartPlan:
         ConfigError: the folder holds a run of another config (the differing keys, ``old -> new``),
             a run while ``train.resume`` is false and ``train.overwrite`` is not set, or files that
             are not a run's. One line naming ``train.output_dir``.
-        trainer.train.checkpoint.CheckpointError: an unreadable or refused ``last.pt``.
+        trainer.train.checkpoint.CheckpointError: no resume checkpoint loads (what to do), an unreadable
+            ``train.resume_from``, or a checkpoint refused for its content.
     """
     out = Path(cfg.train.output_dir)
     if not out.is_dir() or not any(p.name != ERROR_LOGS for p in out.iterdir()):
@@ -182,13 +192,24 @@ def plan_start(cfg: Config) -> StartPlan:
             return StartPlan("new", clear=True)
         raise ConfigError(f"train.output_dir {out} already holds a run and train.resume is false: set "
                           "train.overwrite: true to delete it, or choose another train.output_dir")
-    last = latest_checkpoint(out)
-    state = ckpt_lib.load(last) if last is not None else None
-    resumed_from, rewind = (state or {}).get("resumed_from"), False
-    if cfg.train.resume_from:
+    chosen = chosen_state = None
+    if cfg.train.resume_from:  # the checkpoint asked for first: the newest may be unreadable
         chosen = resume_from_path(cfg)
-        if resumed_from != chosen.name:  # not gone back to it yet (module docstring)
-            last, state, resumed_from, rewind = chosen, ckpt_lib.load(chosen), chosen.name, True
+        try:
+            chosen_state = ckpt_lib.load(chosen)
+        except ckpt_lib.CorruptCheckpointError as e:
+            raise ckpt_lib.CheckpointError(f"train.resume_from: {e}; choose another checkpoint of "
+                                           f"{chosen.parent} for train.resume_from") from None
+    last, state, corrupt = newest_intact(out)
+    resumed_from, rewind = (state or {}).get("resumed_from"), False
+    if chosen is not None and resumed_from != chosen.name:  # not gone back to it yet (module docstring)
+        last, state, resumed_from, rewind = chosen, chosen_state, chosen.name, True
+    if state is None and corrupt:
+        names = ", ".join(p.name for p, _ in corrupt)
+        raise ckpt_lib.CheckpointError(
+            f"train.output_dir {out}: no resume checkpoint loads ({corrupt[0][1]}): move {names} out of "
+            f"{corrupt[0][0].parent} to start the run over from step 0 (or restore a copy), or set train.resume: "
+            "false with train.overwrite: true to replace the run")
     if state is not None and isinstance(state.get("config"), dict):
         saved, source = state["config"], last
     elif (out / "config.yaml").is_file():
@@ -208,22 +229,49 @@ def plan_start(cfg: Config) -> StartPlan:
             "trainer/train/run_folder.py RESUMABLE")
     if state is None:
         return StartPlan("restart", changes=allowed)
-    if is_finished(state, cfg):
-        return StartPlan("finished", last=last, changes=allowed, state=state)
-    return StartPlan("resume", last=last, changes=allowed, rewind=rewind, resumed_from=resumed_from)
+    if is_finished(state, cfg) and not end_of_run_pending(out, last):
+        return StartPlan("finished", last=last, changes=allowed, state=state, corrupt=corrupt)
+    return StartPlan("resume", last=last, changes=allowed, rewind=rewind, resumed_from=resumed_from,
+                     corrupt=corrupt)
+
+
+CURVES = Path("reports") / "training_curves.png"
+"""Drawn last of all by a run's end (``Reporter.finish``): the mark that its end-of-run work is complete."""
+
+
+def end_of_run_pending(out: Path, last: Path) -> bool:
+    """True if the run in ``out`` wrote checkpoint ``last`` but not the end-of-run work after it (the test
+    evaluation, then :data:`CURVES`): a kill interrupted it, and a start of the finished run completes it."""
+    curves = out / CURVES
+    return not curves.is_file() or curves.stat().st_mtime_ns < Path(last).stat().st_mtime_ns
 
 
 def prepare_folder(plan: StartPlan, out: Path) -> None:
     """Main process, before anything reads the folder: delete its content (``plan.clear``), clean up after
-    killed writers (:func:`clean_start`), go back to a ``train.resume_from`` checkpoint (``plan.rewind``:
+    killed writers (:func:`clean_start`), set unreadable checkpoints aside (:func:`set_aside_corrupt`), go back to
+    a ``train.resume_from`` checkpoint (``plan.rewind``:
     :func:`trainer.train.checkpoint_files.rewind`), log the allowed config changes."""
     if plan.clear:
         clear_folder(out)
+    set_aside_corrupt(plan)
     clean_start(out)
     if plan.rewind:
         rewind(out, plan.last)
     for change in plan.changes:
         log.info("%s with a changed setting %s", plan.action, change)
+
+
+def set_aside_corrupt(plan: StartPlan) -> list[Path]:
+    """Main process: move the unreadable checkpoints the plan passed over to ``checkpoints/corrupt/`` (never
+    deleted), with a warning naming each and the checkpoint the run continues from. Returns their new paths."""
+    moved = []
+    for path, why in plan.corrupt:
+        if path.exists():
+            moved += set_aside([path])
+            log.warning("checkpoint %s is unreadable (%s): moved to %s; the run continues from %s", path.name, why,
+                        moved[-1], plan.last.name if plan.last is not None else "step 0")
+    plan.corrupt = []
+    return moved
 
 
 def clear_folder(out: Path) -> None:
@@ -247,7 +295,9 @@ def clear_folder(out: Path) -> None:
 def clean_start(out: Path) -> list[Path]:
     """Start-up clean-up of a run folder (main process, before anything reads the checkpoints):
     complete an inference-checkpoint write that a kill interrupted, then delete the temp files of dead
-    writers in the folder, ``checkpoints/`` and ``checkpoints/best/``.
+    writers (:func:`trainer.utils.files.remove_stale_temp_files`: only its ``.<name>.tmp-<pid>`` names, only of
+    pids no longer alive) anywhere under the folder: checkpoints, ``best/``, reports, ``metrics.jsonl``,
+    ``config.yaml``, ...
 
     Returns:
         The temp files removed.
@@ -257,9 +307,8 @@ def clean_start(out: Path) -> list[Path]:
     best = infer_ckpt.best_dir(out)
     if infer_ckpt.repair(best):
         log.warning("completed the interrupted write of %s/%s", best, infer_ckpt.META_FILE)
-    removed = []
-    for folder in (out, ckpt_lib.checkpoint_dir(out), best):
-        removed += remove_stale_temp_files(folder)
+    removed = remove_stale_temp_files(out, recursive=True)
     if removed:
-        log.info("removed %d temp file(s) of killed writers: %s", len(removed), ", ".join(p.name for p in removed))
+        log.info("removed %d temp file(s) of killed writers: %s", len(removed),
+                 ", ".join(str(p.relative_to(out)) for p in removed))
     return removed

@@ -37,6 +37,7 @@ from typing import Iterator
 import torch
 from accelerate.utils import set_seed
 
+from trainer.cli.errors import set_log_dir
 from trainer.config.launcher import resolve_config_precision
 from trainer.config.loading import grad_accum_steps, save_config
 from trainer.config.schema import Config, ConfigError
@@ -62,10 +63,10 @@ from trainer.train.checkpoint import Progress
 from trainer.train.checkpointer import Checkpointer
 from trainer.train.early_stopping import EarlyStopping
 from trainer.train.ema import ModelEma
-from trainer.train.evaluation import Validation, record_validation, test_best_checkpoint, validate
+from trainer.train.evaluation import Validation, record_validation, records_to_redo, test_best_checkpoint, validate
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import train_step
-from trainer.train.run_folder import StartPlan, plan_start, prepare_folder
+from trainer.train.run_folder import StartPlan, plan_start, prepare_folder, set_aside_corrupt
 
 log = logging.getLogger("trainer")
 
@@ -103,6 +104,7 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, self.world_size)
         self.out_dir = Path(cfg.train.output_dir)
         self.plan = plan or plan_start(cfg)
+        set_log_dir(self.out_dir)  # the start is accepted: from here on a user error's traceback goes to logs/
         if self.is_main:  # the run folder as the plan says: cleared, no dead writers' files, rewound
             prepare_folder(self.plan, self.out_dir)
         self.accelerator.wait_for_everyone()
@@ -123,12 +125,13 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")  # the config this folder's run trains with
-            # resume: history after the checkpoint's step is rewound; restart (no checkpoint yet): all of it
-            resume_step = self.progress.step if last is not None else 0 if self.plan.action == "restart" else None
+            # resume: records after the checkpoint's step rewound (and those at it it lacks); restart: all of them
+            resume_step = self.progress.step if last is not None else -1 if self.plan.action == "restart" else None
+            redo = records_to_redo(self.progress, self.out_dir) if last is not None else ()
             self.tracker = Tracker(self.out_dir, cfg.to_dict(), mode=cfg.logging.wandb,
                                    project=cfg.logging.project, entity=cfg.logging.entity,
                                    run_name=cfg.logging.run_name or cfg.name, run_id=wandb_run_id,
-                                   resume_step=resume_step)
+                                   resume_step=resume_step, redo=redo)
             log.info("world_size=%d micro_batch_size=%d grad_accum_steps=%d global_batch_size=%d "
                      "steps/epoch=%d total_steps=%d classes=%d mixed_precision=%s", self.world_size,
                      cfg.train.micro_batch_size, self.accum, cfg.train.global_batch_size, self.steps_epoch,
@@ -281,7 +284,7 @@ class Trainer:
             if check_now and self.preemption.should_stop(acc):
                 preempted = True
                 break
-            if self.ckpt.interval_due(p.step, check_now):
+            if p.step < epoch_end and self.ckpt.interval_due(p.step, check_now):  # the epoch's end writes one
                 self.save_last("interval")
         num_skipped = acc.reduce(torch.tensor(float(len(skipped)), device=acc.device),
                                  reduction="sum").item() if self.world_size > 1 else len(skipped)
@@ -346,7 +349,7 @@ class Trainer:
             if self.stopper.should_stop:
                 log.info("early stopping: stopped before (%s did not improve for %d evaluations); nothing to do",
                          self.stopper.monitor, self.stopper.wait)
-            if cfg.finetune.strategy != "epochs" and p.step == 0 and p.epoch == 0:  # not again on resume
+            if cfg.finetune.strategy != "epochs" and p.step == 0 and p.epoch == 0 and p.eval_step < 0:  # once
                 phase = phase_index_at(self.phases, 0)
                 ddp_model = self.enter_phase(phase, 0)
                 num_skipped = self.linear_probe()
@@ -394,6 +397,7 @@ def run(cfg: Config) -> RunResult:
         return Trainer(cfg, plan).fit()
     st = plan.state
     if int(os.environ.get("RANK", "0")) == 0:
+        set_aside_corrupt(plan)
         print(f"run in {cfg.train.output_dir} is finished (epoch {st['epoch']}, step {st['step']}): nothing to do; "
               "a larger train.epochs or train.max_steps continues it", file=sys.stderr, flush=True)
     by_length = st["epoch"] >= cfg.train.epochs or (cfg.train.max_steps is not None

@@ -121,12 +121,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temp files of :func:`atomic_write` in ``folder`` whose writer process is gone.
+def remove_stale_temp_files(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Delete the temp files of :func:`atomic_write` / :func:`atomic_link` in ``folder`` whose writer is gone.
 
-    Only names ``.<name>.tmp-<pid>`` directly in ``folder`` are considered; a file whose pid is
-    alive on this machine (a writer still at work, or this process) is kept. Pids are those of this
-    machine, so call it where the writers ran (the run's main process at start-up).
+    Only names of that pattern, ``.<name>.tmp-<pid>``, are considered; a file whose pid is alive on this
+    machine (a writer still at work, or this process) is kept. Pids are those of this machine, so call it
+    where the writers ran (the run's main process at start-up).
+
+    Args:
+        recursive: also in every sub-folder (symbolic links to folders are not followed).
 
     Returns:
         The removed paths (empty if ``folder`` does not exist).
@@ -135,14 +138,17 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     removed = []
-    for p in sorted(folder.iterdir()):
-        m = _TEMP_RE.match(p.name)
-        if m and p.is_file() and not pid_alive(int(m.group(1))):
-            try:
-                p.unlink()
-            except FileNotFoundError:  # removed concurrently
-                continue
-            removed.append(p)
+    for parent, dirs, names in os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]:
+        dirs.sort()
+        for name in sorted(names):
+            m = _TEMP_RE.match(name)
+            p = Path(parent) / name
+            if m and p.is_file() and not p.is_symlink() and not pid_alive(int(m.group(1))):
+                try:
+                    p.unlink()
+                except FileNotFoundError:  # removed concurrently
+                    continue
+                removed.append(p)
     return removed
 
 
