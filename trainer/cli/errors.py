@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Callable, Sequence
@@ -106,7 +107,22 @@ def report(e: BaseException) -> int:
         if debug:
             traceback.print_exception(e, file=sys.stderr)
         write_line(error_line(e))
+    elif _world_size() > 1:
+        # the launcher stops every process as soon as one exits: an other rank that found the same error
+        # first would end the main process before its line is out. The main process reports, then exits.
+        time.sleep(OTHER_RANK_EXIT_DELAY_S)
     return EXIT_USER_ERROR
+
+
+OTHER_RANK_EXIT_DELAY_S = 5.0
+"""Seconds a rank other than 0 waits before exiting on a user error (see :func:`report`)."""
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 @contextlib.contextmanager
