@@ -60,13 +60,13 @@ def main(config: str | None = None, candidates: str | None = None, **options) ->
         options: the fields of :class:`trainer.selection.select.SelectionOptions` (``--train_subset=1000``
             ...; listed by ``--help``); any other ``--section.key=value`` overrides the config.
     """
-    from trainer.config.launcher import resolve_mixed_precision
+    from trainer.config.run import resolve_run
     from trainer.selection.candidates import parse_candidates
     from trainer.selection.select import SelectionOptions, select_backbones, summary
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg, opts = read_options(config, options)
-    cfg.train.mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)[0]
+    cfg = resolve_run(cfg).config  # the launcher's and the machine's settings, once
     try:
         cands = parse_candidates(candidates)
     except ValueError as e:

@@ -46,16 +46,17 @@ def _run(config, dry_run, print_config, overrides) -> None:
     set_log_dir(None)  # no traceback file until the run folder is known to be writable
     from trainer.cli.args import config_overrides
     # text values (the command line's) are read once, by their field's type: a str field keeps `007`
-    cfg = load_config(config, config_overrides(overrides), parse_strings=False)
+    from trainer.config.run import resolve_run
+    # the launcher's and the machine's settings, resolved once for this process; cfg is not changed after
+    resolved = resolve_run(load_config(config, config_overrides(overrides), parse_strings=False))
+    cfg = resolved.config
     if print_config:
         import yaml
 
-        from trainer.config.launcher import resolve_config_precision
-        cfg.train.mixed_precision = resolve_config_precision(cfg)[0]
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return
     from trainer.cli.preflight import preflight
-    for note in preflight(cfg, train=not dry_run):
+    for note in (*resolved.notes, *preflight(cfg, train=not dry_run)):
         if rank() == 0:
             write_line(note)
     if dry_run:
@@ -65,7 +66,7 @@ def _run(config, dry_run, print_config, overrides) -> None:
     from trainer.train.trainer import run  # sets the traceback folder once the start is accepted: a refused
     # start (a config that does not fit the run folder) writes nothing into train.output_dir
     try:
-        run(cfg)  # also returns normally after a preemption checkpoint: exit 0, the job requeues
+        run(cfg, resolved)  # also returns normally after a preemption checkpoint: exit 0, the job requeues
     finally:
         # destroy the process group: without it gloo aborts at exit (SIGABRT) and the launcher
         # reports the run as failed

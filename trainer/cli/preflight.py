@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 
 from trainer.config.fields import ConfigError
-from trainer.config.launcher import resolve_config_precision
 from trainer.config.schema import Config
 
 
@@ -46,11 +45,7 @@ def preflight(cfg: Config, *, train: bool = True) -> list[str]:
     """
     from trainer.models.build import check_model_names
 
-    notes = []
-    value, note = resolve_config_precision(cfg)
-    cfg.train.mixed_precision = value
-    if note:
-        notes.append(note)
+    notes: list[str] = []
     check_model_names(cfg.model.backbone, cfg.model.weights)
     if train:
         check_output_dir(cfg.train.output_dir)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from trainer.config.launcher import resolve_mixed_precision
 from trainer.config.schema import Config, ConfigError
 from trainer.data.prepare import prepare_dataset
 from trainer.finetune.linear_probe import fit_linear_probe_holdout
@@ -118,7 +117,7 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
     batch = opts.batch_size or cfg.train.micro_batch_size
     epochs = opts.epochs or cfg.train.epochs
     device = accelerator.device
-    precision = resolve_mixed_precision(cfg.train.mixed_precision)[0]  # 'auto': the launcher's setting
+    precision = accelerator.mixed_precision  # the value the accelerator computes in (resolved at start)
     samples = None  # this rank's subset, read at the first cache miss
     rows: list[Row] = []
     for backbone, weights in opts.candidates:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config.launcher import resolve_config_precision
+from trainer.config.run import resolve_run
 from trainer.config.schema import Config, ConfigError
 from trainer.train import checkpoint as ckpt_lib
 from trainer.train.checkpoint_files import newest_intact, rewind, set_aside
@@ -124,15 +124,6 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return refused, allowed
 
 
-def _resolved(cfg: dict) -> dict:
-    """``cfg`` with ``train.mixed_precision: auto`` resolved as the run resolves it
-    (:func:`trainer.config.launcher.resolve_config_precision`), so that a run saved with the resolved value compares equal to its unchanged config."""
-    train = cfg.get("train")
-    if isinstance(train, dict) and train.get("mixed_precision") == "auto":
-        cfg = {**cfg, "train": {**train, "mixed_precision": resolve_config_precision(cfg)[0]}}
-    return cfg
-
-
 def is_finished(state: dict, cfg: Config) -> bool:
     """True if a run at ``last.pt`` state ``state`` has nothing left to do under ``cfg``."""
     t = cfg.train
@@ -171,6 +162,10 @@ def resume_from_path(cfg: Config) -> Path:
 def plan_start(cfg: Config) -> StartPlan:
     """Decide what this start does with ``train.output_dir`` (module docstring); reads, never writes.
 
+    Args:
+        cfg: the run's config as resolved at start (:func:`trainer.config.run.resolve_run`: a saved
+            ``config.yaml`` records resolved values); an unresolved one (a library caller) is resolved here.
+
     Raises:
         ConfigError: the folder holds a run of another config (the differing keys, ``old -> new``),
             a run while ``train.resume`` is false and ``train.overwrite`` is not set, or files that
@@ -178,6 +173,8 @@ def plan_start(cfg: Config) -> StartPlan:
         trainer.train.checkpoint.CheckpointError: no resume checkpoint loads (what to do), an unreadable
             ``train.resume_from``, or a checkpoint refused for its content.
     """
+    if cfg.train.mixed_precision == "auto":
+        cfg = resolve_run(cfg).config
     out = Path(cfg.train.output_dir)
     if not out.is_dir() or not any(p.name != ERROR_LOGS for p in out.iterdir()):
         if cfg.train.resume_from:
@@ -220,7 +217,11 @@ def plan_start(cfg: Config) -> StartPlan:
         source = out / "config.yaml"
     else:
         saved, source = {}, last
-    refused, allowed = config_changes(_resolved(saved), _resolved(cfg.to_dict()))
+    new = cfg.to_dict()
+    if isinstance(saved.get("train"), dict) and saved["train"].get("mixed_precision") == "auto":
+        # a config saved unresolved (written by hand or by a tool): 'auto' is whatever this start resolved
+        saved = {**saved, "train": {**saved["train"], "mixed_precision": new["train"]["mixed_precision"]}}
+    refused, allowed = config_changes(saved, new)
     if refused:
         raise ConfigError(
             f"train.output_dir {out} holds a run of another config ({source.name}): {'; '.join(refused)}. "

@@ -38,7 +38,7 @@ import torch
 from accelerate.utils import set_seed
 
 from trainer.cli.errors import set_log_dir
-from trainer.config.launcher import resolve_config_precision
+from trainer.config.run import ResolvedRun, resolve_run
 from trainer.config.loading import grad_accum_steps, save_config
 from trainer.config.schema import Config, ConfigError
 from trainer.data.batch_augment import build_batch_augment
@@ -93,10 +93,10 @@ class Trainer:
         trainer.train.checkpoint.CheckpointError: an unreadable checkpoint (names the file).
     """
 
-    def __init__(self, cfg: Config, plan: StartPlan | None = None):
-        self.cfg = cfg
-        self.accelerator = make_accelerator(resolve_config_precision(cfg)[0], timeout_s=cfg.train.dist_timeout_s)
-        cfg.train.mixed_precision = self.accelerator.mixed_precision  # "auto" resolved: config.yaml records it
+    def __init__(self, cfg: Config, plan: StartPlan | None = None, resolved: ResolvedRun | None = None):
+        resolved = resolved or resolve_run(cfg)  # once per process: the entry point passes its own
+        self.cfg = cfg = resolved.config  # train.mixed_precision resolved; config.yaml records it
+        self.accelerator = make_accelerator(cfg.train.mixed_precision, timeout_s=cfg.train.dist_timeout_s)
         self.is_main = self.accelerator.is_main_process
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format=f"[rank {self.accelerator.process_index}] %(levelname)s %(message)s")
@@ -383,18 +383,25 @@ class Trainer:
                          epoch=p.epoch, preempted=preempted, early_stopped=self.stopper.should_stop)
 
 
-def run(cfg: Config) -> RunResult:
+def run(cfg: Config, resolved: ResolvedRun | None = None) -> RunResult:
     """Train (or resume) the run described by ``cfg``: ``Trainer(cfg).fit()``, after deciding what to
     do with ``train.output_dir`` (:func:`trainer.train.run_folder.plan_start`). A run that already
     reached its end says so and returns its counters without touching any file.
+
+    Args:
+        cfg: the loaded config.
+        resolved: its launcher and machine settings (:func:`trainer.config.run.resolve_run`), resolved by
+            the entry point; None: resolved here (a library caller).
 
     Raises:
         ConfigError: config fields that do not fit the data, the launch or the run folder (names the field).
         trainer.train.checkpoint.CheckpointError: a checkpoint that does not fit this run (names the file).
     """
+    resolved = resolved or resolve_run(cfg)  # once per process: the entry point passes its own
+    cfg = resolved.config
     plan = plan_start(cfg)
     if plan.action != "finished":
-        return Trainer(cfg, plan).fit()
+        return Trainer(cfg, plan, resolved).fit()
     st = plan.state
     if int(os.environ.get("RANK", "0")) == 0:
         set_aside_corrupt(plan)
