@@ -1,7 +1,7 @@
 """The run resolved once: what a config leaves to the launcher and the machine, decided at start.
 
 :func:`resolve_run` is called once per process, by the entry point (``trainer/main.py``,
-``launch/select_backbone.py``) or, for a library caller that did not, by :func:`trainer.train.trainer.run`.
+``launch/select_backbone.py``) or, for a library caller that did not, by :func:`trainer.train.start.run`.
 It returns a :class:`ResolvedRun` (frozen) whose ``config`` is a copy of the loaded config with every
 ``auto`` the launcher or hardware decides replaced by its value; every component receives that config and
 nothing re-resolves or mutates it afterwards. ``config.yaml`` and the checkpoints record the resolved
@@ -23,16 +23,13 @@ class ResolvedRun:
     """A config with its launcher and machine settings resolved.
 
     Attributes:
-        config: the config the run trains with (``train.mixed_precision`` never ``auto``).
-        mixed_precision: ``no``, ``bf16`` or ``fp16`` (the rule: :mod:`trainer.config.launcher`).
+        config: the config the run trains with: ``train.mixed_precision`` is ``no``, ``bf16`` or ``fp16``,
+            never ``auto`` (the rule: :mod:`trainer.config.launcher`).
         notes: lines to show once (which launcher setting applies or is overridden).
-        world_size: processes of the job as the launcher announces them (``WORLD_SIZE``; 1 without one).
     """
 
     config: Config
-    mixed_precision: str
     notes: tuple[str, ...]
-    world_size: int
 
 
 def resolve_run(cfg: Config, env: Mapping[str, str] | None = None) -> ResolvedRun:
@@ -40,7 +37,7 @@ def resolve_run(cfg: Config, env: Mapping[str, str] | None = None) -> ResolvedRu
 
     Args:
         cfg: the loaded, checked config (not modified).
-        env: environment (default ``os.environ``): ``ACCELERATE_MIXED_PRECISION``, ``WORLD_SIZE``.
+        env: environment (default ``os.environ``): ``ACCELERATE_MIXED_PRECISION``.
 
     Returns:
         The :class:`ResolvedRun`; its ``config`` is a new object.
@@ -51,8 +48,4 @@ def resolve_run(cfg: Config, env: Mapping[str, str] | None = None) -> ResolvedRu
     env = os.environ if env is None else env
     value, note = resolve_config_precision(cfg, dict(env))
     config = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=value))
-    try:
-        world_size = max(1, int(env.get("WORLD_SIZE", "1")))
-    except ValueError:
-        world_size = 1  # the accelerator's own launch check names a malformed WORLD_SIZE
-    return ResolvedRun(config=config, mixed_precision=value, notes=(note,) if note else (), world_size=world_size)
+    return ResolvedRun(config=config, notes=(note,) if note else ())
