@@ -101,18 +101,14 @@ def data_listing(data: Path, split: str, *, path_column=None, label_column=None,
 def _write_or_reuse(listing: Listing, shard_dir: Path, num_workers: int) -> None:
     from trainer.config.fields import ConfigError
     from trainer.data import staging
-    from trainer.data.meta import read_meta
-    from trainer.data.prepare import source_change
-    from trainer.data.shard_writer import write_listing
+    from trainer.data.prepare import write_or_reuse
 
     with staging.shard_lock(shard_dir):  # another evaluation writing this folder: wait, then reuse or refuse
         staging.recover(shard_dir)
-        if (shard_dir / "dataset.json").is_file():
-            problem = source_change(read_meta(shard_dir).source, listing.source, str(shard_dir))
-            if problem:
-                raise ConfigError(problem.replace("data.shard_dir", "--shard_dir").replace("data.", "--"))
-            return
-        write_listing(listing, shard_dir, max_samples_per_shard=256, num_workers=max(1, num_workers))
+        try:
+            write_or_reuse(listing, shard_dir, max_samples_per_shard=256, num_workers=max(1, num_workers))
+        except ConfigError as e:  # the data.* fields are this command's options
+            raise ConfigError(str(e).replace("data.shard_dir", "--shard_dir").replace("data.", "--")) from None
 
 
 def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = None, meta: str | None = None,

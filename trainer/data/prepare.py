@@ -189,7 +189,6 @@ def ensure_shards(cfg: DataConfig, *, progress: bool = False) -> None:
     Raises:
         ConfigError: a bad field or a changed source (one line naming it).
     """
-    from trainer.data.shard_writer import write_listing
 
     out = Path(cfg.shard_dir)
     try:
@@ -198,18 +197,33 @@ def ensure_shards(cfg: DataConfig, *, progress: bool = False) -> None:
             listing = build_listing(cfg)
             if listing is None:
                 return
-            if (out / "dataset.json").is_file():
-                problem = source_change(read_meta(out).source, listing.source, cfg.shard_dir)
-                if problem:
-                    raise ConfigError(problem)
-                log.info("reusing the shards in %s (same source)", out)
-                return
-            workers = cfg.shard_workers or min(8, os.cpu_count() or 1)
-            log.info("writing shards of %s into %s (%d process(es))", listing.source["location"], out, workers)
-            write_listing(listing, out, max_samples_per_shard=cfg.samples_per_shard, num_workers=workers,
-                          progress=progress)
+            write_or_reuse(listing, out, max_samples_per_shard=cfg.samples_per_shard,
+                           num_workers=cfg.shard_workers or min(8, os.cpu_count() or 1), progress=progress)
     except (DataError, FileExistsError) as e:
         raise ConfigError(str(e)) from None
+
+
+def write_or_reuse(listing: Listing, out: Path, *, max_samples_per_shard: int, num_workers: int,
+                   progress: bool = False) -> None:
+    """Reuse the shards in ``out`` when they were written from ``listing``'s source, else write them there.
+
+    The caller holds ``out``'s lock (:func:`trainer.data.staging.shard_lock`) and has completed or removed an
+    interrupted write (:func:`trainer.data.staging.recover`).
+
+    Raises:
+        ConfigError: ``out`` holds shards of another source (:func:`source_change`, naming the ``data.*`` field).
+    """
+    from trainer.data.shard_writer import write_listing
+
+    if (out / "dataset.json").is_file():
+        problem = source_change(read_meta(out).source, listing.source, str(out))
+        if problem:
+            raise ConfigError(problem)
+        log.info("reusing the shards in %s (same source)", out)
+        return
+    log.info("writing shards of %s into %s (%d process(es))", listing.source["location"], out, num_workers)
+    write_listing(listing, out, max_samples_per_shard=max_samples_per_shard, num_workers=num_workers,
+                  progress=progress)
 
 
 def _leak_check(meta: DatasetMeta, on_leak: str) -> None:
