@@ -16,7 +16,7 @@ label ``i % C``) plus N/20 validation images, then for each C (its own folder):
 1. shard writing images/s with 1 and 2 writer processes (``trainer.data.shard_writer.write_shards``);
 2. loader images/s: one pass over the training shards with ``trainer.data.loader.TrainLoader``
    (2 workers, the training transform at 32 px, micro-batches of 64);
-3. a short training run (``trainer.train.trainer.run``): ``timm:test_efficientnet`` (99k
+3. a short training run (``trainer.train.start.run``): ``timm:test_efficientnet`` (99k
    parameters, random weights, backbone frozen) at 32 px instead of its 160 px (the bench patches the
    preprocessing: only the bookkeeping is under test here), global batch 32, ``--steps`` steps, one
    evaluation at the end, W&B off;
@@ -266,6 +266,7 @@ def _train(shards: str, out: str, steps: int) -> None:
     import logging
 
     import trainer.train.trainer as tt
+    from trainer.train.start import run
     from trainer.config.loading import load_config
 
     real_build = tt.build_model
@@ -283,7 +284,7 @@ def _train(shards: str, out: str, steps: int) -> None:
         "train.resume": False, "optim.warmup_steps": 0, "logging.wandb": "disabled", "logging.progress": False})
     logging.disable(logging.WARNING)
     t0 = time.perf_counter()
-    res = tt.run(cfg)
+    res = run(cfg)
     dt = time.perf_counter() - t0
     evals = [line for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if '"val/top1"' in line]
     _result(steps=res.step, seconds=round(dt, 1), steps_per_s=round(res.step / dt, 2),

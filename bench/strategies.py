@@ -1,7 +1,7 @@
 """Benchmark: transfer-learning strategies on one dataset, accuracy and wall time side by side.
 
 Each strategy is a shipped config (``configs/<dataset>_lite0*.yaml``, optionally with a few overrides),
-trained in this process with :func:`trainer.train.trainer.run` (single process) into
+trained in this process with :func:`trainer.train.start.run` (single process) into
 ``<runs_dir>/<dataset>/<strategy>``; the figures are read back from each run's ``metrics.jsonl``:
 
 ==================  ============================================================================
@@ -83,9 +83,9 @@ def run_strategy(name: str, dataset: str, epochs: int | None, runs_dir: Path, ex
         "minutes" (wall clock, whole run), "load_avg" (1-min load average at the end)}``.
 
     Raises:
-        KeyError: unknown strategy. Errors of :func:`trainer.train.trainer.run`.
+        KeyError: unknown strategy. Errors of :func:`trainer.train.start.run`.
     """
-    from trainer.train.trainer import run
+    from trainer.train.start import run
 
     path, overrides = STRATEGIES[name]
     out = runs_dir / dataset / name

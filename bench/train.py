@@ -16,7 +16,7 @@ Per variant (feature extraction ``fe`` and fine-tuning ``ft``; fp32 and bf16), i
   no data loading: feature extraction = eval-mode forward under ``torch.no_grad()``; fine-tuning =
   train-mode forward + backward + ``torch.optim.AdamW`` step. bf16 = ``torch.autocast("cpu", bfloat16)``.
   Warmed up until two consecutive blocks of at least 2 s agree within 3 %, then the mean of those two.
-* **trainer**: ``trainer.train.trainer.run`` itself (``configs/ants_bees_lite0.yaml`` on shards of the
+* **trainer**: ``trainer.train.start.run`` itself (``configs/ants_bees_lite0.yaml`` on shards of the
   ants/bees images, ``finetune.freeze`` backbone / none, ``train.mixed_precision`` no / bf16, batch
   ``--batch`` as one micro-batch per step, ``data.image_size`` ``--size``), timed from outside: step end to
   step end, so everything between steps counts. Steady state: the first ``--warmup`` steps and the first
@@ -313,9 +313,10 @@ def run_plain(mode: str, args) -> StepTimer:
 
 
 def run_trainer(mode: str, args, *, extra: dict | None = None, full_val: bool = False) -> tuple[StepTimer, object]:
-    """``trainer.train.trainer.run`` on the shards of the same images, instrumented from outside."""
+    """``trainer.train.start.run`` on the shards of the same images, instrumented from outside."""
     import trainer.train.evaluation as eval_mod
     import trainer.train.trainer as run_mod
+    from trainer.train.start import run
     from trainer.config.loading import load_config
 
     timer = StepTimer()
@@ -351,7 +352,7 @@ def run_trainer(mode: str, args, *, extra: dict | None = None, full_val: bool = 
         overrides["data.val_shards"] = str(shard_dir / "val-000000.tar")
     overrides.update(extra or {})
     cfg = load_config(CONFIG, overrides)
-    result = run_mod.run(cfg)
+    result = run(cfg)
     return timer, result
 
 

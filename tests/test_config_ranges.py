@@ -91,12 +91,12 @@ def _overrides(key, value, wrap):
 @pytest.fixture
 def no_training(monkeypatch):
     """main() must stop at the config: a run that starts fails the test instead of training."""
-    import trainer.train.trainer as trainer_mod
+    import trainer.train.start as start_mod
 
-    def refuse(cfg):
+    def refuse(cfg, resolved=None):
         raise AssertionError("the config was accepted and training started")
 
-    monkeypatch.setattr(trainer_mod, "run", refuse)
+    monkeypatch.setattr(start_mod, "run", refuse)
 
 
 @settings(max_examples=150, deadline=None, derandomize=True,

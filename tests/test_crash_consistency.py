@@ -32,7 +32,7 @@ SERVER = textwrap.dedent("""
     plt.figure().savefig(io.BytesIO(), format="png")  # fonts loaded once too
     plt.close("all")
     from trainer.config.loading import load_config
-    from trainer.train.trainer import run
+    from trainer.train.start import run
 
     for line in sys.stdin:
         overrides = json.loads(line)

@@ -167,7 +167,7 @@ def test_run_with_feature_cache_matches_uncached(tmp_path, monkeypatch):
     """Same steps, backbone forwards only in the first epoch and first evaluation, same val result."""
     from trainer.config.loading import load_config
     from trainer.data.shard_writer import write_shards
-    from trainer.train.trainer import run
+    from trainer.train.start import run
 
     root = _tiny_image_root(tmp_path)
     write_shards(root, tmp_path / "shards", max_samples_per_shard=4)

@@ -239,7 +239,7 @@ def _folder(root: Path, n_train: int = 8, n_val: int = 4) -> Path:
 
 
 def _run(tmp: Path, out: str, **ov):
-    from trainer.train.trainer import run
+    from trainer.train.start import run
 
     base = {"data.root": str(tmp / "img"), "data.shard_dir": str(tmp / "shards"), "data.samples_per_shard": 8,
             "data.num_workers": 1, "data.image_size": 32, "train.output_dir": str(tmp / out),

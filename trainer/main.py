@@ -63,7 +63,7 @@ def _run(config, dry_run, print_config, overrides) -> None:
         from trainer.finetune.dryrun import print_group_table
         print_group_table(cfg)
         return
-    from trainer.train.trainer import run  # sets the traceback folder once the start is accepted: a refused
+    from trainer.train.start import run  # sets the traceback folder once the start is accepted: a refused
     # start (a config that does not fit the run folder) writes nothing into train.output_dir
     try:
         run(cfg, resolved)  # also returns normally after a preemption checkpoint: exit 0, the job requeues

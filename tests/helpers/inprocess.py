@@ -10,13 +10,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_in_process(images: Path, shard_dir: Path, out_dir: Path, **overrides):
-    """``trainer.train.trainer.run`` on ``configs/ants_bees_lite0.yaml`` with tiny-run overrides; returns RunResult.
+    """``trainer.train.start.run`` on ``configs/ants_bees_lite0.yaml`` with tiny-run overrides; returns RunResult.
 
     Defaults: 1 loader worker, global batch 8 (micro 4), no augmentation, no W&B, no progress bar.
     ``overrides`` use dotted keys as on the command line: ``**{"train.epochs": 2}``.
     """
     from trainer.config.loading import load_config
-    from trainer.train.trainer import run
+    from trainer.train.start import run
 
     ov = {"data.root": str(images), "data.shard_dir": str(shard_dir), "data.samples_per_shard": 8,
           "data.num_workers": 1, "data.augment": "none", "train.output_dir": str(out_dir),

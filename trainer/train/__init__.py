@@ -1,4 +1,5 @@
-"""The run: ``trainer`` (the Trainer: set-up, phases, epochs), ``loop`` (train step with gradient
+"""The run: ``start`` (``run``: the run folder's plan, then the Trainer), ``trainer`` (the Trainer: set-up,
+phases, epochs), ``loop`` (train step with gradient
 accumulation, evaluation), ``evaluation`` (validation with raw + EMA weights and what follows it, the
 test split), ``ema``, ``linear_probe``, ``checkpointer`` (when and what the run writes and restores),
 ``checkpoint`` (the ``last.pt`` format, safe loading), ``run_folder``, ``inference_checkpoint``

@@ -1,7 +1,7 @@
 """One training run: wires config, data, model, freezing, optimizer, loop, checkpoints and tracking.
 
-:func:`run` decides what to do with ``train.output_dir`` (:mod:`trainer.train.run_folder`: new run,
-resume, refusal, or "finished"), builds a :class:`Trainer` and calls :meth:`Trainer.fit`. Every rank
+:func:`trainer.train.start.run` decides what to do with ``train.output_dir`` (:mod:`trainer.train.run_folder`:
+new run, resume, refusal, or "finished"), builds a :class:`Trainer` and calls :meth:`Trainer.fit`. Every rank
 runs the same code; only the main process writes files or logs. The sequence:
 
 1. Build the Accelerator (DDP over gloo on CPU, NCCL on GPU) and check the world size; the main
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -66,7 +64,7 @@ from trainer.train.ema import ModelEma
 from trainer.train.evaluation import Validation, record_validation, records_to_redo, test_best_checkpoint, validate
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import train_step
-from trainer.train.run_folder import StartPlan, plan_start, prepare_folder, set_aside_corrupt
+from trainer.train.run_folder import StartPlan, plan_start, prepare_folder
 
 log = logging.getLogger("trainer")
 
@@ -381,33 +379,3 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return RunResult(output_dir=self.out_dir, best_top1=p.best_top1, last_eval=last_eval, step=p.step,
                          epoch=p.epoch, preempted=preempted, early_stopped=self.stopper.should_stop)
-
-
-def run(cfg: Config, resolved: ResolvedRun | None = None) -> RunResult:
-    """Train (or resume) the run described by ``cfg``: ``Trainer(cfg).fit()``, after deciding what to
-    do with ``train.output_dir`` (:func:`trainer.train.run_folder.plan_start`). A run that already
-    reached its end says so and returns its counters without touching any file.
-
-    Args:
-        cfg: the loaded config.
-        resolved: its launcher and machine settings (:func:`trainer.config.run.resolve_run`), resolved by
-            the entry point; None: resolved here (a library caller).
-
-    Raises:
-        ConfigError: config fields that do not fit the data, the launch or the run folder (names the field).
-        trainer.train.checkpoint.CheckpointError: a checkpoint that does not fit this run (names the file).
-    """
-    resolved = resolved or resolve_run(cfg)  # once per process: the entry point passes its own
-    cfg = resolved.config
-    plan = plan_start(cfg)
-    if plan.action != "finished":
-        return Trainer(cfg, plan, resolved).fit()
-    st = plan.state
-    if int(os.environ.get("RANK", "0")) == 0:
-        set_aside_corrupt(plan)
-        print(f"run in {cfg.train.output_dir} is finished (epoch {st['epoch']}, step {st['step']}): nothing to do; "
-              "a larger train.epochs or train.max_steps continues it", file=sys.stderr, flush=True)
-    by_length = st["epoch"] >= cfg.train.epochs or (cfg.train.max_steps is not None
-                                                     and st["step"] >= cfg.train.max_steps)
-    return RunResult(output_dir=Path(cfg.train.output_dir), best_top1=st.get("best_top1", -1.0), last_eval={},
-                     step=st["step"], epoch=st["epoch"], preempted=False, early_stopped=not by_length)
