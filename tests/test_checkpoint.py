@@ -199,3 +199,63 @@ def test_older_run_folders_and_plain_weights_files_say_what_to_do(tmp_path):
     torch.save({"format_version": 9}, newer)
     with pytest.raises(ck.CheckpointError, match="newer trainer version .*update the trainer"):
         ck.load(newer)
+
+
+def _best_folder(tmp_path):
+    """A real ``checkpoints/best/`` of a 3-class resnet18 (random weights) and its model."""
+    from trainer.models.build import build_model
+    from trainer.train import inference_checkpoint as ic
+
+    torch.manual_seed(0)
+    model, pre = build_model("resnet18", 3, "none")
+    folder = ic.save(ic.best_dir(tmp_path / "run"), model.state_dict(), class_names=["a", "b", "c"],
+                     backbone="resnet18", drop_rate=0.0, preprocessing=pre.to_dict(), config={}, metrics={})
+    return folder, model.eval()
+
+
+def _edit_model_json(folder, edit):
+    import json
+
+    meta = json.loads((folder / "model.json").read_text())
+    edit(meta)
+    (folder / "model.json").write_text(json.dumps(meta))
+
+
+def test_older_model_json_with_fields_no_longer_read_still_loads(tmp_path):
+    """Fields an older version wrote that this loader does not read (top level or in preprocessing) are ignored."""
+    from trainer.train import inference_checkpoint as ic
+
+    folder, model = _best_folder(tmp_path)
+
+    def older(meta):
+        meta.update(val_top1=0.9, num_classes=3, weights_format="safetensors")
+        meta["preprocessing"]["resize_size"] = 256
+
+    _edit_model_json(folder, older)
+    loaded, pre, names = ic.load_for_inference(tmp_path / "run")
+    assert names == ["a", "b", "c"] and pre.input_size == 224
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("missing", [("preprocessing",), ("backbone", "class_names"), ("preprocessing.crop_pct",)])
+def test_model_json_missing_fields_fails_with_one_line_saying_how_to_convert(tmp_path, missing):
+    from trainer.train import inference_checkpoint as ic
+
+    folder, _ = _best_folder(tmp_path)
+
+    def drop(meta):
+        for key in missing:
+            parent, _, leaf = key.rpartition(".")
+            (meta[parent] if parent else meta).pop(leaf)
+
+    _edit_model_json(folder, drop)
+    with pytest.raises(ck.CheckpointError) as e:
+        ic.load_for_inference(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and str(folder / "model.json") in msg
+    assert all(k in msg for k in missing) and "convert:" in msg, msg
+    ck.atomic_save({"format_version": 2}, folder.parent / "last.pt")  # the way out the message names
+    with pytest.raises(ck.CheckpointError, match=r"or pass .*checkpoints/last.pt"):
+        ic.load_for_inference(folder)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config.loading import load_config
-from trainer.finetune.dryrun import group_table
+from trainer.finetune.dryrun import group_table, read_data_summary
 from trainer.finetune.freezing import trainable_layer_ids
 from trainer.finetune.param_groups import build_param_groups
 from trainer.finetune.schedule import build_phases_for
@@ -92,3 +92,89 @@ def test_dry_run_command_prints_table_for_gradual_config():
     rows, total = _parse(res.stdout)
     assert total == sum(int(r[0].replace(",", "")) for r in rows.values())
     assert "phase1" in res.stdout and "layer08_decay (head)" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# the data line: the class list read from the configured data, nothing written
+
+
+def _tiny_images(folder: Path, classes: list[str], per_class: int) -> None:
+    from PIL import Image
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (4, 4), (i * 40 % 256, 0, 0)).save(folder / c / f"{i}.png")
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _data_cfg(tmp_path, **data):
+    return load_config(None, {"model.backbone": "resnet18", "model.weights": "none",
+                              "data.shard_dir": str(tmp_path / "shards"), **{f"data.{k}": v for k, v in data.items()}})
+
+
+def test_dry_run_lists_split_folders_without_writing(tmp_path):
+    """A 10-class folder whose shards were never written: 10 classes (not the old fallback 2), split sizes."""
+    classes = [f"class{i:02d}" for i in range(10)]
+    _tiny_images(tmp_path / "d" / "train", classes, 3)
+    _tiny_images(tmp_path / "d" / "val", classes, 1)
+    before = _tree(tmp_path)
+    text = group_table(_data_cfg(tmp_path, root=str(tmp_path / "d")))
+    first = text.splitlines()[0]
+    assert f"listing of {tmp_path / 'd'}" in first
+    assert "10 classes: class00, class01, class02" in first and "class09" in first and "more" not in first
+    assert first.endswith("splits: train 30, val 10")
+    assert "10 classes\n" in text  # the head the table was built with
+    assert _tree(tmp_path) == before  # no shard folder, no dataset.json, nothing else
+
+
+def test_dry_run_lists_class_folders_and_truncates_long_lists(tmp_path):
+    classes = [f"c{i:02d}" for i in range(13)]
+    _tiny_images(tmp_path / "d", classes, 4)
+    before = _tree(tmp_path)
+    summary = read_data_summary(_data_cfg(tmp_path, root=str(tmp_path / "d"), val_fraction=0.25).data)
+    assert summary.classes == classes and summary.split_sizes == {"train": 39, "val": 13}
+    line = summary.line(limit=3)
+    assert "13 classes: c00, c01, c02, ... (10 more); splits: train 39, val 13" in line
+    assert _tree(tmp_path) == before
+
+
+def test_dry_run_reads_a_manifest(tmp_path):
+    _tiny_images(tmp_path / "img", ["ant", "bee", "wasp"], 2)
+    rows = [f"img/{c}/{i}.png,{c},{'train' if i == 0 else 'val'}" for c in ("wasp", "ant", "bee") for i in range(2)]
+    (tmp_path / "m.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    summary = read_data_summary(_data_cfg(tmp_path, manifest=str(tmp_path / "m.csv")).data)
+    assert summary.classes == ["ant", "bee", "wasp"] and summary.split_sizes == {"train": 3, "val": 3}
+
+
+def test_dry_run_reads_dataset_json_of_written_shards(tmp_path):
+    from trainer.data.meta import build_meta, write_meta
+    split = {"num_samples": 3, "num_shards": 1, "class_counts": [1, 1, 1], "shards": ["train-000000.tar"]}
+    write_meta(tmp_path / "shards" / "dataset.json",
+               build_meta(["x", "y", "z"], {"train": split, "val": {**split, "shards": ["val-000000.tar"]}}))
+    summary = read_data_summary(_data_cfg(tmp_path).data)
+    assert summary.classes == ["x", "y", "z"] and summary.split_sizes == {"train": 3, "val": 3}
+    assert summary.source == str(tmp_path / "shards" / "dataset.json")
+
+
+@pytest.mark.parametrize("case", ["missing_root", "empty_class", "bad_manifest", "would_download"])
+def test_dry_run_says_so_when_the_data_cannot_be_read(tmp_path, case):
+    overrides = {
+        "missing_root": {"root": str(tmp_path / "nope")},
+        "empty_class": {"root": str(tmp_path / "d")},
+        "bad_manifest": {"manifest": str(tmp_path / "m.csv")},
+        "would_download": {"download_url": "http://127.0.0.1:9/x.zip"},
+    }[case]
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "val").mkdir()
+    (tmp_path / "m.csv").write_text("path,label,split\nx.png,,train\n")
+    before = _tree(tmp_path)
+    text = group_table(_data_cfg(tmp_path, **overrides))
+    first = text.splitlines()[0]
+    assert first.startswith("data: cannot be read (") and first.endswith("the table below assumes 2 classes")
+    assert {"missing_root": "folder not found", "empty_class": "no image", "bad_manifest": "m.csv",
+            "would_download": "downloads nothing"}[case] in first, first
+    assert "2 classes\n" in text
+    assert _tree(tmp_path) == before

@@ -4,6 +4,10 @@
 and launcher settings resolved before any expensive set-up) and ``errors`` (a user-fixable failure ends as one
 line, printed once, exit status 2; the traceback goes to ``<output_dir>/logs/``).
 
-May import ``trainer.config`` and, lazily, the other subpackages; nothing imports ``trainer.cli`` except
-the entry points.
+May import ``trainer.config`` and, lazily, the other subpackages but ``trainer.train`` (which imports
+``errors.set_log_dir``); nothing else imports ``trainer.cli`` except the entry points.
+
+May import: trainer.config, trainer.data, trainer.dist, trainer.finetune, trainer.models, trainer.planner,
+trainer.reporting, trainer.selection, trainer.utils.
+Imported only by: trainer.train.
 """

@@ -33,7 +33,7 @@ DEBUG_ENV = "TRAINER_DEBUG"
 # "module:Class" of the project's user-fixable errors; checked only if the module was imported (an
 # exception can only be an instance of a class whose module is loaded), so the entry stays light.
 _USER_ERRORS = (
-    "trainer.train.checkpoint:CheckpointError",
+    "trainer.models.state_dict:CheckpointError",
     "trainer.dist.accelerator:DistributedSetupError",
     "trainer.models.weights:WeightsUnavailableError",
     "trainer.models.weights:CorruptWeightsError",

@@ -5,4 +5,6 @@ sections; it re-exports every section class), ``launcher`` (values a launcher ma
 config with its launcher and machine settings resolved once per process, a frozen ``ResolvedRun``).
 
 Imports only ``trainer.utils`` from ``trainer``.
+
+May import: trainer.utils.
 """

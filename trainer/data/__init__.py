@@ -9,4 +9,6 @@
 
 May import ``trainer.config``, ``trainer.utils`` and ``trainer.dist.wait`` (the main process writes
 while the other ranks wait).
+
+May import: trainer.config, trainer.utils, trainer.dist.wait.
 """

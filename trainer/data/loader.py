@@ -27,7 +27,7 @@ from torch.utils.data import (
 
 from trainer.config.fields import ConfigError
 from trainer.data.sources import resolve_shards
-from trainer.data.stream import _EvalStream, _TrainStream
+from trainer.data.stream import EvalStream, _TrainStream
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,9 @@ class EvalLoader:
                  num_classes: int | None = None, prefetch_factor: int = 2):
         self.shards = resolve_shards(shards)
         _check_common("EvalLoader", self.shards, rank, world_size, micro_batch_size, num_workers, bad_samples)
-        self._dataset = _EvalStream(self.shards, rank=rank, world_size=world_size,
-                                    micro_batch_size=micro_batch_size, transform=transform,
-                                    bad_samples=bad_samples, num_classes=num_classes, num_workers=num_workers)
+        self._dataset = EvalStream(self.shards, rank=rank, world_size=world_size,
+                                   micro_batch_size=micro_batch_size, transform=transform,
+                                   bad_samples=bad_samples, num_classes=num_classes, num_workers=num_workers)
         self._loader = _make_loader(self._dataset, num_workers, pin_memory, prefetch_factor)
         self.last_skipped: list[str] = []
 

@@ -73,8 +73,9 @@ class BadSampleError(RuntimeError):
     ``"shard_url:key: reason"``."""
 
 
-class _BadSample(Exception):
-    pass
+class SampleError(Exception):
+    """One sample that cannot be used (no label, bad label, undecodable image); the message is the reason.
+    Raised by :func:`decode_sample`; the streams skip or report the sample."""
 
 
 class _ScopedTorchRNG:
@@ -110,35 +111,38 @@ def iter_shard(url: str) -> Iterator[dict]:
             pass
 
 
-def _reason(exn: BaseException) -> str:
+def error_reason(exn: BaseException) -> str:
+    """``"TypeName: message"`` of an exception, one line for skip reports."""
     msg = str(exn.args[0]) if exn.args else ""
     return f"{type(exn).__name__}: {msg}".strip().rstrip(":")
 
 
-def _decode_sample(sample: dict, transform: Callable, num_classes: int | None) -> tuple[torch.Tensor, int]:
-    """-> (transformed (3, S, S) uint8 image, label); raises _BadSample(reason)."""
+def decode_sample(sample: dict, transform: Callable, num_classes: int | None) -> tuple[torch.Tensor, int]:
+    """-> (transformed (3, S, S) uint8 image, label); raises SampleError(reason)."""
     raw = sample.get("cls")
     if raw is None:
-        raise _BadSample("no 'cls' label")
+        raise SampleError("no 'cls' label")
     try:
         label = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
     except (ValueError, UnicodeDecodeError):
-        raise _BadSample(f"'cls' is not an integer: {bytes(raw)[:20]!r}") from None
+        raise SampleError(f"'cls' is not an integer: {bytes(raw)[:20]!r}") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise _BadSample(f"label {label} outside [0, {num_classes})")
+        raise SampleError(f"label {label} outside [0, {num_classes})")
     data = next((sample[e] for e in IMAGE_FIELDS if e in sample), None)
     if data is None:
         fields = sorted(k for k in sample if not k.startswith("__"))
-        raise _BadSample(f"no image field (have {fields}, want one of {IMAGE_FIELDS})")
+        raise SampleError(f"no image field (have {fields}, want one of {IMAGE_FIELDS})")
     fused = getattr(transform, "from_bytes", None)  # decode + augment in one step (reduced-size JPEG decode)
     try:
         return (fused(data) if fused is not None else transform(decode_image_bytes(data))), label
     except ImageDecodeError as exn:
-        raise _BadSample(str(exn)) from None
+        raise SampleError(str(exn)) from None
 
 
 @dataclass
-class _WorkerState:
+class WorkerState:
+    """Per-worker bookkeeping of a stream: skip reports not yet attached to a batch, samples per pass."""
+
     skipped: list[str] = field(default_factory=list)  # reports not yet attached to a batch
     samples_per_pass: int | None = None  # raw samples in the first non-empty pass over the reader's shards
 
@@ -153,35 +157,35 @@ class _StreamBase(IterableDataset):
         self.strict = bad_samples == "strict"
         self.num_classes = num_classes
 
-    def _report(self, state: _WorkerState, url: str, key: str, reason: str) -> None:
+    def _report(self, state: WorkerState, url: str, key: str, reason: str) -> None:
         msg = f"{url}:{key}: {reason}"
         if self.strict:
             raise BadSampleError(msg)
         state.skipped.append(msg)
 
-    def _read_shard(self, url: str, state: _WorkerState) -> Iterator[dict]:
+    def _read_shard(self, url: str, state: WorkerState) -> Iterator[dict]:
         try:
             yield from iter_shard(url)
         except BadSampleError:
             raise
         except Exception as exn:  # unreadable / truncated tar, missing file, curl failure...
-            self._report(state, url, "<shard>", _reason(exn))
+            self._report(state, url, "<shard>", error_reason(exn))
 
-    def _read_urls(self, url: str, state: _WorkerState) -> Iterator[tuple[str, dict]]:
+    def _read_urls(self, url: str, state: WorkerState) -> Iterator[tuple[str, dict]]:
         for sample in self._read_shard(url, state):
             yield url, sample
 
-    def _decode_or_report(self, url: str, sample: dict, state: _WorkerState) -> tuple[torch.Tensor, int, str] | None:
+    def _decode_or_report(self, url: str, sample: dict, state: WorkerState) -> tuple[torch.Tensor, int, str] | None:
         """(image, label, key) of one raw sample, or None after reporting it as bad."""
         key = str(sample.get("__key__", "?"))
         try:
-            image, label = _decode_sample(sample, self.transform, self.num_classes)
-        except _BadSample as exn:
+            image, label = decode_sample(sample, self.transform, self.num_classes)
+        except SampleError as exn:
             self._report(state, url, key, str(exn))
             return None
         return image, label, key
 
-    def _batches(self, items: Iterator[tuple[str, dict]], state: _WorkerState, rng: _ScopedTorchRNG,
+    def _batches(self, items: Iterator[tuple[str, dict]], state: WorkerState, rng: _ScopedTorchRNG,
                  bad_run_limit: Callable[[], int | None], describe: str) -> Iterator[dict]:
         bad_run = 0
         exhausted = False
@@ -221,7 +225,7 @@ class _StreamBase(IterableDataset):
                 yield {"error": exn}  # (iteration_end before the main process noticed) stalls shutdown
 
     @staticmethod
-    def _collate(images, labels, keys, state: _WorkerState) -> dict:
+    def _collate(images, labels, keys, state: WorkerState) -> dict:
         skipped, state.skipped = state.skipped, []
         # (B, 3, S, S) in channels_last memory: the augmented images are HWC in memory already, so this
         # is a plain copy per image (about 8% more images/s than a contiguous NCHW batch), and the model
@@ -239,7 +243,7 @@ class _TrainStream(_StreamBase):
         self.seed, self.shuffle_buffer, self.resampled = seed, shuffle_buffer, resampled
         self.epoch_state = epoch_state  # shared memory: set by TrainLoader.epoch, read by the workers
 
-    def _raw(self, epoch: int, worker: int, num_workers: int, rng: random.Random, state: _WorkerState):
+    def _raw(self, epoch: int, worker: int, num_workers: int, rng: random.Random, state: WorkerState):
         if self.resampled:
             mine = list(self.shards)
         else:
@@ -279,7 +283,7 @@ class _TrainStream(_StreamBase):
         epoch = int(self.epoch_state[0])
         reader = f"{self.seed}/{epoch}/{self.rank}/{worker}"
         rng = random.Random(f"shuffle/{reader}")
-        state = _WorkerState()
+        state = WorkerState()
         items = self._raw(epoch, worker, num_workers, rng, state)
         margin = self.shuffle_buffer * (3 if self.resampled else 1)
 
@@ -291,7 +295,7 @@ class _TrainStream(_StreamBase):
                                          f"TrainLoader rank {self.rank} worker {worker}"))
 
 
-class _EvalStream(_StreamBase):
+class EvalStream(_StreamBase):
     """Finite per-worker stream; the readers together yield every sample exactly once."""
 
     def __init__(self, shards, *, num_workers: int, **kw):
@@ -307,7 +311,7 @@ class _EvalStream(_StreamBase):
         s = reader % n
         return [(self.shards[s], reader // n, len(range(s, readers, n)))]
 
-    def _raw(self, reader: int, state: _WorkerState):
+    def _raw(self, reader: int, state: WorkerState):
         for url, part, parts in self.assignment(reader):
             for j, sample in enumerate(self._read_shard(url, state)):
                 if j % parts == part:
@@ -317,7 +321,7 @@ class _EvalStream(_StreamBase):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         reader = self.rank * num_workers + worker
-        state = _WorkerState()
+        state = WorkerState()
         return self._guard(self._batches(self._raw(reader, state), state,
                                          _ScopedTorchRNG(seed_int(f"eval/{reader}")), lambda: None,
                                          f"EvalLoader rank {self.rank} worker {worker}"))

@@ -26,7 +26,7 @@ Compute nodes on clusters often have no internet. The rule this module enforces:
 * A cached file is verified before use: torchvision file names carry the first hex digits of the
   file's SHA-256 (``torch.hub.HASH_REGEX``, the same check as ``check_hash=True``); Hugging Face
   blobs of LFS files are named by their full SHA-256; other files are verified by loading them
-  (``safetensors`` / ``torch.load(weights_only=True)``). A truncated or corrupt file is an error
+  (``safetensors`` / :func:`trainer.models.state_dict.safe_torch_load`). A truncated or corrupt file is an error
   naming its path (delete it and prefetch again).
 
 Loading without the network: torchvision's ``weights.get_state_dict()`` reads the cached file
@@ -48,6 +48,7 @@ from typing import Callable
 
 import torch
 
+from trainer.models.state_dict import safe_torch_load
 from trainer.utils.files import sha256_file
 
 PREFETCH_COMMAND = "python launch/prefetch_weights.py {backbone}"
@@ -192,7 +193,7 @@ def verify_weights_file(path: Path, hash_prefix: str | None = None) -> None:
 
     Order: ``hash_prefix`` given -> SHA-256 must start with it (torchvision's file-name hash);
     else a Hugging Face blob named by a 64-hex SHA-256 -> full hash compare; else load it
-    (``safetensors.torch.load_file`` for ``.safetensors``, ``torch.load(weights_only=True)``
+    (``safetensors.torch.load_file`` for ``.safetensors``, :func:`trainer.models.state_dict.safe_torch_load`
     otherwise) on CPU.
 
     Raises:
@@ -226,7 +227,7 @@ def verify_weights_file(path: Path, hash_prefix: str | None = None) -> None:
 
             safetensors.torch.load_file(str(path), device="cpu")
         else:
-            torch.load(path, map_location="cpu", weights_only=True)
+            safe_torch_load(path)
     except Exception as e:  # any load failure means the file is unusable
         raise CorruptWeightsError(f"weights file {path} cannot be loaded ({type(e).__name__}: {e}); {advice}") from e
 

@@ -4,4 +4,6 @@ and mistakes), ``reporter`` (keeps ``reports/`` in step with ``checkpoints/best/
 training record: mean loss, images/s).
 
 May import ``trainer.config`` and ``trainer.utils``.
+
+May import: trainer.config, trainer.utils.
 """

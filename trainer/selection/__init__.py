@@ -14,5 +14,8 @@
 
 The linear probe itself is :mod:`trainer.finetune.linear_probe`. May import ``trainer.config``,
 ``trainer.data``, ``trainer.models``, ``trainer.finetune``, ``trainer.reporting`` (the PNG writer)
-and ``trainer.utils``; nothing in the trainer imports it.
+and ``trainer.utils``; only ``trainer.planner`` (its measure) imports it.
+
+May import: trainer.config, trainer.data, trainer.finetune, trainer.models, trainer.reporting, trainer.utils.
+Imported only by: trainer.planner.
 """

@@ -10,7 +10,8 @@ key, so the result does not depend on the number of ranks.
 Cache: ``<cache_dir>/<backbone>__<weights>__<digest>.pt`` where the digest covers the backbone,
 weights, preprocessing, precision, the data fingerprint (:func:`trainer.selection.subset.data_fingerprint`),
 subset sizes and seed. Written by the main process only (temp file + rename: a crash leaves no
-partial file); read with ``torch.load(weights_only=True)``. A hit skips reading the shards entirely.
+partial file); read with :func:`trainer.models.state_dict.safe_torch_load` (``weights_only=True``). A hit skips
+reading the shards entirely.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from trainer.data.stream import _BadSample, _decode_sample
+from trainer.data.stream import SampleError, decode_sample
 from trainer.data.transforms import build_transforms
 from trainer.models.classifier import ImageClassifier, Preprocessing
+from trainer.models.state_dict import safe_torch_load
 from trainer.selection.subset import SubsetSample
 from trainer.utils.files import atomic_write
 
@@ -60,7 +62,7 @@ def load_cached(path: Path) -> dict[str, SplitFeatures] | None:
     if not path.is_file():
         return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = safe_torch_load(path)
         return {s: SplitFeatures(obj[s]["x"], obj[s]["y"], list(obj[s]["keys"])) for s in ("train", "val")}
     except Exception as e:  # a foreign or damaged file: recompute and overwrite it
         log.warning("feature cache %s unreadable (%s: %s); recomputing", path, type(e).__name__, e)
@@ -77,8 +79,8 @@ def _batches(samples: list[SubsetSample], transform, batch_size: int, num_classe
     images, labels, keys = [], [], []
     for s in samples:
         try:
-            image, label = _decode_sample(s.raw, transform, num_classes)
-        except _BadSample as e:
+            image, label = decode_sample(s.raw, transform, num_classes)
+        except SampleError as e:
             skipped.append(f"{s.url}:{s.key}: {e}")
             continue
         images.append(image)

@@ -7,7 +7,7 @@ remainder, at least one per non-empty class). The subset depends only on the dat
 ``seed``: not on the number of ranks, shard order or read order.
 
 With several ranks each reads only its part of the shards (the readers of the trainer's evaluation
-stream, :class:`trainer.data.stream._EvalStream`: every sample read by exactly one rank), keeps its
+stream, :class:`trainer.data.stream.EvalStream`: every sample read by exactly one rank), keeps its
 per-class candidates, and the ranks exchange only ``(score, class)`` pairs (one ``gather_object``) to
 find each class's global cut-off. Each rank then holds exactly the selected samples of its shards.
 """
@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from trainer.data.stream import _EvalStream, _reason, _WorkerState
+from trainer.data.stream import EvalStream, WorkerState, error_reason
 
 
 def stratified_quotas(class_counts: Sequence[int], size: int) -> list[int]:
@@ -91,9 +91,9 @@ def read_subset(shards: list[str], class_counts: Sequence[int], size: int, *, se
         ``"shard:key: reason"`` of samples without a usable label (never selected).
     """
     quotas = stratified_quotas(class_counts, size)
-    reader = _EvalStream(shards, rank=rank, world_size=world_size, micro_batch_size=1, transform=None,
-                         bad_samples="skip", num_classes=len(class_counts), num_workers=0)
-    state = _WorkerState()
+    reader = EvalStream(shards, rank=rank, world_size=world_size, micro_batch_size=1, transform=None,
+                        bad_samples="skip", num_classes=len(class_counts), num_workers=0)
+    state = WorkerState()
     heaps: list[list] = [[] for _ in quotas]  # per class: max-heap (negated score) of the q lowest
     tie = itertools.count()  # duplicate keys never compare the samples
     for url, sample in reader._raw(rank, state):
@@ -102,7 +102,7 @@ def read_subset(shards: list[str], class_counts: Sequence[int], size: int, *, se
             raw = sample.get("cls")
             label = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
         except (TypeError, ValueError, UnicodeDecodeError) as e:
-            state.skipped.append(f"{url}:{key}: no usable 'cls' label ({_reason(e)})")
+            state.skipped.append(f"{url}:{key}: no usable 'cls' label ({error_reason(e)})")
             continue
         if not 0 <= label < len(quotas):
             state.skipped.append(f"{url}:{key}: label {label} outside [0, {len(quotas)})")

@@ -2,9 +2,13 @@
 phases, epochs), ``loop`` (train step with gradient
 accumulation, evaluation), ``evaluation`` (validation with raw + EMA weights and what follows it, the
 test split), ``ema``, ``linear_probe``, ``checkpointer`` (when and what the run writes and restores),
-``checkpoint`` (the ``last.pt`` format, safe loading), ``run_folder``, ``inference_checkpoint``
-(``checkpoints/best/`` = ``model.safetensors`` + ``model.json``, read by predict / export),
-``early_stopping``, ``feature_cache`` (head-only epochs on cached backbone features).
+``checkpoint`` (the ``last.pt`` format; safe loading is :func:`trainer.models.state_dict.safe_torch_load`),
+``run_folder``, ``inference_checkpoint`` (``checkpoints/best/`` = ``model.safetensors`` + ``model.json``,
+read by predict / export), ``early_stopping``, ``feature_cache`` (head-only epochs on cached backbone features).
 
 The only subpackage that wires the others together; nothing else imports it.
+
+May import: trainer.cli.errors, trainer.config, trainer.data, trainer.dist, trainer.finetune, trainer.models,
+trainer.planner, trainer.reporting, trainer.utils.
+Imported only by: the entry points.
 """

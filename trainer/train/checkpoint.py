@@ -11,9 +11,12 @@ Files in ``<output_dir>/checkpoints/``:
 * ``best/`` - the inference checkpoint (``model.safetensors`` + ``model.json``), written and read by
   :mod:`trainer.train.inference_checkpoint`.
 
-Loading is always ``torch.load(weights_only=True)``: a file holds tensors and plain data (dict, list,
-tuple, str, numbers, None) only, so a crafted checkpoint cannot run code when it is read; anything
-else is refused with :class:`CheckpointError` (one line, naming the file and the refused object).
+Loading is always :func:`trainer.models.state_dict.safe_torch_load` (``torch.load(weights_only=True)``, the
+only call of ``torch.load`` in the trainer): a file holds tensors and plain data (dict, list, tuple, str,
+numbers, None) only, so a crafted checkpoint cannot run code when it is read; anything else is refused with
+:class:`CheckpointError` (one line, naming the file and the refused object). ``CheckpointError``,
+``CorruptCheckpointError`` and ``safe_torch_load`` live in :mod:`trainer.models.state_dict` and are
+re-exported here.
 
 Every write goes through :func:`trainer.utils.files.atomic_write` (temp file, fsync, rename), so a
 crash or ``kill -9`` in the middle of a write leaves the previous checkpoint intact and never a
@@ -23,10 +26,7 @@ half-written file under the real name.
 from __future__ import annotations
 
 import logging
-import pickle
 import random
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,11 @@ import numpy as np
 import torch
 
 from trainer.config.schema import ConfigError
+from trainer.models.state_dict import (  # noqa: F401 (re-exported)
+    CheckpointError,
+    CorruptCheckpointError,
+    safe_torch_load,
+)
 from trainer.utils.files import atomic_write
 
 log = logging.getLogger("trainer")
@@ -43,15 +48,6 @@ FORMAT_VERSION = 2
 """``last.pt`` layout version. 2: RNG states stored as tensors / plain numbers (loadable with
 ``weights_only=True``). A version-1 ``best.pt`` (plain data) still loads for inference."""
 READABLE_VERSIONS = (1, 2)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is unreadable or does not fit the run (message names the file and the mismatch)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint file that cannot be read at all (truncated, damaged, not a torch file): a damaged file, not
-    one refused for its content. A run folder sets such a file aside (:mod:`trainer.train.checkpoint_files`)."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -64,42 +60,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
     atomic_write(path, write)
-
-
-def _refusal(path: Path, err: Exception) -> str:
-    """One line for a file the weights-only unpickler refused (names the object it would have built)."""
-    text = str(err)
-    m = re.search(r"(unsupported GLOBAL \S+|Unsupported global: \S+|Unsupported operand \d+|"
-                  r"Unsupported class \S+)", text, re.IGNORECASE)
-    detail = m.group(1) if m else text.strip().splitlines()[-1] if text.strip() else type(err).__name__
-    hint = (" (a last.pt of an older trainer version stores NumPy objects: start a fresh train.output_dir)"
-            if "numpy" in detail else "")
-    return (f"refused to load {path}: it holds Python objects beyond tensors and plain data, which could "
-            f"run code when unpickled ({detail}); only checkpoints written by this trainer load{hint}")
-
-
-def safe_torch_load(path: str | Path, mmap: bool = False):
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors; ``mmap``: tensors are
-    memory-mapped, not read (for reading a few plain values of a large file).
-
-    Raises:
-        CheckpointError: missing file; a pickle that needs anything beyond tensors and plain data (its
-            code never runs: the weights-only unpickler stops at the first such object);
-            :class:`CorruptCheckpointError` for a truncated or otherwise unreadable file. The message is one
-            line naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with warnings.catch_warnings():  # "pickle protocol 4" notices for files not written by torch.save
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(_refusal(path, e)) from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        first = " ".join(str(e).split())[:300]
-        raise CorruptCheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
 
 
 def load(path: str | Path) -> dict:

@@ -22,13 +22,8 @@ import os
 import re
 from pathlib import Path
 
-from trainer.train.checkpoint import (
-    CorruptCheckpointError,
-    atomic_save,
-    checkpoint_dir,
-    load,
-    safe_torch_load,
-)
+from trainer.models.state_dict import CorruptCheckpointError, safe_torch_load
+from trainer.train.checkpoint import atomic_save, checkpoint_dir, load
 from trainer.utils.files import atomic_link, fsync_dir
 
 log = logging.getLogger("trainer")

@@ -19,11 +19,18 @@ readers detect that by ``write_id`` and refuse with one line, and the next start
 
 A ``best.pt`` of an earlier trainer version (plain data, read with ``weights_only=True``) and a
 ``last.pt`` are read too, so old runs still predict and export.
+
+Older ``model.json`` files (:func:`load_for_inference`): fields this trainer no longer reads are ignored (at the
+top level and in ``preprocessing``, logged); a missing field it needs (:data:`INFERENCE_FIELDS`, a
+preprocessing key) is refused with one line naming the fields and how to convert: add them to ``model.json``,
+or pass the run's ``checkpoints/last.pt``, which holds them too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import uuid
 from pathlib import Path
@@ -38,6 +45,10 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 BEST_DIR = "best"
+INFERENCE_FIELDS = ("class_names", "backbone", "preprocessing")
+"""Fields of ``model.json`` (or a ``.pt``) that :func:`load_for_inference` needs."""
+
+log = logging.getLogger("trainer")
 
 
 def best_dir(output_dir: str | Path) -> Path:
@@ -203,9 +214,11 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     from trainer.models.classifier import Preprocessing
 
     meta, state = load_state(path)
+    src = resolve(path)
+    pre_dict = _inference_fields(meta, src, {f.name for f in dataclasses.fields(Preprocessing)})
     class_names = list(meta["class_names"])
     try:
-        pre = Preprocessing.from_dict(meta["preprocessing"])
+        pre = Preprocessing.from_dict(pre_dict)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: preprocessing: {' '.join(str(e).split())}") from None
     model, _ = build_model(meta["backbone"], len(class_names), weights="none",
@@ -216,6 +229,33 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{path}: weights do not fit backbone {meta['backbone']} with "
                               f"{len(class_names)} classes: {' '.join(str(e).split())[:300]}") from None
     return model.to(device).eval(), pre, class_names
+
+
+def _inference_fields(meta: dict, src: Path, pre_keys: set[str]) -> dict:
+    """The ``preprocessing`` dict of ``meta`` restricted to ``pre_keys`` (other keys, written by an older
+    version, are logged and dropped), after checking that every field :func:`load_for_inference` needs is there.
+
+    Raises:
+        CheckpointError: one line naming the missing fields and how to convert the checkpoint.
+    """
+    pre = meta.get("preprocessing")
+    missing = [k for k in INFERENCE_FIELDS if k not in meta or meta[k] is None]
+    if isinstance(pre, dict):
+        missing += [f"preprocessing.{k}" for k in sorted(pre_keys - set(pre))]
+    if missing:
+        where = src / META_FILE if src.is_dir() else src
+        last = src.parent / "last.pt"  # checkpoints/last.pt beside best/ (or beside an older best.pt)
+        alt = f", or pass {last} (it holds them)" if last.is_file() and last != src else ""
+        raise CheckpointError(
+            f"{where}: written by another trainer version (format_version {meta.get('format_version')}), it lacks "
+            f"{', '.join(missing)}; convert: add them to {META_FILE} (class_names: output order, backbone: "
+            f"config.model.backbone, preprocessing: input_size, mean, std, interpolation, crop_pct){alt}")
+    if not isinstance(pre, dict):
+        raise CheckpointError(f"{src}: preprocessing: expected a mapping, got {type(pre).__name__}")
+    ignored = sorted(set(pre) - pre_keys)
+    if ignored:
+        log.info("%s: preprocessing field(s) %s of an older version ignored", src, ", ".join(ignored))
+    return {k: pre[k] for k in pre_keys}
 
 
 def repair(folder: str | Path) -> bool:

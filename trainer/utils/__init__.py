@@ -7,4 +7,6 @@
 - ``seeds``: ``seed_int``, a stable integer seed from a string.
 
 Imports only the standard library; every other subpackage may import it.
+
+May import: nothing.
 """
