@@ -2,6 +2,7 @@
 # Fine-tune on N nodes x G GPUs with Slurm: one `accelerate launch` per node, preemption-safe.
 #
 #   sbatch slurm/finetune.sh configs/x.yaml [--section.key=value ...]
+#   sbatch --time=01:00:00 slurm/finetune.sh --data.root=PATH   # planned to end, tested, before the job does
 #   sbatch --nodes=4 --gpus-per-node=4 --time=2:00:00 slurm/finetune.sh configs/x.yaml --optim.lr=3e-4
 #   FINETUNE_CPU=1 FINETUNE_PROCS_PER_NODE=2 sbatch --gpus-per-node=0 -c 2 slurm/finetune.sh configs/x.yaml
 #
@@ -46,11 +47,16 @@ set -uo pipefail  # not -e: the exit status of `wait` is handled below
 log() { echo "[finetune.sh $(date '+%F %T') job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
 
 if [ $# -lt 1 ]; then
-    echo "usage: sbatch slurm/finetune.sh CONFIG.yaml [--section.key=value ...]" >&2
+    echo "usage: sbatch slurm/finetune.sh [CONFIG.yaml] [--section.key=value ...]" >&2
     exit 2
 fi
-CONFIG=$1
-shift
+# Without a config file (the first argument is an option) the run is planned: finetune.strategy auto, to
+# --train.time_budget or, when none is given, to this job's end time (trainer/planner/budget.py).
+CONFIG=""
+if [[ "$1" != --* ]]; then
+    CONFIG=$1
+    shift
+fi
 
 REPO=${SLURM_SUBMIT_DIR:-$(pwd)}
 cd "$REPO" || { echo "finetune.sh: cannot cd to SLURM_SUBMIT_DIR=$REPO" >&2; exit 2; }
@@ -59,7 +65,9 @@ if [ -f "$REPO/.venv/bin/activate" ]; then
     source "$REPO/.venv/bin/activate"
 fi
 ENTRY=${FINETUNE_ENTRY:-trainer/main.py}
-[ -f "$CONFIG" ] || { echo "finetune.sh: config file $CONFIG not found (relative to $REPO)" >&2; exit 2; }
+[ -z "$CONFIG" ] || [ -f "$CONFIG" ] || { echo "finetune.sh: config file $CONFIG not found (relative to $REPO)" >&2; exit 2; }
+CONFIG_ARGS=()
+[ -n "$CONFIG" ] && CONFIG_ARGS=(--config "$CONFIG")
 
 # ------------------------------------------------------------------ signals
 REQUEUE=0
@@ -132,7 +140,7 @@ fi
 
 # In the background + `wait`, so that the trap runs as soon as a signal arrives.
 srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    bash -c "$NODE_CMD" finetune-node --config "$CONFIG" "$@" &
+    bash -c "$NODE_CMD" finetune-node "${CONFIG_ARGS[@]}" "$@" &
 LAUNCH_PID=$!
 
 rc=0

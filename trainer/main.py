@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+STARTED_AT = time.time()  # a train.time_budget counts from here: the whole command
 
 # `python trainer/main.py` puts trainer/ first on sys.path, where our module names could shadow the
 # standard library; the package is imported as `trainer.*` instead.
@@ -48,7 +51,12 @@ def _run(config, dry_run, print_config, overrides) -> None:
     # text values (the command line's) are read once, by their field's type: a str field keeps `007`
     from trainer.config.run import resolve_run
     # the launcher's and the machine's settings, resolved once for this process; cfg is not changed after
-    resolved = resolve_run(load_config(config, config_overrides(overrides), parse_strings=False))
+    # without a config file the run is planned to a budget: finetune.strategy auto (trainer/planner/)
+    from trainer.config.loading import no_config_defaults
+    values = config_overrides(overrides)
+    if config is None:
+        values = no_config_defaults(values)
+    resolved = resolve_run(load_config(config, values, parse_strings=False), started_at=STARTED_AT)
     cfg = resolved.config
     if print_config:
         import yaml
@@ -60,6 +68,8 @@ def _run(config, dry_run, print_config, overrides) -> None:
         if rank() == 0:
             write_line(note)
     if dry_run:
+        from trainer.train.budgeted import dry_run_plan
+        cfg = dry_run_plan(resolved)  # a budgeted run: its plan table, and the config it would train with
         from trainer.finetune.dryrun import print_group_table
         print_group_table(cfg)
         return

@@ -16,12 +16,14 @@ from trainer.config.schema import Config
 
 
 def check_output_dir(path: str) -> None:
-    """Make sure ``train.output_dir`` exists (created if needed) and a file can be written in it.
+    """Make sure a file can be written in ``train.output_dir``. Folders created for the test are removed again:
+    a start refused later (a budget too short, bad data) leaves nothing behind; the run creates its folder.
 
     Raises:
         ConfigError: names ``train.output_dir``, the path and the reason (not a folder, permission...).
     """
     p = Path(path)
+    created = [d for d in (p, *p.parents) if not d.exists()]
     try:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
@@ -29,6 +31,12 @@ def check_output_dir(path: str) -> None:
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise ConfigError(f"train.output_dir: cannot write into {p} ({reason})") from None
+    finally:
+        for d in created:  # innermost first; a folder something else wrote into meanwhile stays
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def preflight(cfg: Config, *, train: bool = True) -> list[str]:

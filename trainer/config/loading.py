@@ -109,6 +109,20 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, *
     return from_dict(Config, values, "")
 
 
+def no_config_defaults(values: dict) -> dict:
+    """The defaults of a run started without a config file (``finetune --data.root=PATH --train.time_budget=15m``)
+    under the command line's ``values`` (``{"section.key": value}``): ``finetune.strategy: auto`` (the planner
+    chooses the rest) and a shard folder of the data's own, ``data/shards/<name of data.root or the manifest>``,
+    so two datasets never share one (unless ``data.shard_dir`` is given)."""
+    out = {"finetune.strategy": "auto"}
+    source = values.get("data.root") or values.get("data.manifest")
+    if isinstance(source, str) and source.strip() and "data.shard_dir" not in values:
+        name = Path(source.rstrip("/\\")).name
+        name = Path(name).stem if Path(name).suffix.lower() in (".csv", ".jsonl", ".json") else name
+        out["data.shard_dir"] = str(Path("data/shards") / (name or "data"))
+    return {**out, **values}
+
+
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     """Micro-batches per optimizer step on each rank: global_batch_size / (micro_batch_size x world_size).
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Mapping
 
 from trainer.config.launcher import resolve_config_precision
@@ -30,14 +31,18 @@ class ResolvedRun:
 
     config: Config
     notes: tuple[str, ...]
+    started_at: float = dataclasses.field(default_factory=time.time)
+    """``time.time()`` when the process started (the entry point's first line): a ``train.time_budget``
+    counts from it."""
 
 
-def resolve_run(cfg: Config, env: Mapping[str, str] | None = None) -> ResolvedRun:
+def resolve_run(cfg: Config, env: Mapping[str, str] | None = None, started_at: float | None = None) -> ResolvedRun:
     """Resolve ``cfg``'s launcher and hardware settings once (see the module docstring).
 
     Args:
         cfg: the loaded, checked config (not modified).
         env: environment (default ``os.environ``): ``ACCELERATE_MIXED_PRECISION``.
+        started_at: the process start (default: now).
 
     Returns:
         The :class:`ResolvedRun`; its ``config`` is a new object.
@@ -48,4 +53,5 @@ def resolve_run(cfg: Config, env: Mapping[str, str] | None = None) -> ResolvedRu
     env = os.environ if env is None else env
     value, note = resolve_config_precision(cfg, dict(env))
     config = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision=value))
-    return ResolvedRun(config=config, notes=(note,) if note else ())
+    return ResolvedRun(config=config, notes=(note,) if note else (),
+                       started_at=time.time() if started_at is None else started_at)

@@ -15,6 +15,7 @@ spare cores.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -172,12 +173,13 @@ class EvalLoader:
 
     def __init__(self, shards: str | Sequence[str], *, rank: int, world_size: int, micro_batch_size: int,
                  num_workers: int, transform: Callable, bad_samples: str = "skip", pin_memory: bool = False,
-                 num_classes: int | None = None, prefetch_factor: int = 2):
+                 num_classes: int | None = None, prefetch_factor: int = 2, stride: int = 1):
         self.shards = resolve_shards(shards)
         _check_common("EvalLoader", self.shards, rank, world_size, micro_batch_size, num_workers, bad_samples)
         self._dataset = EvalStream(self.shards, rank=rank, world_size=world_size,
                                    micro_batch_size=micro_batch_size, transform=transform,
-                                   bad_samples=bad_samples, num_classes=num_classes, num_workers=num_workers)
+                                   bad_samples=bad_samples, num_classes=num_classes, num_workers=num_workers,
+                                   stride=stride)
         self._loader = _make_loader(self._dataset, num_workers, pin_memory, prefetch_factor)
         self.last_skipped: list[str] = []
 
@@ -206,3 +208,39 @@ class EvalLoader:
                         self._dataset.rank, len(pending), pending)
 
 
+
+
+@dataclass(frozen=True)
+class RunLoaders:
+    """A run's loaders: ``train`` (:class:`TrainLoader`), ``eval`` (:class:`EvalLoader` of the val split), the
+    eval transform and loader arguments (the linear probe reads the train split with them), the eval batch."""
+
+    train: "TrainLoader"
+    eval: "EvalLoader"
+    eval_transform: Callable
+    common: dict
+    eval_batch_size: int
+
+
+def build_run_loaders(cfg, pre, *, rank: int, world_size: int, device_type: str, train_shards, val_shards,
+                      num_classes: int) -> RunLoaders:
+    """The train and val loaders of a run of ``cfg`` (``data.*``, ``train.micro_batch_size`` / ``eval_batch_size``
+    / ``seed``) with the model's preprocessing ``pre`` (``input_size``, ``crop_pct``, ``interpolation``).
+
+    Raises:
+        ConfigError: shards that do not fit the ranks and workers (names the field).
+    """
+    from trainer.data.transforms import build_transforms
+
+    d = cfg.data
+    train_tf = build_transforms(pre.input_size, train=True, crop_pct=pre.crop_pct, interpolation=pre.interpolation,
+                                augment=d.augment, scale=tuple(d.crop_scale), auto_augment=d.auto_augment,
+                                auto_augment_magnitude=d.auto_augment_magnitude, auto_augment_ops=d.auto_augment_ops)
+    eval_tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
+    common = dict(rank=rank, world_size=world_size, num_workers=d.num_workers, bad_samples=d.bad_samples,
+                  num_classes=num_classes, pin_memory=d.pin_memory and device_type == "cuda")
+    train = TrainLoader(train_shards, micro_batch_size=cfg.train.micro_batch_size, transform=train_tf,
+                        seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, **common)
+    eval_batch = cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
+    return RunLoaders(train, EvalLoader(val_shards, micro_batch_size=eval_batch, transform=eval_tf, **common),
+                      eval_tf, common, eval_batch)

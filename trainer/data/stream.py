@@ -298,9 +298,10 @@ class _TrainStream(_StreamBase):
 class EvalStream(_StreamBase):
     """Finite per-worker stream; the readers together yield every sample exactly once."""
 
-    def __init__(self, shards, *, num_workers: int, **kw):
+    def __init__(self, shards, *, num_workers: int, stride: int = 1, **kw):
         super().__init__(shards, **kw)
         self.num_readers = self.world_size * max(1, num_workers)
+        self.stride = max(1, stride)  # keep every stride-th sample of each shard (before decoding)
 
     def assignment(self, reader: int) -> list[tuple[str, int, int]]:
         """``[(shard, part, num_parts)]`` of reader ``reader`` (= rank * workers + worker): it keeps the
@@ -314,7 +315,7 @@ class EvalStream(_StreamBase):
     def _raw(self, reader: int, state: WorkerState):
         for url, part, parts in self.assignment(reader):
             for j, sample in enumerate(self._read_shard(url, state)):
-                if j % parts == part:
+                if j % parts == part and j % self.stride == 0:
                     yield url, sample
 
     def __iter__(self):

@@ -76,6 +76,12 @@ class Checkpointer:
         acc.wait_for_everyone()
         self._last_time = time.monotonic()
 
+    def stage(self, progress: Progress) -> str:
+        """Which stage of the run produced weights at ``progress``: ``linear_probe`` (the probe's head, step 0
+        of ``finetune.strategy`` linear_probe / lp_ft), else ``training`` (recorded in ``checkpoints/best/``)."""
+        probe = self.cfg.finetune.strategy in ("linear_probe", "lp_ft") and progress.step == 0
+        return "linear_probe" if probe else "training"
+
     def save_best(self, progress: Progress, metrics: dict, weights: str = "raw") -> None:
         """Write the inference checkpoint ``checkpoints/best/`` (main process) for the current weights and
         their evaluation ``metrics`` (:mod:`trainer.train.inference_checkpoint`).
@@ -90,7 +96,8 @@ class Checkpointer:
                 infer_ckpt.best_dir(self.out_dir), model.state_dict(), class_names=self.class_names,
                 backbone=self.cfg.model.backbone, drop_rate=self.cfg.model.drop_rate,
                 preprocessing=self.preprocessing, config=self.cfg.to_dict(),
-                metrics={"epoch": progress.epoch, "step": progress.step, "weights": weights, **metrics})
+                metrics={"epoch": progress.epoch, "step": progress.step, "weights": weights,
+                         "stage": self.stage(progress), **metrics})
 
     def interval_due(self, step: int, check_now: bool) -> bool:
         """``train.checkpoint_every_steps`` / ``checkpoint_every_minutes`` reached at optimizer step ``step``

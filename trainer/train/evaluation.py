@@ -217,7 +217,8 @@ def record_validation(v: Validation, progress, *, extra: dict, tracker, stopper,
         p.best_top1 = v.result.top1
         checkpointer.save_best(p, {**v.chosen, **v.ema_record}, weights=v.which)
         if v.ema is not None:
-            log.info("best.pt: %s weights (%s %.4f)", v.which, stopper.monitor, v.chosen[stopper.monitor])
+            log.info("best.pt: %s weights of the %s stage (%s %.4f)", v.which, checkpointer.stage(p),
+                     stopper.monitor, v.chosen[stopper.monitor])
         tracker.summary({"best/val_top1": p.best_top1, "best/epoch": p.epoch, "best/weights": v.which,
                          **stopper.summary()})
     reporter.after_eval(v.result, v.collector, improved=improved, step=p.step, epoch=p.epoch)

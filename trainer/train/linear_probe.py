@@ -106,7 +106,7 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
 
 def probe_for_run(model: torch.nn.Module, *, train_shards, val_loader: Iterable[dict], transform, loader_kwargs: dict,
                   micro_batch_size: int, criterion: torch.nn.Module, accelerator, finetune_cfg, tracker=None,
-                  ema=None) -> int:
+                  ema=None, num_train: int | None = None) -> int:
     """``finetune.strategy`` linear_probe / lp_ft in a run: :func:`probe_head` on the training split read with
     the eval transform, the loss's class weights, then the head copied into the EMA (if any). Every rank calls it.
 
@@ -115,13 +115,19 @@ def probe_for_run(model: torch.nn.Module, *, train_shards, val_loader: Iterable[
         transform: the eval transform. loader_kwargs: the run's loader arguments (rank, world_size, workers, ...).
         criterion: the training loss (its ``weight`` when it is a ``CrossEntropyLoss``).
         ema: the run's :class:`trainer.train.ema.ModelEma` or None.
+        num_train: the training split's size; with ``finetune.lp_max_samples`` below it, every k-th sample of
+            each training shard is read (k = ceil(num_train / lp_max_samples); the shards hold the listing's
+            order, so every class keeps its share) and the others are skipped before decoding.
 
     Returns:
         bad training samples skipped while extracting (this rank).
     """
     from trainer.data.loader import EvalLoader
 
-    train_eval = EvalLoader(train_shards, transform=transform, micro_batch_size=micro_batch_size, **loader_kwargs)
+    cap = finetune_cfg.lp_max_samples
+    stride = -(-num_train // cap) if cap and num_train and num_train > cap else 1
+    train_eval = EvalLoader(train_shards, transform=transform, micro_batch_size=micro_batch_size, stride=stride,
+                            **loader_kwargs)
     weight = criterion.weight if isinstance(criterion, torch.nn.CrossEntropyLoss) else None
     skipped = probe_head(model, train_eval, val_loader, accelerator=accelerator, finetune_cfg=finetune_cfg,
                          class_weight=weight, tracker=tracker)

@@ -62,7 +62,7 @@ RESUMABLE = (
     "train.preempt_check_every_steps", "train.dist_timeout_s", "train.eval_batch_size",
     "train.micro_batch_size", "train.early_stopping.patience", "train.early_stopping.min_delta",
     "data.num_workers", "data.pin_memory", "model.compile",
-    "train.eval_every_steps", "train.keep_checkpoints", "train.resume_from",
+    "train.eval_every_steps", "train.keep_checkpoints", "train.resume_from", "train.steps", "train.time_budget",
 )
 """Config keys (exact, or a prefix ending in ``.``) that may change between the starts of one run:
 they change how long it runs, what it logs, or how fast it goes, not what it computes per step
@@ -127,7 +127,9 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 def is_finished(state: dict, cfg: Config) -> bool:
     """True if a run at ``last.pt`` state ``state`` has nothing left to do under ``cfg``."""
     t = cfg.train
-    if state.get("epoch", 0) >= t.epochs or (t.max_steps is not None and state.get("step", 0) >= t.max_steps):
+    step = state.get("step", 0)
+    if (t.steps is not None and step >= t.steps) or (t.steps is None and state.get("epoch", 0) >= t.epochs) \
+            or (t.max_steps is not None and step >= t.max_steps):
         return True
     es = state.get("early_stopping") or {}
     return (t.early_stopping.patience is not None and es.get("monitor") == t.early_stopping.monitor

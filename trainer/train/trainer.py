@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,10 +41,9 @@ from trainer.config.run import ResolvedRun, resolve_run
 from trainer.config.loading import grad_accum_steps, save_config
 from trainer.config.schema import Config, ConfigError
 from trainer.data.batch_augment import build_batch_augment
-from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS, EvalLoader, TrainLoader
+from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS, build_run_loaders
 from trainer.data.prepare import prepare_dataset
 from trainer.data.sources import steps_per_epoch
-from trainer.data.transforms import build_transforms
 from trainer.dist.accelerator import check_replicas, describe_threads, make_accelerator, unwrap, wrap_ddp
 from trainer.dist.signals import PreemptionHandler
 from trainer.finetune.freezing import apply_phase
@@ -62,6 +62,7 @@ from trainer.train.checkpointer import Checkpointer
 from trainer.train.early_stopping import EarlyStopping
 from trainer.train.ema import ModelEma
 from trainer.train.evaluation import Validation, record_validation, records_to_redo, test_best_checkpoint, validate
+from trainer.train.budgeted import BudgetKeeper, epochs_for, evals_between, plan_for_run, save_plan, with_steps
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import train_step
 from trainer.train.run_folder import StartPlan, plan_start, prepare_folder
@@ -99,12 +100,17 @@ class Trainer:
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format=f"[rank {self.accelerator.process_index}] %(levelname)s %(message)s")
         self.world_size = self.accelerator.num_processes
-        self.accum = grad_accum_steps(cfg, self.world_size)
         self.out_dir = Path(cfg.train.output_dir)
         self.plan = plan or plan_start(cfg)
+        # a budgeted run: its plan (made by rank 0, or read back), before anything is written
+        self.cfg, self.run_plan, new_plan = plan_for_run(cfg, resolved, self.accelerator, self.out_dir)
+        cfg = self.cfg
+        self.accum = grad_accum_steps(cfg, self.world_size)
         set_log_dir(self.out_dir)  # the start is accepted: from here on a user error's traceback goes to logs/
         if self.is_main:  # the run folder as the plan says: cleared, no dead writers' files, rewound
             prepare_folder(self.plan, self.out_dir)
+            if new_plan:
+                save_plan(self.run_plan, self.out_dir)
         self.accelerator.wait_for_everyone()
         set_seed(cfg.train.seed)
         self._setup_data()
@@ -147,12 +153,16 @@ class Trainer:
         self.steps_epoch = steps_per_epoch(self.dataset.num_train_samples, cfg.train.global_batch_size)
         # the lr schedule always spans the configured epochs; max_steps only stops the run early, so a
         # run stopped by max_steps and resumed follows the same lrs as an uninterrupted one
-        self.schedule_steps = self.total_steps = self.steps_epoch * cfg.train.epochs
+        self.schedule_steps = self.total_steps = cfg.train.steps or self.steps_epoch * cfg.train.epochs
+        self.num_epochs = epochs_for(cfg, self.steps_epoch)
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         if cfg.optim.warmup_steps > self.schedule_steps:
             raise ConfigError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) is longer than the whole run "
-                              f"({self.schedule_steps} steps = train.epochs x {self.steps_epoch} steps per epoch)")
+                              f"({self.schedule_steps} steps: train.steps, or train.epochs x {self.steps_epoch} "
+                              "steps per epoch)")
+        self.keeper = BudgetKeeper(self.run_plan, self.out_dir, self.accelerator, evals_between=lambda a, b: evals_between(self.cfg, self.steps_epoch, a, b)) \
+            if self.run_plan is not None and cfg.finetune.strategy != "linear_probe" else None
 
     def _setup_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -192,25 +202,12 @@ class Trainer:
             if cfg.train.feature_cache else None
 
     def _setup_loaders(self) -> None:
-        cfg, acc, pre = self.cfg, self.accelerator, self.pre
-        d = cfg.data
-        train_tf = build_transforms(pre.input_size, train=True, crop_pct=pre.crop_pct,
-                                    interpolation=pre.interpolation, augment=d.augment, scale=tuple(d.crop_scale),
-                                    auto_augment=d.auto_augment, auto_augment_magnitude=d.auto_augment_magnitude,
-                                    auto_augment_ops=d.auto_augment_ops)
-        eval_tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct,
-                                   interpolation=pre.interpolation)
-        common = dict(rank=acc.process_index, world_size=self.world_size, num_workers=cfg.data.num_workers,
-                      bad_samples=cfg.data.bad_samples, num_classes=len(self.class_names),
-                      pin_memory=cfg.data.pin_memory and acc.device.type == "cuda")
-        self.train_loader = TrainLoader(self.dataset.train_shards, micro_batch_size=cfg.train.micro_batch_size,
-                                        transform=train_tf, seed=cfg.train.seed,
-                                        shuffle_buffer=cfg.data.shuffle_buffer, resampled=cfg.data.resampled,
-                                        **common)
-        self.eval_batch_size = cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size
-        self.eval_loader = EvalLoader(self.dataset.val_shards, micro_batch_size=self.eval_batch_size,
-                                      transform=eval_tf, **common)
-        self.eval_tf, self.loader_common = eval_tf, common  # the linear probe reads the train split with them
+        acc = self.accelerator
+        r = build_run_loaders(self.cfg, self.pre, rank=acc.process_index, world_size=self.world_size,
+                              device_type=acc.device.type, train_shards=self.dataset.train_shards,
+                              val_shards=self.dataset.val_shards, num_classes=len(self.class_names))
+        self.train_loader, self.eval_loader, self.eval_batch_size = r.train, r.eval, r.eval_batch_size
+        self.eval_tf, self.loader_common = r.eval_transform, r.common  # the linear probe reads the train split
 
     def save_last(self, reason: str) -> None:
         """Write the resume checkpoint (:meth:`Checkpointer.save_last`); every rank must call it."""
@@ -263,6 +260,8 @@ class Trainer:
             if self.l2_sp is not None:
                 self.l2_sp.step()
             p.step += 1
+            if self.keeper is not None and (steps := self.keeper.after_step(p.step, self.total_steps)):
+                self.set_length(steps)
             if self.ema is not None:
                 self.ema.update(unwrap(self.model), p.step)
             p.samples_seen += cfg.train.global_batch_size
@@ -273,7 +272,11 @@ class Trainer:
                 self.tracker.log(rec, step=p.step)
                 if progress_bar is not None:
                     progress_bar.set_postfix(loss=f"{rec['train/loss']:.3f}", ips=f"{rec['train/images_per_s']:.1f}")
-            if every and p.step % every == 0 and p.step < epoch_end:  # the epoch's end evaluates anyway
+            every = self.cfg.train.eval_every_steps  # a new step count (the budget keeper) rescales it
+            # the epoch's end evaluates anyway, except in a run measured in steps (end_epoch)
+            in_steps = bool(self.cfg.train.steps)  # a run in steps: not within a quarter interval of its end
+            if every and p.step % every == 0 and ((self.total_steps - p.step) * 4 > every if in_steps
+                                                  else p.step < epoch_end):
                 last_eval = self.evaluate_now({"epoch": p.epoch, "samples_seen": p.samples_seen})
                 if self.stopper.should_stop:
                     self.save_last("early stopping")
@@ -292,6 +295,18 @@ class Trainer:
             self.save_last(f"preempted (signal {self.preemption.agreed_signal})")
         return preempted, num_skipped, last_eval
 
+    def set_length(self, steps: int) -> None:
+        """The run's length becomes ``steps`` optimizer steps (the budget keeper's new count); the lr schedule
+        is shaped over them from here on, and the checkpoints record it as ``train.steps``."""
+        every = self.run_plan.overrides.get("train.eval_every_steps", self.cfg.train.eval_every_steps)
+        self.cfg = self.ckpt.cfg = with_steps(self.cfg, steps, eval_every_steps=every)
+        self.schedule_steps = self.total_steps = steps
+        if self.cfg.train.max_steps is not None:
+            self.total_steps = min(steps, self.cfg.train.max_steps)
+        self.num_epochs = epochs_for(self.cfg, self.steps_epoch)
+        if self.is_main:
+            save_config(self.cfg, self.out_dir / "config.yaml")  # the config this folder's run trains with
+
     def linear_probe(self) -> int:
         """``finetune.strategy`` linear_probe / lp_ft: the head solved on frozen features
         (:func:`trainer.train.linear_probe.probe_for_run`); returns bad samples skipped (this rank)."""
@@ -301,7 +316,7 @@ class Trainer:
                              transform=self.eval_tf, loader_kwargs=self.loader_common,
                              micro_batch_size=self.eval_batch_size, criterion=self.criterion,
                              accelerator=self.accelerator, finetune_cfg=self.cfg.finetune, tracker=self.tracker,
-                             ema=self.ema)
+                             ema=self.ema, num_train=self.dataset.num_train_samples)
 
     def validate(self) -> Validation:
         """The raw (and EMA) weights on the validation split (:func:`trainer.train.evaluation.validate`)."""
@@ -312,17 +327,21 @@ class Trainer:
     def evaluate_now(self, extra: dict) -> dict:
         """Validate and record it (log with ``extra``, early stopping, ``checkpoints/best/``, reports:
         :func:`trainer.train.evaluation.record_validation`); return the monitored weights' ``val/*`` record."""
+        t0 = time.perf_counter()
         v = self.validate()
+        if self.keeper is not None:
+            self.keeper.record_eval(time.perf_counter() - t0)
         record_validation(v, self.progress, extra=extra, tracker=self.tracker, stopper=self.stopper,
                           checkpointer=self.ckpt, reporter=self.reporter, is_main=self.is_main)
         return v.chosen
 
-    def end_epoch(self, num_skipped: int) -> dict:
+    def end_epoch(self, num_skipped: int) -> dict | None:
         """Evaluate, log (with ``num_skipped`` bad samples of the epoch), update reports / ``checkpoints/best/`` /
         early stopping, write ``last.pt``.
 
         Returns:
-            The evaluation's log record (``val/top1``, ``val/loss``, ... and ``val/confusion``).
+            The evaluation's log record (``val/top1``, ``val/loss``, ... and ``val/confusion``); None when the
+            run is measured in ``train.steps`` with ``eval_every_steps`` and this is not its end (no evaluation).
         """
         p = self.progress
         if p.step >= (p.epoch + 1) * self.steps_epoch:  # not after a max_steps stop mid-epoch
@@ -330,6 +349,9 @@ class Trainer:
         extra = {"epoch": p.epoch, "samples_seen": p.samples_seen, "data/skipped": num_skipped}
         if self.world_size > 1:
             extra["ddp/replica_max_abs_diff"] = check_replicas(unwrap(self.model), self.accelerator)
+        if self.cfg.train.steps and self.cfg.train.eval_every_steps and 0 < p.step < self.total_steps:
+            self.save_last("epoch")  # a run in steps evaluates every eval_every_steps and at its end only
+            return None
         last_eval = self.evaluate_now(extra)
         self.save_last("epoch")
         return last_eval
@@ -352,10 +374,10 @@ class Trainer:
                 ddp_model = self.enter_phase(phase, 0)
                 num_skipped = self.linear_probe()
                 if cfg.finetune.strategy == "linear_probe":  # the run is the probe
-                    p.epoch = cfg.train.epochs
+                    p.epoch = self.num_epochs
                 # evaluate, best, last.pt; for lp_ft the probe is the first candidate for checkpoints/best
                 last_eval = self.end_epoch(num_skipped)
-            while p.epoch < cfg.train.epochs and p.step < self.total_steps and not self.stopper.should_stop:
+            while p.epoch < self.num_epochs and p.step < self.total_steps and not self.stopper.should_stop:
                 if phase_index_at(self.phases, p.epoch) != phase:
                     phase = phase_index_at(self.phases, p.epoch)
                     ddp_model = self.enter_phase(phase, p.epoch)
@@ -363,7 +385,7 @@ class Trainer:
                 last_eval = mid_eval or last_eval
                 if preempted or self.stopper.should_stop:  # stopped early at an eval_every_steps evaluation
                     break
-                last_eval = self.end_epoch(num_skipped)
+                last_eval = self.end_epoch(num_skipped) or last_eval
             if not preempted:
                 test_best_checkpoint(self.out_dir, infer_ckpt.best_dir(self.out_dir), self.dataset.test_shards,
                                      accelerator=self.accelerator, tracker=self.tracker, step=p.step,

@@ -40,8 +40,11 @@ class FinetuneConfig(Section):
 
     _where: ClassVar[str] = "finetune"
 
-    strategy: Literal["epochs", "linear_probe", "lp_ft"] = "epochs"
-    """``epochs``: train for ``train.epochs`` with the timetable below (``freeze``, ``phases``,
+    strategy: Literal["auto", "epochs", "linear_probe", "lp_ft"] = "epochs"
+    """``auto`` (the default when no config file is given; needs ``train.time_budget`` or a Slurm job end
+    time): the planner (``trainer/planner/``) measures the data and this machine and chooses the backbone, the
+    input size, the strategy below and the number of steps that fit the budget; the plan is printed and kept
+    in ``plan.json``. ``epochs``: train for ``train.epochs`` with the timetable below (``freeze``, ``phases``,
     ``gradual_every``). ``linear_probe``: frozen backbone, features of the train and val splits computed
     once (eval transform), a multinomial logistic-regression head solved to convergence by full-batch
     L-BFGS with the L2 strength chosen on val from ``lp_l2_grid`` (Kornblith et al. 2019), written into
@@ -51,6 +54,11 @@ class FinetuneConfig(Section):
     """Linear probe: L2 strengths ``lambda`` > 0 tried (loss = mean cross-entropy + lambda/2 * ||W||^2 on
     standardised features). The one with the best val top-1 (ties: val loss) is kept. The default spans
     weak (large data) to strong (a few hundred images: ants/bees picks 10)."""
+    lp_max_samples: Optional[int] = num(None, ge=100)
+    """Linear probe: fit on about this many training images at most, every k-th of each training shard (all
+    classes keep their share; the others are not decoded); null: the whole training split. Val is always
+    whole. The planner sets 4,000 on large data: the probe is the baseline and the head fine-tuning starts
+    from, and its feature pass over every image would cost a fifth of a 15-minute budget (EuroSAT, 128 px)."""
     lp_max_iter: int = num(200, ge=10, le=10000)
     """Linear probe: L-BFGS iterations per L2 value (warm-started along the grid)."""
     freeze: Literal["backbone", "none"] = "backbone"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal, Optional, Union
 
 from trainer.config.fields import ConfigError, Section, num
 
@@ -38,7 +38,16 @@ class TrainConfig(Section):
     _where: ClassVar[str] = "train"
 
     epochs: int = num(3, ge=1)
-    """Number of epochs (one epoch = the training split's sample count / global_batch_size steps)."""
+    """Number of epochs (one epoch = the training split's sample count / global_batch_size steps); the run's
+    length unless ``steps`` is set."""
+    steps: Optional[int] = num(None, ge=1)
+    """The run's length in optimizer steps, instead of ``epochs`` (the last epoch is then partial); the lr
+    schedule (warm-up, then cosine to zero) is shaped over exactly these steps. Null: ``epochs`` passes."""
+    time_budget: Optional[Union[float, str]] = None
+    """Wall time for the whole command: ``20m``, ``2h``, ``1h30m``, ``90s`` or a number of seconds. With
+    ``finetune.strategy: auto`` the planner (``trainer/planner/``) chooses backbone, input size, strategy and
+    length to end inside it; with another strategy it sets only ``steps`` so the run ends inside it. Null: no
+    budget (under Slurm, ``strategy: auto`` then plans to the job's end time). Range: 1 s to 30 days."""
     global_batch_size: int = num(32, ge=1)
     """Samples per optimizer step over all ranks = micro_batch_size x world_size x grad_accum_steps."""
     micro_batch_size: int = num(16, ge=1)
@@ -107,6 +116,9 @@ class TrainConfig(Section):
     ``{monitor: val/top1, mode: max, patience: 3, min_delta: 0.0}``."""
 
     def _check(self) -> None:
+        if self.time_budget is not None:
+            from trainer.config.duration import parse_duration
+            self.time_budget = parse_duration(self.time_budget, "train.time_budget")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
