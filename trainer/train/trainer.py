@@ -107,7 +107,8 @@ class Trainer:
         cfg = self.cfg
         self.accum = grad_accum_steps(cfg, self.world_size)
         set_log_dir(self.out_dir)  # the start is accepted: from here on a user error's traceback goes to logs/
-        if self.is_main:  # the run folder as the plan says: cleared, no dead writers' files, rewound
+        if self.is_main:  # the run folder as the plan says: created, cleared, no dead writers' files, rewound
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             prepare_folder(self.plan, self.out_dir)
             if new_plan:
                 save_plan(self.run_plan, self.out_dir)
