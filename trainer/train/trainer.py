@@ -154,16 +154,14 @@ class Trainer:
         self.steps_epoch = steps_per_epoch(self.dataset.num_train_samples, cfg.train.global_batch_size)
         # the lr schedule always spans the configured epochs; max_steps only stops the run early, so a
         # run stopped by max_steps and resumed follows the same lrs as an uninterrupted one
-        self.schedule_steps = self.total_steps = cfg.train.steps or self.steps_epoch * cfg.train.epochs
-        self.num_epochs = epochs_for(cfg, self.steps_epoch)
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self._apply_length()
         if cfg.optim.warmup_steps > self.schedule_steps:
             raise ConfigError(f"optim.warmup_steps ({cfg.optim.warmup_steps}) is longer than the whole run "
                               f"({self.schedule_steps} steps: train.steps, or train.epochs x {self.steps_epoch} "
                               "steps per epoch)")
-        self.keeper = BudgetKeeper(self.run_plan, self.out_dir, self.accelerator, evals_between=lambda a, b: evals_between(self.cfg, self.steps_epoch, a, b)) \
-            if self.run_plan is not None and cfg.finetune.strategy != "linear_probe" else None
+        self.keeper = None if self.run_plan is None or cfg.finetune.strategy == "linear_probe" else BudgetKeeper(
+            self.run_plan, self.out_dir, self.accelerator,
+            evals_between=lambda a, b: evals_between(self.cfg, self.steps_epoch, a, b))
 
     def _setup_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -274,9 +272,9 @@ class Trainer:
                 if progress_bar is not None:
                     progress_bar.set_postfix(loss=f"{rec['train/loss']:.3f}", ips=f"{rec['train/images_per_s']:.1f}")
             every = self.cfg.train.eval_every_steps  # a new step count (the budget keeper) rescales it
-            # the epoch's end evaluates anyway, except in a run measured in steps (end_epoch)
-            in_steps = bool(self.cfg.train.steps)  # a run in steps: not within a quarter interval of its end
-            if every and p.step % every == 0 and ((self.total_steps - p.step) * 4 > every if in_steps
+            # not at an epoch's end, which evaluates anyway; a run in steps (whose epoch ends do not, end_epoch):
+            # not within a quarter interval of its own end
+            if every and p.step % every == 0 and ((self.total_steps - p.step) * 4 > every if self.cfg.train.steps
                                                   else p.step < epoch_end):
                 last_eval = self.evaluate_now({"epoch": p.epoch, "samples_seen": p.samples_seen})
                 if self.stopper.should_stop:
@@ -296,15 +294,21 @@ class Trainer:
             self.save_last(f"preempted (signal {self.preemption.agreed_signal})")
         return preempted, num_skipped, last_eval
 
+    def _apply_length(self) -> None:
+        """The run's length from ``self.cfg``: the lr schedule's steps (``train.steps``, else the epochs'), the
+        steps run (``max_steps`` may stop earlier) and the epochs gone through."""
+        t = self.cfg.train
+        self.schedule_steps = self.total_steps = t.steps or self.steps_epoch * t.epochs
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self.num_epochs = epochs_for(self.cfg, self.steps_epoch)
+
     def set_length(self, steps: int) -> None:
         """The run's length becomes ``steps`` optimizer steps (the budget keeper's new count); the lr schedule
         is shaped over them from here on, and the checkpoints record it as ``train.steps``."""
         every = self.run_plan.overrides.get("train.eval_every_steps", self.cfg.train.eval_every_steps)
         self.cfg = self.ckpt.cfg = with_steps(self.cfg, steps, eval_every_steps=every)
-        self.schedule_steps = self.total_steps = steps
-        if self.cfg.train.max_steps is not None:
-            self.total_steps = min(steps, self.cfg.train.max_steps)
-        self.num_epochs = epochs_for(self.cfg, self.steps_epoch)
+        self._apply_length()
         if self.is_main:
             save_config(self.cfg, self.out_dir / "config.yaml")  # the config this folder's run trains with
 
