@@ -13,7 +13,7 @@ fastai     ``configs/fastai_fine_tune_lite0.yaml``: fastai's ``fine_tune`` defau
 Every arm times the whole command (``time.perf_counter`` around the subprocess: start-up, shards, rate
 measurements, probe, training, evaluations, test pass, reports) and reads the best val top-1 and the test
 top-1 from the run's ``metrics.jsonl``. The shard folders are written by the first arm that needs them
-(that arm's time includes it; ``--prepare`` writes them all first, untimed). Printed: one row per run, and
+(that arm's time includes it). Printed: one row per run, and
 a CSV + PNG (accuracy against budget per dataset) with ``--out``.
 
 Usage::

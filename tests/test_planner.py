@@ -68,6 +68,7 @@ def test_rules():
     assert rules.preferred_size(64, 224) == 128 and rules.preferred_size(370, 224) == 224
     assert rules.preferred_size(100, 224) == 192 and rules.preferred_size(None, 224) == 224
     assert rules.preferred_size(20, 224) == 128 and rules.preferred_size(300, 160) == 160
+    assert [rules.min_passes(n) for n in (500, 1_000, 9_999, 10_000)] == [2.0, 2.5, 2.5, 2.0]
     # the largest micro-batch dividing the per-rank batch whose memory fits in 70% of the free memory
     assert rules.micro_batch(64, 1, peak_mem_mib=1000, measured_batch=32, free_mib=100_000) == 32
     assert rules.micro_batch(64, 1, peak_mem_mib=1000, measured_batch=32, free_mib=500) == 8
@@ -307,6 +308,37 @@ def test_cli_refuses_a_budget_too_short_and_writes_nothing(images, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("config error")]
     assert len(lines) == 1 and "train.time_budget: 2s is too short" in lines[0] and "give at least" in lines[0]
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_plan_and_end_at_the_same_step(images, tmp_path):
+    """DDP on CPU (2 processes, gloo): rank 0 measures and plans, the plan reaches rank 1 (plan.json says
+    world_size 2), and both ranks keep the same step count while the budget keeper re-times the run (ranks
+    that disagreed would wait on each other's collectives until the timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers.realdata import free_port, run_metrics
+
+    repo = Path(__file__).resolve().parents[1]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "trainer/main.py", *_cmd(images, tmp_path, "90s")]
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache")})
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "world_size=2" in p.stderr
+    out = tmp_path / "run"
+    plan = read_plan(out)
+    assert plan is not None and plan.world_size == 2
+    records = run_metrics(out)
+    evals = [r for r in records if "val/top1" in r]
+    assert evals and evals[0]["step"] == 0  # the probe first
+    if plan.overrides["finetune.strategy"] == "lp_ft":
+        assert evals[-1]["step"] == plan.steps == load_config(out / "config.yaml").train.steps
+    assert (out / "checkpoints/best/model.safetensors").is_file()
 
 
 # ---- lengths in steps ---------------------------------------------------------------------------------

@@ -68,12 +68,18 @@ def preferred_size(source_side: int | None, native: int) -> int:
 
 
 def min_passes(num_train: int) -> float:
-    """Fewest fine-tuning passes a size must allow to be chosen over a smaller one: 2.5 from 1,000 training
-    images, 2 below (few images close to ImageNet lose more from a lower resolution than from fewer passes:
-    ants/bees' best val came after 1-2 passes in every strategy measured, docs/recipes.md). EuroSAT at a
-    15-minute budget (docs/planner.md): 96 px for 3.8 passes gave test 0.980, 128 px for 1.0 pass 0.978, 64 px
-    for 4.9 passes 0.975: below about 3 passes, passes bought more than pixels; above, pixels did. 2.5, not 3:
-    the 96 px plan of that run estimated 2.7 passes before its own timing found 3.8 (the rates drift)."""
+    """Fewest fine-tuning passes a size must allow to be chosen over a smaller one: 2 below 1,000 training
+    images, 2.5 up to :data:`LARGE_DATA`, 2 from there.
+
+    Few images close to ImageNet lose more from a lower resolution than from fewer passes (ants/bees' best
+    val came after 1-2 passes in every strategy measured, docs/recipes.md). Mid-size data: below about 3
+    passes, passes bought more than pixels; 2.5, not 3, because a plan's estimate runs low (the 96 px EuroSAT
+    plan estimated 2.7 passes before its own timing found 3.8). Large data makes many optimizer steps per pass
+    (EuroSAT: 295 steps of 64 images), and there resolution bought more than passes: at a 15-minute budget
+    (docs/planner.md) 96 px for 3.8 passes gave test 0.980, 128 px for a single pass 0.978, 64 px for 4.9
+    passes 0.975; with its shards written inside the budget, 2.5 passes pushed EuroSAT down to 64 px."""
+    if num_train >= LARGE_DATA:
+        return 2.0
     return 2.5 if num_train >= SMALL_DATA else 2.0
 
 
