@@ -141,7 +141,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     from trainer.dist.accelerator import make_accelerator
     from trainer.dist.wait import main_first
     from trainer.train.evaluation import evaluate_checkpoint
-    from trainer.train.inference_checkpoint import META_FILE, read_meta as read_ckpt_meta, resolve
+    from trainer.train.inference_checkpoint import META_FILE, read_meta as read_ckpt_meta, refuse_multilabel, resolve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if split not in SPLITS:
@@ -149,6 +149,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"--batch_size must be >= 1 and --num_workers >= 0, got {batch_size} and {num_workers}")
     src = resolve(checkpoint)
+    refuse_multilabel(src, "finetune evaluate")
     ckpt_file = str(src / META_FILE if src.is_dir() else src)
     ckpt_classes = list(read_ckpt_meta(src)["class_names"])
     if out_dir is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.train.inference_checkpoint import load_for_inference, read_meta, resolve
+from trainer.train.inference_checkpoint import load_for_inference, read_meta, refuse_multilabel, resolve
 from trainer.utils.files import atomic_write
 
 FORMATS = ("torchscript", "onnx")
@@ -156,6 +156,7 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str]
     ckpt_path = resolve(checkpoint)
     out = Path(out_dir) if out_dir else ckpt_path.resolve().parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
+    refuse_multilabel(ckpt_path, "finetune export")
     model, pre, class_names = load_for_inference(ckpt_path, "cpu")
     model = LogitsModule(model.to(memory_format=torch.contiguous_format)).eval()
     meta = read_meta(ckpt_path)

@@ -30,6 +30,8 @@ def main(root: str | None = None, out: str | None = None, manifest: str | dict |
          path_column: int | str | None = None, label_column: int | str | None = None,
          split_column: int | str | None = None, label_map: str | None = None, val_fraction: float | None = None,
          test_fraction: float = 0.0, split_seed: int = 0, on_leak: Literal["error", "warn"] = "error",
+         task: Literal["multiclass", "multilabel"] = "multiclass", label_delimiter: str = "|",
+         label_columns: str | None = None,
          max_samples_per_shard: int = 1000, max_bytes_per_shard: float = 1e9, num_workers: int = 1,
          worker_index: int | None = None, strict: bool = False, overwrite: bool = False, merge: bool = False,
          progress: bool = True) -> None:
@@ -48,6 +50,10 @@ def main(root: str | None = None, out: str | None = None, manifest: str | dict |
         test_fraction: fraction of each class of ``root/<class>/`` held out for testing (stratified).
         split_seed: seed of the stratified split.
         on_leak: ``error`` (exit 2 after writing when images leak across splits) or ``warn``.
+        task: ``multilabel``: label sets from a manifest (as ``data.task``; ``docs/data.md#multi-label``).
+        label_delimiter: text between the labels of one cell (as ``data.label_delimiter``).
+        label_columns: one 0/1 column per class: comma-separated names or indices, or ``rest`` (as
+            ``data.label_columns``).
         max_samples_per_shard: most samples in one shard.
         max_bytes_per_shard: most bytes in one shard.
         num_workers: N writers; without ``--worker_index`` they run here in a process pool.
@@ -64,7 +70,10 @@ def main(root: str | None = None, out: str | None = None, manifest: str | dict |
         raise ConfigError("--root or --manifest is required")
     cfg = DataConfig(root=root, manifest=manifest, path_column=path_column, label_column=label_column,
                      split_column=split_column, label_map=label_map, val_fraction=val_fraction,
-                     test_fraction=test_fraction, split_seed=split_seed, shard_dir=out)
+                     test_fraction=test_fraction, split_seed=split_seed, shard_dir=out, task=task,
+                     label_delimiter=label_delimiter,
+                     label_columns=label_columns if label_columns in (None, "rest") else
+                     [c.strip() for c in label_columns.split(",")])
     listing = build_listing(cfg)
     if merge:
         meta = merge_partial_metadata(out, num_workers, listing)

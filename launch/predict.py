@@ -55,7 +55,7 @@ from trainer.data.decode import decode_image_bytes
 from trainer.data.extensions import IMAGE_EXTENSIONS, IMAGE_FIELDS
 from trainer.data.listing import DataError, escape_name, files_under, printable
 from trainer.data.transforms import build_transforms
-from trainer.train.inference_checkpoint import load_for_inference
+from trainer.train.inference_checkpoint import load_for_inference, refuse_multilabel
 from trainer.utils.files import atomic_write
 
 
@@ -290,6 +290,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = resolve_precision(precision, device) == "bf16"
     workers = default_workers() if num_workers is None else num_workers
+    refuse_multilabel(checkpoint, "finetune predict")
     model, pre, classes = load_for_inference(checkpoint, device)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions (CPU and GPU); same values
     model.memory_format = torch.channels_last

@@ -65,6 +65,12 @@ class Config(Section):
         if self.train.feature_cache and self.data.augment != "none":
             raise ConfigError(f"train.feature_cache needs data.augment=none (random augmentation changes the "
                               f"features every epoch), got data.augment={self.data.augment!r}")
+        if self.data.task == "multilabel":  # no top-1 there: its default monitor is mAP
+            if self.train.early_stopping.monitor == "val/top1":
+                self.train.early_stopping.monitor = "val/mAP"
+            if self.optim.class_weights != "none":
+                raise ConfigError(f"optim.class_weights={self.optim.class_weights!r} is for single-label runs; with "
+                                  "data.task=multilabel use optim.pos_weight=auto")
         self._check_recipe()
 
     def _check_recipe(self) -> None:

@@ -1,7 +1,8 @@
 """Data, from the user's files to uint8 batches.
 
-- ``listing`` (folders) / ``manifest`` (CSV, JSONL): the user's layout -> per-split files + labels + a
-  fingerprint; ``prepare``: download / write shards once or reuse them / read metadata (main process);
+- ``listing`` (folders) / ``manifest`` (CSV, JSONL; ``multilabel``: label sets, 0/1 columns, the iterative
+  stratified split): the user's layout -> per-split files + labels + a fingerprint; ``prepare``: download /
+  write shards once or reuse them / read metadata (main process);
 - ``shard_writer``: listing -> WebDataset shards (``staging``: written aside, renamed into place),
   ``meta``: ``dataset.json`` (its only reader and writer);
 - ``sources``: shard specs -> shard lists, ``stream`` / ``loader``: rank- and worker-split streams;

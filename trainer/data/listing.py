@@ -50,14 +50,17 @@ class Item:
     Attributes:
         file: full path to read (``os.fsdecode`` string).
         rel: the name stored in the shard (``<key>.path.txt``): relative to the data root or manifest folder.
-        label: class index.
+        label: class index (``-1`` for a multi-label item).
         where: where the item was listed, for messages (``"train.csv line 12"``), or ``""`` for folders.
+        labels: a multi-label item's label set: sorted, distinct class indices (``()``: a negative, or a
+            multiclass item).
     """
 
     file: str
     rel: str
     label: int
     where: str = ""
+    labels: tuple[int, ...] = ()
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Listing:
         source: recorded in ``dataset.json`` (layout, params, fingerprint); compared on reuse.
         key_prefix: prepend ``<split>/`` to keys (layouts whose ``rel`` does not start with the split).
         repeated: ``(rel, [where, ...])`` of paths listed more than once (manifests).
+        task: ``multiclass`` (``Item.label``) or ``multilabel`` (``Item.labels``; manifests only).
     """
 
     classes: list[str]
@@ -77,6 +81,16 @@ class Listing:
     source: dict
     key_prefix: bool = False
     repeated: list[tuple[str, list[str]]] = field(default_factory=list)
+    task: str = "multiclass"
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images of ``split`` per class in label order (multi-label: the images carrying each class); zeros
+        for a split the listing does not have."""
+        counts = [0] * len(self.classes)
+        for it in self.splits.get(split, []):
+            for y in (it.labels if self.task == "multilabel" else (it.label,)):
+                counts[y] += 1
+        return counts
 
 
 def printable(name: str) -> str:
@@ -145,10 +159,12 @@ def _class_folders(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name)) if folder.is_dir() else []
 
 
-def _rel_list_sha(items: Sequence[Item]) -> str:
+def rel_list_sha(items: Sequence[Item]) -> str:
+    """SHA-256 hex digest of a split's names and labels, in order (recorded for a split that was drawn)."""
     h = hashlib.sha256()
     for it in items:
-        h.update(os.fsencode(it.rel) + f"\0{it.label}\n".encode())
+        labels = f"\0{','.join(map(str, it.labels))}" if it.labels else ""
+        h.update(os.fsencode(it.rel) + f"\0{it.label}{labels}\n".encode())
     return h.hexdigest()
 
 
@@ -343,5 +359,5 @@ def list_class_folders(root: str | os.PathLike, *, val_fraction: float, test_fra
               "files_sha256": _tree_fingerprint(root, all_files), "num_files": len(all_files),
               "split": {"method": "stratified per class, Random(f'split/{seed}/{class}') over sorted names, "
                                   "sizes of split_sizes (>= 1 val image from 2 images)",
-                        "sha256": {s: _rel_list_sha(items) for s, items in splits.items()}}}
+                        "sha256": {s: rel_list_sha(items) for s, items in splits.items()}}}
     return Listing(classes=classes, splits=splits, source=source, key_prefix=True)

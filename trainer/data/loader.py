@@ -33,8 +33,12 @@ from trainer.data.stream import EvalStream, _TrainStream
 log = logging.getLogger(__name__)
 
 
+TASKS = ("multiclass", "multilabel")
+"""Values of the loaders' ``task`` (``data.task``)."""
+
+
 def _check_common(name: str, shards: list[str], rank: int, world_size: int, micro_batch_size: int,
-                  num_workers: int, bad_samples: str) -> None:
+                  num_workers: int, bad_samples: str, task: str = "multiclass", num_classes: int | None = None) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"{name}: need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     if micro_batch_size < 1:
@@ -43,6 +47,10 @@ def _check_common(name: str, shards: list[str], rank: int, world_size: int, micr
         raise ValueError(f"{name}: num_workers must be >= 0, got {num_workers}")
     if bad_samples not in ("skip", "strict"):
         raise ValueError(f"{name}: bad_samples must be 'skip' or 'strict', got {bad_samples!r}")
+    if task not in TASKS:
+        raise ValueError(f"{name}: task must be one of {list(TASKS)}, got {task!r}")
+    if task == "multilabel" and (num_classes is None or num_classes < 1):
+        raise ValueError(f"{name}: task='multilabel' needs num_classes >= 1 (the multi-hot length), got {num_classes}")
     if not shards:
         raise ValueError(f"{name}: no shards")
 
@@ -93,6 +101,8 @@ class TrainLoader:
         pin_memory: pin batches for faster host-to-GPU copies (use on CUDA only).
         num_classes: if given, labels outside ``[0, num_classes)`` are bad samples.
         prefetch_factor: batches prefetched per worker.
+        task: ``multiclass`` (``cls`` labels -> ``label`` (B,) int64) or ``multilabel`` (``labels.json`` label
+            sets -> ``label`` (B, num_classes) float32 multi-hot; needs ``num_classes``).
 
     Raises:
         ConfigError: fewer shards than ``world_size x max(num_workers, 1)`` readers (message names both
@@ -104,9 +114,10 @@ class TrainLoader:
     def __init__(self, shards: str | Sequence[str], *, rank: int, world_size: int, micro_batch_size: int,
                  num_workers: int, transform: Callable, seed: int = 0, shuffle_buffer: int = 1000,
                  bad_samples: str = "skip", resampled: bool = False, pin_memory: bool = False,
-                 num_classes: int | None = None, prefetch_factor: int = 2):
+                 num_classes: int | None = None, prefetch_factor: int = 2, task: str = "multiclass"):
         self.shards = resolve_shards(shards)
-        _check_common("TrainLoader", self.shards, rank, world_size, micro_batch_size, num_workers, bad_samples)
+        _check_common("TrainLoader", self.shards, rank, world_size, micro_batch_size, num_workers, bad_samples,
+                      task, num_classes)
         self.readers = world_size * max(1, num_workers)
         if not resampled and len(self.shards) < self.readers:
             raise ConfigError(
@@ -120,16 +131,16 @@ class TrainLoader:
                                      micro_batch_size=micro_batch_size, transform=transform,
                                      bad_samples=bad_samples, num_classes=num_classes, seed=seed,
                                      shuffle_buffer=shuffle_buffer, resampled=resampled,
-                                     epoch_state=self._epoch_state)
+                                     epoch_state=self._epoch_state, multilabel=task == "multilabel")
         self._loader: DataLoader | None = None
 
     def epoch(self, epoch: int, num_batches: int) -> Iterator[dict]:
         """Yield exactly ``num_batches`` batches of epoch ``epoch`` (same count on every rank).
 
-        Batches: ``image`` (B, 3, S, S) uint8 (channels_last memory), ``label`` (B,) int64, ``key``
-        list[str], ``skipped`` list[str]. Only one epoch iterator may be active at a time; starting
-        the next one ends the previous (its prefetched batches, and their ``skipped`` reports, are
-        dropped).
+        Batches: ``image`` (B, 3, S, S) uint8 (channels_last memory), ``label`` (B,) int64 (``multilabel``:
+        (B, C) float32 multi-hot), ``key`` list[str], ``skipped`` list[str]. Only one epoch iterator may be
+        active at a time; starting the next one ends the previous (its prefetched batches, and their
+        ``skipped`` reports, are dropped).
 
         Raises:
             ValueError: ``num_batches < 1`` or ``epoch < 0``. BadSampleError (strict mode), RuntimeError
@@ -160,7 +171,7 @@ class TrainLoader:
 class EvalLoader:
     """Every sample of ``shards`` exactly once over all ranks (finite; ranks may differ by a batch).
 
-    Args: as :class:`TrainLoader` (no seed, shuffle or resampling). Works with fewer shards than
+    Args: as :class:`TrainLoader` (no seed, shuffle or resampling; ``task`` included). Works with fewer shards than
     readers (sample-level split inside shards, see the module docstring).
 
     Iterating yields batches in the :class:`TrainLoader` format; ``skipped`` reports that come after
@@ -173,13 +184,15 @@ class EvalLoader:
 
     def __init__(self, shards: str | Sequence[str], *, rank: int, world_size: int, micro_batch_size: int,
                  num_workers: int, transform: Callable, bad_samples: str = "skip", pin_memory: bool = False,
-                 num_classes: int | None = None, prefetch_factor: int = 2, stride: int = 1):
+                 num_classes: int | None = None, prefetch_factor: int = 2, stride: int = 1,
+                 task: str = "multiclass"):
         self.shards = resolve_shards(shards)
-        _check_common("EvalLoader", self.shards, rank, world_size, micro_batch_size, num_workers, bad_samples)
+        _check_common("EvalLoader", self.shards, rank, world_size, micro_batch_size, num_workers, bad_samples,
+                      task, num_classes)
         self._dataset = EvalStream(self.shards, rank=rank, world_size=world_size,
                                    micro_batch_size=micro_batch_size, transform=transform,
                                    bad_samples=bad_samples, num_classes=num_classes, num_workers=num_workers,
-                                   stride=stride)
+                                   stride=stride, multilabel=task == "multilabel")
         self._loader = _make_loader(self._dataset, num_workers, pin_memory, prefetch_factor)
         self.last_skipped: list[str] = []
 
@@ -238,7 +251,7 @@ def build_run_loaders(cfg, pre, *, rank: int, world_size: int, device_type: str,
                                 auto_augment_magnitude=d.auto_augment_magnitude, auto_augment_ops=d.auto_augment_ops)
     eval_tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
     common = dict(rank=rank, world_size=world_size, num_workers=d.num_workers, bad_samples=d.bad_samples,
-                  num_classes=num_classes, pin_memory=d.pin_memory and device_type == "cuda")
+                  num_classes=num_classes, pin_memory=d.pin_memory and device_type == "cuda", task=d.task)
     train = TrainLoader(train_shards, micro_batch_size=cfg.train.micro_batch_size, transform=train_tf,
                         seed=cfg.train.seed, shuffle_buffer=d.shuffle_buffer, resampled=d.resampled, **common)
     eval_batch = cfg.train.eval_batch_size or 2 * cfg.train.micro_batch_size

@@ -22,6 +22,13 @@ label map without a training row is an error too. A path
 listed in more than one row is recorded (``Listing.repeated``) and reported under ``data.on_leak``.
 Missing or unreadable files are found while writing and reported with their line.
 
+Multi-label (``data.task: multilabel``, :mod:`trainer.data.multilabel`): a row's labels are a set, from a label
+column split on ``data.label_delimiter`` (looked for also as ``labels``, ``tags``), a JSON list, or one 0/1
+column per class (``data.label_columns``); an empty set is a negative. The class map is every label of the
+training rows (sorted as above) or ``data.label_map``. Under ``data.task: multiclass`` a cell holding several
+labels (a JSON list, or text containing the delimiter) is a bad row naming ``data.task``. With
+``data.val_fraction`` a multi-label manifest without val rows is split by iterative stratification.
+
 The fingerprint compared on reuse is the SHA-256 of the manifest (and label map) bytes.
 """
 
@@ -34,7 +41,15 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from trainer.data.listing import DataError, Item, Listing
+from trainer.data.listing import DataError, Item, Listing, rel_list_sha
+from trainer.data.multilabel import (
+    LABEL_SET_NAMES,
+    SPLIT_METHOD,
+    label_column_getters,
+    parse_label_cell,
+    row_label_set,
+    split_rows,
+)
 
 PATH_NAMES = ("path", "filepath", "file_path", "filename", "file", "image", "image_path", "img")
 LABEL_NAMES = ("label", "class", "class_name", "classname", "target", "category", "y")
@@ -172,8 +187,9 @@ def _class_map(train_labels: list, label_map: list[str] | None) -> list[str]:
     return sorted(values)
 
 
-def _split_files(manifest: str | os.PathLike | Mapping[str, str]) -> dict[str, Path]:
-    """``{"all": file}`` or ``{split: file}`` with split names as in :data:`SPLIT_VALUES` made canonical."""
+def _split_files(manifest: str | os.PathLike | Mapping[str, str], need_val: bool = True) -> dict[str, Path]:
+    """``{"all": file}`` or ``{split: file}`` with split names as in :data:`SPLIT_VALUES` made canonical
+    (``need_val`` False: a mapping may lack val, the automatic split makes it)."""
     if isinstance(manifest, (str, os.PathLike)):
         return {"all": Path(manifest)}
     files: dict[str, Path] = {}
@@ -187,14 +203,16 @@ def _split_files(manifest: str | os.PathLike | Mapping[str, str]) -> dict[str, P
             raise DataError(f"data.manifest: both {given[split]!r} and {key!r} are given (the same split, "
                             f"{split}); keep one")
         files[split], given[split] = Path(value), str(key)
-    if not {"train", "val"} <= set(files):
+    if not ({"train", "val"} if need_val else {"train"}) <= set(files):
         raise DataError(f"data.manifest: needs at least train and val files, got {sorted(given.values())}")
     return files
 
 
-def _row_problems(row, get_path, get_label, get_split) -> tuple[list[tuple[str, str]], tuple]:
+def _row_problems(row, get_path, get_label, get_split, empty_label_ok: bool = False) -> tuple[list[tuple[str, str]],
+                                                                                               tuple]:
     """``([(field, problem)], (rel, label, split))`` of one row (getters from :func:`_column`, ``get_split``
-    None for a per-split file); the values are valid only without problems."""
+    None for a per-split file, ``get_label`` None for 0/1 label columns); the values are valid only without
+    problems. ``empty_label_ok``: an empty label cell is no problem (a multi-label negative)."""
     none = (None, None, None)
     if not isinstance(row, (list, dict)):
         return [("manifest", f"a row is a JSON object or array, not {type(row).__name__}")], none
@@ -212,7 +230,7 @@ def _row_problems(row, get_path, get_label, get_split) -> tuple[list[tuple[str, 
     problems = []
     if _is_empty(rel):
         problems.append(("manifest", f"empty path (column {get_path[1]!r})"))
-    if _is_empty(label):
+    if get_label is not None and _is_empty(label) and not empty_label_ok:
         problems.append(("manifest", f"empty label (column {get_label[1]!r})"))
     if get_split is not None:
         split = SPLIT_VALUES.get(str(split).strip().lower())
@@ -222,18 +240,32 @@ def _row_problems(row, get_path, get_label, get_split) -> tuple[list[tuple[str, 
 
 
 def list_manifest(manifest: str | Mapping[str, str], *, path_column=None, label_column=None, split_column=None,
-                  label_map: str | None = None) -> Listing:
+                  label_map: str | None = None, task: str = "multiclass", label_delimiter: str = "|",
+                  label_columns=None, val_fraction: float | None = None, test_fraction: float = 0.0,
+                  split_seed: int = 0) -> Listing:
     """Read one manifest with a split column, or ``{split: manifest}`` files (format: module docstring).
 
     Files are read as UTF-8 (a byte-order mark is dropped). Every bad row (a missing column, an empty
     path or label, an unknown split value, a label not in the class map) is collected first; then one
     error names up to :data:`MAX_ROWS_NAMED` of them, by file and line, and counts the rest.
 
+    Args:
+        task: ``multiclass`` (``Item.label``) or ``multilabel`` (``Item.labels``; forms and bad cells:
+            :mod:`trainer.data.multilabel`, with ``label_delimiter`` and ``label_columns``).
+        val_fraction, test_fraction, split_seed: ``multilabel`` only: split the training rows (a manifest
+            without val rows) by :func:`trainer.data.multilabel.iterative_split`.
+
     Raises:
-        DataError: one line: a missing manifest or column, bad rows (above), a label-map class without
-            training rows, no training row, two keys for one split (``val`` and ``validation``).
+        DataError: one line: a missing manifest or column, bad rows (above; under ``multiclass`` also a cell
+            holding several labels, naming ``data.task``), a label-map class without training rows, no
+            training row (``multilabel``: no label in them), two keys for one split (``val`` and
+            ``validation``), val rows with ``val_fraction``.
     """
-    files = _split_files(manifest)
+    multilabel = task == "multilabel"
+    if val_fraction is not None and not multilabel:
+        raise DataError("data.val_fraction: a single-label manifest gives its own splits (split column or one file "
+                        "per split)")
+    files = _split_files(manifest, need_val=val_fraction is None)
     raw: dict[str, list[tuple[str, object, str, str, tuple[int, int]]]] = {"train": [], "val": [], "test": []}
     problems: list[tuple[tuple[int, int], str, str]] = []  # ((file index, line), field, "where: problem")
     labels_of_bad_rows: set[str] = set()  # not reported again as "not in the class map" (a consequence)
@@ -242,25 +274,49 @@ def list_manifest(manifest: str | Mapping[str, str], *, path_column=None, label_
         header, rows = _read_rows(path)
         h.update(path.read_bytes())
         get_path = _column(path_column, PATH_NAMES, header, rows, "path_column", path)
-        get_label = _column(label_column, LABEL_NAMES, header, rows, "label_column", path)
-        get_split = _column(split_column, ("split",), header, rows, "split_column", path) if split == "all" else None
+        get_split = _column(split_column, ("split",), header, rows, "split_column", path,
+                            required=val_fraction is None) if split == "all" else None
+        get_label = get_set = None
+        if multilabel and label_columns is not None:
+            get_set = label_column_getters(label_columns, header, rows, path,
+                                           [get_path[1]] + ([get_split[1]] if get_split else []))
+        else:
+            try:
+                get_label = _column(label_column, LABEL_SET_NAMES + LABEL_NAMES if multilabel else LABEL_NAMES,
+                                    header, rows, "label_column", path)
+            except DataError as e:
+                multi = None if multilabel or label_column is not None else \
+                    _column(None, LABEL_SET_NAMES, header, rows, "label_column", path, required=False)
+                if multi is None:
+                    raise
+                raise DataError(f"{e} (column {multi[1]!r} looks multi-label: set data.task: multilabel)") from None
         base = path.parent
         for n, row in rows:
             where = f"{path.name} line {n}"
-            found, (rel, label, s) = _row_problems(row, get_path, get_label, get_split)
+            found, (rel, label, s) = _row_problems(row, get_path, get_label, get_split, empty_label_ok=multilabel)
+            if not found:
+                found, label = row_label_set(row, label, multilabel, get_set, label_delimiter)
             if found:
                 field = found[0][0] if len({f for f, _ in found}) == 1 else "manifest"
                 problems.append(((k, n), field, f"{where}: {', '.join(t for _, t in found)}"))
-                if not _is_empty(label):
+                if multilabel:
+                    labels_of_bad_rows.update(parse_label_cell(label, label_delimiter)[0] if get_label else ())
+                elif not _is_empty(label):
                     labels_of_bad_rows.add(str(label).strip())
                 continue
-            raw[s if get_split else split].append((rel, label, where, str(base / rel), (k, n)))
+            raw[s if get_split else ("train" if split == "all" else split)].append((rel, label, where,
+                                                                                    str(base / rel), (k, n)))
     names = load_label_map(label_map) if label_map else None
     if label_map:
         h.update(Path(label_map).read_bytes())
     if not raw["train"] and not problems:
         raise DataError(f"data.manifest: no training row in {[str(p) for p in files.values()]}")
-    classes = _class_map([row[1] for row in raw["train"]], names)
+    if val_fraction is not None:
+        split_rows(raw, val_fraction, test_fraction, split_seed)
+    classes = _class_map([v for row in raw["train"] for v in (row[1] if multilabel else (row[1],))], names)
+    if not classes and not problems:
+        raise DataError(f"data.manifest: no label in the training rows of {[str(p) for p in files.values()]} (every "
+                        "row is a negative); a multi-label set needs at least one labelled training row")
     index = {c: i for i, c in enumerate(classes)}
     splits: dict[str, list[Item]] = {}
     seen: dict[str, list[str]] = {}
@@ -269,19 +325,24 @@ def list_manifest(manifest: str | Mapping[str, str], *, path_column=None, label_
             continue
         items = []
         for rel, label, where, file, pos in rows:
-            key = str(label).strip()
-            if key in index:
-                y = index[key]
-            elif names is not None and _as_int(label) is not None and 0 <= _as_int(label) < len(classes):
-                y = _as_int(label)
-            elif key in labels_of_bad_rows:
-                continue  # its training rows are bad rows, named already
-            else:
-                src = f"data.label_map {label_map}" if names is not None else "the training rows"
-                problems.append((pos, "label_column", f"{where}: label {label!r} is not in the class map "
-                                 f"({len(classes)} classes from {src}) for {rel!r}"))
+            ys, unknown = [], []
+            for value in (label if multilabel else (label,)):
+                key = str(value).strip()
+                if key in index:
+                    ys.append(index[key])
+                elif names is not None and _as_int(value) is not None and 0 <= _as_int(value) < len(classes):
+                    ys.append(_as_int(value))
+                else:
+                    unknown.append(value)
+            if unknown:
+                new = [v for v in unknown if str(v).strip() not in labels_of_bad_rows]
+                if new:  # else: its training rows are bad rows, named already
+                    src = f"data.label_map {label_map}" if names is not None else "the training rows"
+                    problems.append((pos, "label_column", f"{where}: label {new[0]!r} is not in the class map "
+                                     f"({len(classes)} classes from {src}) for {rel!r}"))
                 continue
-            items.append(Item(file, rel, y, where))
+            items.append(Item(file, rel, -1, where, tuple(sorted(set(ys)))) if multilabel else
+                         Item(file, rel, ys[0], where))
             seen.setdefault(os.path.normpath(file), []).append(f"{where} ({split})")
         splits[split] = items
     if problems:
@@ -289,13 +350,21 @@ def list_manifest(manifest: str | Mapping[str, str], *, path_column=None, label_
         raise DataError(_bad_rows_message([(f, t) for _, f, t in problems], list(files.values())))
     counts = [0] * len(classes)
     for it in splits["train"]:
-        counts[it.label] += 1
+        for y in (it.labels if multilabel else (it.label,)):
+            counts[y] += 1
     if 0 in counts:
         raise DataError(f"data.label_map: class {classes[counts.index(0)]!r} has no training row "
                         f"({counts.count(0)} such class(es)); an empty class could never be learned")
     repeated = [(p, w) for p, w in seen.items() if len(w) > 1]
-    source = {"layout": "manifest", "location": {k: str(v) for k, v in files.items()},
-              "params": {"path_column": path_column, "label_column": label_column, "split_column": split_column,
-                         "label_map": label_map},
+    params = {"path_column": path_column, "label_column": label_column, "split_column": split_column,
+              "label_map": label_map}
+    if multilabel:  # multiclass records exactly what it did before, so its shards are reused as they are
+        params.update(task=task, label_delimiter=label_delimiter, label_columns=label_columns)
+        if val_fraction is not None:
+            params.update(val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
+    source = {"layout": "manifest", "location": {k: str(v) for k, v in files.items()}, "params": params,
               "files_sha256": h.hexdigest(), "num_files": sum(len(v) for v in splits.values())}
-    return Listing(classes=classes, splits=splits, source=source, key_prefix=True, repeated=repeated)
+    if val_fraction is not None:
+        source["split"] = {"method": SPLIT_METHOD, "sha256": {s: rel_list_sha(v) for s, v in splits.items()}}
+    return Listing(classes=classes, splits=splits, source=source, key_prefix=True, repeated=repeated, task=task)
+

@@ -3,6 +3,7 @@
 Layout (``FORMAT_VERSION`` 2; version 1 files, without ``source``/``leaks``, are still read)::
 
     {"format_version": 2,
+     "task": "multiclass" | "multilabel",
      "classes": [names in index order],
      "splits": {"train": {"num_samples": N, "num_shards": S, "class_counts": [..], "shards": [..],
                           "shard_sizes": [..], "num_skipped": K,
@@ -14,6 +15,11 @@ Layout (``FORMAT_VERSION`` 2; version 1 files, without ``source``/``leaks``, are
      "leaks": {"cross_split": {"count": .., "examples": [..]},
                "repeated_paths": {"count": .., "examples": [..]},
                "duplicates_within_split": {"count": .., "examples": [..]}}}
+
+``task`` (missing in older files: ``multiclass``) says what the shards hold: ``cls`` labels, or ``labels.json``
+label sets (:mod:`trainer.data.shard_writer`); a multi-label split's ``class_counts`` are the images carrying each
+class (at most ``num_samples`` each, any sum). Reusing shards of another task is refused
+(:func:`trainer.data.prepare.source_change`, :func:`trainer.data.prepare.prepare_dataset`).
 
 Paths that are not valid UTF-8 are stored as Python reads them (``os.fsdecode``: surrogate escapes,
 ``\\udcxx`` in the JSON); ``os.fsencode`` gives the original bytes back.
@@ -31,6 +37,9 @@ from trainer.utils.files import atomic_write
 
 FORMAT_VERSION = 2
 """Version written into every ``dataset.json``; files of version 1 .. FORMAT_VERSION are read."""
+
+TASKS = ("multiclass", "multilabel")
+"""Values of ``task`` (``data.task``)."""
 
 META_NAME = "dataset.json"
 
@@ -58,6 +67,7 @@ class DatasetMeta:
         root: folder of ``dataset.json``; relative shard names are relative to it.
         source: what the shards were written from (layout, parameters, fingerprint); ``{}`` for version 1.
         leaks: images shared between splits, paths listed twice, duplicates (``{}`` when none / version 1).
+        task: ``multiclass`` (one ``cls`` label per sample) or ``multilabel`` (``labels.json`` label sets).
     """
 
     classes: list[str]
@@ -66,6 +76,7 @@ class DatasetMeta:
     root: str = "."
     source: dict = field(default_factory=dict)
     leaks: dict = field(default_factory=dict)
+    task: str = "multiclass"
 
     @property
     def num_classes(self) -> int:
@@ -132,6 +143,9 @@ def read_meta(path: str | os.PathLike) -> DatasetMeta:
     version = _need(obj, "format_version", int, "", path_s)
     if not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{p}: unsupported format_version {version} (this trainer reads 1..{FORMAT_VERSION})")
+    task = obj.get("task", "multiclass")
+    if task not in TASKS:
+        raise ValueError(f"{p}: key 'task' must be one of {list(TASKS)}, got {task!r}")
     classes = _need(obj, "classes", list, "", path_s)
     if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise ValueError(f"{p}: key 'classes' must be a non-empty list of distinct strings")
@@ -142,7 +156,11 @@ def read_meta(path: str | os.PathLike) -> DatasetMeta:
         ns = _need(s, "num_shards", int, w, path_s)
         counts = _need(s, "class_counts", list, w, path_s)
         shards = _need(s, "shards", list, w, path_s)
-        if len(counts) != len(classes) or sum(counts) != n:
+        if task == "multilabel":
+            if len(counts) != len(classes) or not all(isinstance(c, int) and 0 <= c <= n for c in counts):
+                raise ValueError(f"{p}: key '{w}class_counts' must have {len(classes)} entries in [0, num_samples="
+                                 f"{n}] (multilabel), got {counts}")
+        elif len(counts) != len(classes) or sum(counts) != n:
             raise ValueError(f"{p}: key '{w}class_counts' must have {len(classes)} entries summing to "
                              f"num_samples={n}, got {counts}")
         if ns != len(shards) or not all(isinstance(x, str) for x in shards):
@@ -156,12 +174,13 @@ def read_meta(path: str | os.PathLike) -> DatasetMeta:
     if not isinstance(source, dict) or not isinstance(leaks, dict):
         raise ValueError(f"{p}: keys 'source' and 'leaks' must be mappings")
     return DatasetMeta(classes=list(classes), splits=splits, format_version=version, root=str(p.parent),
-                       source=source, leaks=leaks)
+                       source=source, leaks=leaks, task=task)
 
 
-def build_meta(classes: list[str], splits: dict, *, source: dict | None = None, leaks: dict | None = None) -> dict:
+def build_meta(classes: list[str], splits: dict, *, source: dict | None = None, leaks: dict | None = None,
+               task: str = "multiclass") -> dict:
     """The ``dataset.json`` dict (layout: module docstring) of this format version."""
-    obj = {"format_version": FORMAT_VERSION, "classes": list(classes), "splits": splits}
+    obj = {"format_version": FORMAT_VERSION, "task": task, "classes": list(classes), "splits": splits}
     if source is not None:
         obj["source"] = source
     if leaks is not None:

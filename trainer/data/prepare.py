@@ -136,13 +136,18 @@ def build_listing(cfg: DataConfig) -> Listing | None:
         from trainer.data.manifest import list_manifest
         manifest = cfg.manifest if isinstance(cfg.manifest, str) else dict(cfg.manifest)
         return list_manifest(manifest, path_column=cfg.path_column, label_column=cfg.label_column,
-                             split_column=cfg.split_column, label_map=cfg.label_map)
+                             split_column=cfg.split_column, label_map=cfg.label_map, task=cfg.task,
+                             label_delimiter=cfg.label_delimiter, label_columns=cfg.label_columns,
+                             val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, split_seed=cfg.split_seed)
     if cfg.root is None:
         if (Path(cfg.shard_dir) / "dataset.json").is_file():
             return None
         if not cfg.download_url:
             raise ConfigError(f"data.root: not set, and data.shard_dir {cfg.shard_dir} holds no dataset.json "
                               "(set data.root or data.manifest, or data.train_shards/val_shards + data.meta)")
+        if cfg.task == "multilabel":
+            raise ConfigError(f"data.task: multilabel needs data.manifest (CSV/JSONL); the image folders of "
+                              f"data.download_url {cfg.download_url} give one label per image")
         root = download_image_folder(cfg)
     else:
         root = Path(cfg.root)
@@ -168,6 +173,10 @@ def source_change(old: dict, new: dict, shard_dir: str) -> str | None:
     if not old:
         return None  # format 1: no record to compare (written by an older version)
     hint = f"delete {shard_dir} (or set data.shard_dir to a new folder) to write new shards"
+    old_task, new_task = (d.get("params", {}).get("task", "multiclass") for d in (old, new))
+    if old_task != new_task:
+        return f"data.task: the shards in {shard_dir} were written for data.task: {old_task}, this run has " \
+               f"{new_task}; {hint}"
     if old.get("layout") != new["layout"]:
         return f"data.shard_dir: {shard_dir} was written from a {old.get('layout')} source, this run has a " \
                f"{new['layout']} source; {hint}"
@@ -258,6 +267,10 @@ def prepare_dataset(cfg: DataConfig, accelerator, *, progress: bool = False) -> 
         meta = read_meta(meta_path)
     except ValueError as e:
         raise ConfigError(f"data.meta: {e}") from None
+    if meta.task != cfg.task:
+        raise ConfigError(f"data.task: {cfg.task!r}, but the shards of {meta_path} were written for data.task: "
+                          f"{meta.task} (their labels are {'label sets' if meta.task == 'multilabel' else 'single'}); "
+                          "set data.task to match, or write new shards")
     _leak_check(meta, cfg.on_leak)
     counts = meta.splits["train"].class_counts if "train" in meta.splits else []
     if 0 in counts:

@@ -12,7 +12,9 @@ finished one, and a reader never finds ``out`` missing):
   - ``<key>.<ext>``: the image bytes. JPEG, PNG, WebP and GIF are stored byte for byte as found
     (``ext`` from the *detected* format, so a PNG named .jpg is stored as png); any other format PIL
     reads (BMP, TIFF, PPM, ...) is re-encoded losslessly to PNG (first frame).
-  - ``<key>.cls``: the integer label as ASCII text (the WebDataset convention).
+  - ``<key>.cls``: the integer label as ASCII text (the WebDataset convention); a multi-label sample
+    (``Listing.task == "multilabel"``) has ``<key>.labels.json`` instead: its label set as a JSON list of
+    sorted, distinct class indices (``[0, 3]``; ``[]`` for a negative), ASCII; no ``cls``.
   - ``<key>.path.txt``: the item's name (relative to the data root or the manifest's folder) as the
     raw bytes of the file name (``os.fsencode``): UTF-8 text for UTF-8 names, and any other name
     byte for byte (decode with ``os.fsdecode``, which round-trips through surrogate escapes).
@@ -22,7 +24,8 @@ finished one, and a reader never finds ``out`` missing):
   replaced by '_' (WebDataset splits key and extension at the first dot), prefixed with ``<split>/``
   for class-folder and manifest layouts, and cut to 180 characters + a hash when longer; a clash gets
   ``_1``, ``_2`` in listing order. Examples: ``train/ants/0013035``, ``val/AnnualCrop/AnnualCrop_1``.
-* ``dataset.json`` (:mod:`trainer.data.meta`): classes, per-split counts, shards, skipped files
+* ``dataset.json`` (:mod:`trainer.data.meta`): the task, classes, per-split counts (multi-label: images
+  carrying each class), shards, skipped files
   (``path``, ``reason``, ``where``: manifest file and line), the source's fingerprint, and leaks.
 
 Every file is decoded before it is written (PIL ``verify()`` then a full ``load()``): missing, empty,
@@ -59,6 +62,7 @@ from trainer.data import staging
 from trainer.data.decode import check_pixels, describe_decode_error
 from trainer.data.listing import DataError, Item, Listing, list_split_folders, printable
 from trainer.data.meta import META_NAME, build_meta, load_json, write_meta
+from trainer.data.multilabel import dumps_labels
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +132,7 @@ def _chunks(listing: Listing, per_shard: int) -> list[tuple[str, int, list[tuple
 
 
 def _write_chunk(folder: str, split: str, index: int, pairs: list[tuple[Item, str]], num_classes: int,
-                 max_bytes: float) -> dict:
+                 max_bytes: float, multilabel: bool = False) -> dict:
     """Check and write one shard (+ overflow files); return its counts, skipped files and hashes."""
     shards, sizes, counts, skipped, hashes = [], [], [0] * num_classes, [], []
     writer, nbytes = None, 0
@@ -151,10 +155,11 @@ def _write_chunk(folder: str, split: str, index: int, pairs: list[tuple[Item, st
                 shards.append(name)
                 sizes.append(0)
                 nbytes = 0
-            nbytes += writer.write({"__key__": key, ext: payload, "cls": str(item.label).encode(),
-                                    "path.txt": os.fsencode(item.rel)})
+            label = {"labels.json": dumps_labels(item.labels)} if multilabel else {"cls": str(item.label).encode()}
+            nbytes += writer.write({"__key__": key, ext: payload, **label, "path.txt": os.fsencode(item.rel)})
             sizes[-1] += 1
-            counts[item.label] += 1
+            for y in (item.labels if multilabel else (item.label,)):
+                counts[y] += 1
             hashes.append([hashlib.sha256(data).hexdigest()[:32], split, item.where or printable(item.rel)])
     finally:
         if writer is not None:
@@ -233,7 +238,8 @@ def _partial_name(worker_index: int, num_workers: int) -> str:
     return f"dataset.w{worker_index:0{width}d}-of-{num_workers:0{width}d}.json"
 
 
-def _run_chunks(jobs, folder: Path, num_classes: int, max_bytes: float, num_workers: int, progress: bool):
+def _run_chunks(jobs, folder: Path, num_classes: int, max_bytes: float, num_workers: int, progress: bool,
+                multilabel: bool = False):
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -242,12 +248,12 @@ def _run_chunks(jobs, folder: Path, num_classes: int, max_bytes: float, num_work
     try:
         if num_workers <= 1:
             for split, index, pairs in jobs:
-                results.append(_write_chunk(str(folder), split, index, pairs, num_classes, max_bytes))
+                results.append(_write_chunk(str(folder), split, index, pairs, num_classes, max_bytes, multilabel))
                 if bar is not None:
                     bar.update(len(pairs))
         else:
             with ProcessPoolExecutor(num_workers) as pool:
-                futures = {pool.submit(_write_chunk, str(folder), s, i, p, num_classes, max_bytes): len(p)
+                futures = {pool.submit(_write_chunk, str(folder), s, i, p, num_classes, max_bytes, multilabel): len(p)
                            for s, i, p in jobs}
                 for fut in as_completed(futures):
                     results.append(fut.result())
@@ -301,17 +307,17 @@ def write_listing(listing: Listing, out: str | os.PathLike, *, max_samples_per_s
     partial = folder / _partial_name(worker_index, num_workers)
     partial.unlink(missing_ok=True)
     parts = _run_chunks(jobs[worker_index::num_workers], folder, len(listing.classes), max_bytes_per_shard, 1,
-                        progress)
+                        progress, listing.task == "multilabel")
     write_meta(partial, {"parts": parts})
     names = [folder / _partial_name(k, num_workers) for k in range(num_workers)]
     if not all(p.is_file() for p in names):
-        return build_meta(listing.classes, _merge(listing.classes, split_names, parts))
+        return build_meta(listing.classes, _merge(listing.classes, split_names, parts), task=listing.task)
     with staging.shard_lock(out):  # ... and the one that finds all partial files merges and commits
         if not folder.is_dir():  # another writer of the N committed first
             return load_json(out / META_NAME)
         parts = [r for p in names for r in load_json(p)["parts"]]
         meta = build_meta(listing.classes, _merge(listing.classes, split_names, parts), source=listing.source,
-                          leaks=find_leaks(parts, listing.repeated))
+                          leaks=find_leaks(parts, listing.repeated), task=listing.task)
         _report(meta, strict)
         write_meta(folder / META_NAME, meta)
         staging.check_target(out, overwrite)
@@ -325,9 +331,9 @@ def _write_all(listing: Listing, out: Path, max_samples_per_shard: int, max_byte
     folder.mkdir(exist_ok=True)
     try:
         parts = _run_chunks(_chunks(listing, max_samples_per_shard), folder, len(listing.classes),
-                            max_bytes_per_shard, num_workers, progress)
+                            max_bytes_per_shard, num_workers, progress, listing.task == "multilabel")
         meta = build_meta(listing.classes, _merge(listing.classes, list(listing.splits), parts),
-                          source=listing.source, leaks=find_leaks(parts, listing.repeated))
+                          source=listing.source, leaks=find_leaks(parts, listing.repeated), task=listing.task)
         _report(meta, strict)
         write_meta(folder / META_NAME, meta)
         return staging.commit(folder, out)
@@ -351,7 +357,7 @@ def merge_partial_metadata(out: str | os.PathLike, num_workers: int, listing: Li
                 raise FileNotFoundError(f"merge_partial_metadata: {p} missing (writer {k} of {num_workers} not done)")
         parts = [r for p in names for r in load_json(p)["parts"]]
         meta = build_meta(listing.classes, _merge(listing.classes, list(listing.splits), parts),
-                          source=listing.source, leaks=find_leaks(parts, listing.repeated))
+                          source=listing.source, leaks=find_leaks(parts, listing.repeated), task=listing.task)
         write_meta(folder / META_NAME, meta)
         staging.check_target(out, overwrite=True)
         return staging.commit(folder, out)

@@ -27,15 +27,16 @@ drop_last. With at least R shards, reader i reads shards ``i, i+R, ...``; with f
 are spread over the shards (reader i reads shard ``i % n``) and the k readers of a shard keep every
 k-th sample of it. Ranks may get different batch counts; the caller all-reduces sums.
 
-**Bad samples**: a sample without a ``cls`` label, without an image, or whose image does not decode
-(truncated JPEG, random bytes) is dropped; ``"shard_url:key: reason"`` goes into the ``skipped`` list
-of the next batch of that worker (for the main loop to count and log). A shard that cannot be read
-(missing, truncated tar) reports ``"shard_url:<shard>: reason"``. ``bad_samples="strict"`` raises
-:class:`BadSampleError` with the same text instead. A worker that gets no decodable sample from a
+**Bad samples**: a sample without a ``cls`` label (``multilabel``: a ``labels.json`` label set), without an
+image, or whose image does not decode (truncated JPEG, random bytes) is dropped; ``"shard_url:key: reason"``
+goes into the ``skipped`` list of the next batch of that worker (for the main loop to count and log). A shard
+that cannot be read (missing, truncated tar) reports ``"shard_url:<shard>: reason"``. ``bad_samples="strict"``
+raises :class:`BadSampleError` with the same text instead. A worker that gets no decodable sample from a
 full pass over its shards raises instead of spinning forever.
 
-Batches (dicts): ``image`` (B, 3, S, S) uint8, ``label`` (B,) int64, ``key`` list[str] (``__key__``
-of each sample), ``skipped`` list[str].
+Batches (dicts): ``image`` (B, 3, S, S) uint8, ``label`` (B,) int64 (``multilabel``: (B, C) float32
+multi-hot, 1.0 for each class in the sample's label set), ``key`` list[str] (``__key__`` of each sample),
+``skipped`` list[str].
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from trainer.data.decode import ImageDecodeError, decode_image_bytes
 from trainer.data.extensions import IMAGE_FIELDS
+from trainer.data.multilabel import loads_labels
 from trainer.utils.seeds import seed_int
 
 log = logging.getLogger(__name__)
@@ -117,17 +119,41 @@ def error_reason(exn: BaseException) -> str:
     return f"{type(exn).__name__}: {msg}".strip().rstrip(":")
 
 
-def decode_sample(sample: dict, transform: Callable, num_classes: int | None) -> tuple[torch.Tensor, int]:
-    """-> (transformed (3, S, S) uint8 image, label); raises SampleError(reason)."""
-    raw = sample.get("cls")
+def sample_label_set(sample: dict, num_classes: int | None) -> tuple[int, ...]:
+    """The label set of a multi-label raw sample (``labels.json``, :mod:`trainer.data.shard_writer`): sorted,
+    distinct class indices. Raises SampleError(reason): no ``labels.json`` (a single-label sample names
+    ``data.task``), not a JSON list of integers, an index outside ``[0, num_classes)``."""
+    raw = sample.get("labels.json")
     if raw is None:
-        raise SampleError("no 'cls' label")
+        raise SampleError("no 'labels.json' label set" + (" (a single-label sample: its shards were written for "
+                                                          "data.task: multiclass)" if "cls" in sample else ""))
     try:
-        label = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
-    except (ValueError, UnicodeDecodeError):
-        raise SampleError(f"'cls' is not an integer: {bytes(raw)[:20]!r}") from None
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        raise SampleError(f"label {label} outside [0, {num_classes})")
+        return loads_labels(raw, num_classes)
+    except ValueError as exn:
+        raise SampleError(str(exn)) from None
+
+
+def decode_sample(sample: dict, transform: Callable, num_classes: int | None,
+                  multilabel: bool = False) -> tuple[torch.Tensor, int | torch.Tensor]:
+    """-> (transformed (3, S, S) uint8 image, label): the ``cls`` integer, or with ``multilabel`` the
+    (``num_classes``,) float32 multi-hot vector of :func:`sample_label_set`; raises SampleError(reason)."""
+    if multilabel:
+        if num_classes is None:
+            raise ValueError("decode_sample: multilabel needs num_classes (the multi-hot length)")
+        label = torch.zeros(num_classes, dtype=torch.float32)
+        for y in sample_label_set(sample, num_classes):
+            label[y] = 1.0
+    else:
+        raw = sample.get("cls")
+        if raw is None:
+            raise SampleError("no 'cls' label" + (" (a multi-label sample, 'labels.json': set data.task: "
+                                                  "multilabel)" if "labels.json" in sample else ""))
+        try:
+            label = int(raw.decode() if isinstance(raw, (bytes, bytearray)) else raw)
+        except (ValueError, UnicodeDecodeError):
+            raise SampleError(f"'cls' is not an integer: {bytes(raw)[:20]!r}") from None
+        if label < 0 or (num_classes is not None and label >= num_classes):
+            raise SampleError(f"label {label} outside [0, {num_classes})")
     data = next((sample[e] for e in IMAGE_FIELDS if e in sample), None)
     if data is None:
         fields = sorted(k for k in sample if not k.startswith("__"))
@@ -151,11 +177,11 @@ class _StreamBase(IterableDataset):
     """Shared decode + batch stage; subclasses produce ``(url, raw_sample)`` streams per reader."""
 
     def __init__(self, shards: list[str], *, rank: int, world_size: int, micro_batch_size: int,
-                 transform: Callable, bad_samples: str, num_classes: int | None):
+                 transform: Callable, bad_samples: str, num_classes: int | None, multilabel: bool = False):
         self.shards, self.rank, self.world_size = shards, rank, world_size
         self.micro_batch_size, self.transform = micro_batch_size, transform
         self.strict = bad_samples == "strict"
-        self.num_classes = num_classes
+        self.num_classes, self.multilabel = num_classes, multilabel
 
     def _report(self, state: WorkerState, url: str, key: str, reason: str) -> None:
         msg = f"{url}:{key}: {reason}"
@@ -175,11 +201,11 @@ class _StreamBase(IterableDataset):
         for sample in self._read_shard(url, state):
             yield url, sample
 
-    def _decode_or_report(self, url: str, sample: dict, state: WorkerState) -> tuple[torch.Tensor, int, str] | None:
+    def _decode_or_report(self, url: str, sample: dict, state: WorkerState) -> tuple[torch.Tensor, object, str] | None:
         """(image, label, key) of one raw sample, or None after reporting it as bad."""
         key = str(sample.get("__key__", "?"))
         try:
-            image, label = decode_sample(sample, self.transform, self.num_classes)
+            image, label = decode_sample(sample, self.transform, self.num_classes, self.multilabel)
         except SampleError as exn:
             self._report(state, url, key, str(exn))
             return None
@@ -226,12 +252,14 @@ class _StreamBase(IterableDataset):
 
     @staticmethod
     def _collate(images, labels, keys, state: WorkerState) -> dict:
+        """One batch dict (format: module docstring); ``labels`` are ints, or multi-hot (C,) float32 vectors."""
         skipped, state.skipped = state.skipped, []
         # (B, 3, S, S) in channels_last memory: the augmented images are HWC in memory already, so this
         # is a plain copy per image (about 8% more images/s than a contiguous NCHW batch), and the model
         # wants channels_last anyway; default_collate stacks straight into shared memory in a worker
         image = default_collate([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
-        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys, "skipped": skipped}
+        label = torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels, dtype=torch.int64)
+        return {"image": image, "label": label, "key": keys, "skipped": skipped}
 
 
 class _TrainStream(_StreamBase):

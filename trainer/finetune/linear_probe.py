@@ -19,18 +19,27 @@ Everything is deterministic (full batch, float64, weights start at 0).
   wired in :mod:`trainer.train.linear_probe`; ``bench/resolution.py``).
 * :func:`fit_linear_probe_holdout`: only training features; lambda chosen on a stratified held-out part
   of them, then refitted on all (backbone selection, :mod:`trainer.selection`).
+* :func:`fit_linear_probe_multilabel`: multi-label (``data.task: multilabel``): one logistic regression per
+  class, the same protocol with the objective
+
+      loss(W, b) = mean_{i,c} BCE(W z_i + b, Y_ic; pos_weight_c) + lambda / 2 * ||W||_F^2
+
+  (sigmoid cross-entropy averaged over the ``N x C`` labels, ``pos_weight`` = ``optim.pos_weight``), lambda
+  chosen by the validation macro mAP (a scoring function the caller passes: the trainer's is
+  :func:`trainer.reporting.multilabel.mean_average_precision`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_L2_GRID", "ProbeResult", "fit_linear_probe", "fit_linear_probe_holdout"]
+__all__ = ["DEFAULT_L2_GRID", "ProbeResult", "fit_linear_probe", "fit_linear_probe_holdout",
+           "fit_linear_probe_multilabel"]
 
 DEFAULT_L2_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 """L2 penalties tried by :func:`fit_linear_probe_holdout` (the trainer's grid is ``finetune.lp_l2_grid``)."""
@@ -44,8 +53,10 @@ class ProbeResult:
         weight: ``(C, F)`` float32, bias: ``(C,)`` float32.
         l2: the chosen lambda. val_top1 / val_loss: of the chosen fit on the validation (or held-out)
             rows (loss unregularised, unweighted; NaN without such rows).
-        grid: per lambda tried ``{"l2", "val_top1", "val_loss", "train_top1", "iters"}``.
+        grid: per lambda tried ``{"l2", "val_top1", "val_loss", "train_top1", "iters"}`` (multi-label:
+            ``{"l2", "val_map", "val_loss", "train_map", "iters"}``).
         seconds: wall time of all fits.
+        val_map: multi-label: the validation macro mAP of the chosen fit (val_top1 is then NaN); NaN otherwise.
     """
 
     weight: torch.Tensor
@@ -55,6 +66,7 @@ class ProbeResult:
     val_loss: float
     grid: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    val_map: float = float("nan")
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, F)`` features (any float dtype) -> ``(N, C)`` float64 logits."""
@@ -142,6 +154,90 @@ def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.
     bias = bb - weight @ mu
     return ProbeResult(weight=weight.float(), bias=bias.float(), l2=rec["l2"], val_top1=rec["val_top1"],
                        val_loss=rec["val_loss"], grid=results, seconds=time.perf_counter() - t0)
+
+
+def _lbfgs_bce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: float, max_iter: int,
+               pos_weight: torch.Tensor | None) -> int:
+    """:func:`_lbfgs` with the multi-label objective (sigmoid cross-entropy, mean over ``N x C``)."""
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w.T + b, y, pos_weight=pos_weight) + 0.5 * lam * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return int(opt.state[w].get("n_iter", 0))
+
+
+def fit_linear_probe_multilabel(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                                y_val: torch.Tensor, *, l2_grid: Iterable[float],
+                                score: Callable[[torch.Tensor, torch.Tensor], float], max_iter: int = 200,
+                                pos_weight: torch.Tensor | None = None) -> ProbeResult:
+    """Multi-label logistic regression (one sigmoid per class) by full-batch L-BFGS, L2 chosen on val by ``score``.
+
+    Args:
+        x_train: ``(N, F)`` features; y_train: ``(N, C)`` 0/1 label sets (C = its width).
+        x_val, y_val: ``(M, F)`` / ``(M, C)``; the lambda with the best ``score`` on val wins (ties: lower val
+            loss, then the stronger regularisation; a NaN score counts as the worst). M = 0: the strongest
+            lambda reaching the best *train* score wins.
+        l2_grid: lambdas > 0, tried from the largest down, each warm-started from the previous fit.
+        score: ``(logits (M, C) float64, targets (M, C) float64) -> float``, higher is better (macro mAP).
+        max_iter: L-BFGS iterations per lambda.
+        pos_weight: optional ``(C,)`` weights of the positive terms (``optim.pos_weight``).
+
+    Returns:
+        :class:`ProbeResult` with the head on raw features; ``val_map`` = the chosen fit's val score,
+        ``val_top1`` NaN, ``val_loss`` its unregularised, unweighted val BCE.
+
+    Raises:
+        ValueError: empty training set, shapes that do not fit, labels not 0/1, or a lambda <= 0.
+    """
+    t0 = time.perf_counter()
+    grid = sorted((float(v) for v in l2_grid), reverse=True)
+    if not grid or any(v <= 0 for v in grid):
+        raise ValueError(f"finetune.lp_l2_grid must hold numbers > 0, got {grid}")
+    if x_train.ndim != 2 or y_train.ndim != 2 or len(x_train) == 0 or len(x_train) != len(y_train):
+        raise ValueError(f"linear probe: need (N, F) training features with (N, C) label sets, got "
+                         f"{tuple(x_train.shape)} and {tuple(y_train.shape)}")
+    if not bool(((y_train == 0) | (y_train == 1)).all()):
+        raise ValueError("linear probe: multi-label targets must be 0/1")
+    num_classes = y_train.shape[1]
+
+    def worst_if_nan(v: float) -> float:
+        return v if v == v else float("-inf")
+
+    with torch.inference_mode(False), torch.enable_grad():
+        xt = x_train.detach().to(torch.float64).clone()
+        xv = x_val.detach().to(torch.float64).clone().reshape(-1, xt.shape[1])
+        mu, sd = xt.mean(0), xt.std(0).clamp_min(1e-6)
+        zt, zv = (xt - mu) / sd, (xv - mu) / sd
+        yt = y_train.detach().to(torch.float64).clone()
+        yv = y_val.detach().to(torch.float64).clone().reshape(-1, num_classes)
+        pw = None if pos_weight is None else pos_weight.detach().double().clone()
+        w = torch.zeros(num_classes, xt.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+        results, best = [], None
+        for lam in grid:
+            iters = _lbfgs_bce(zt, yt, w, b, lam, max_iter, pw)
+            with torch.no_grad():
+                train_map = score(zt @ w.T + b, yt)
+                lv = zv @ w.T + b
+                val_map = score(lv, yv) if len(yv) else float("nan")
+                val_loss = F.binary_cross_entropy_with_logits(lv, yv).item() if len(yv) else float("nan")
+            rec = {"l2": lam, "val_map": val_map, "val_loss": val_loss, "train_map": train_map, "iters": iters}
+            results.append(rec)
+            key = (worst_if_nan(train_map),) if not len(yv) else (worst_if_nan(val_map), -val_loss)
+            if best is None or key > best[0]:
+                best = (key, rec, w.detach().clone(), b.detach().clone())
+    _, rec, wb, bb = best
+    weight = wb / sd
+    bias = bb - weight @ mu
+    return ProbeResult(weight=weight.float(), bias=bias.float(), l2=rec["l2"], val_top1=float("nan"),
+                       val_loss=rec["val_loss"], grid=results, seconds=time.perf_counter() - t0,
+                       val_map=rec["val_map"])
 
 
 def _stratified_holdout(y: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

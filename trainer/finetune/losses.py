@@ -16,6 +16,10 @@ A class with no training sample gets weight 0 (it never occurs as a target in tr
 names it). The weights go into ``torch.nn.CrossEntropyLoss(weight=...)``, whose ``mean`` reduction
 divides by the summed weights of the micro-batch's targets (``sum_i w_{y_i} l_i / sum_i w_{y_i}``).
 Validation loss (``val/loss``) stays unweighted, so runs with and without weights compare directly.
+
+Multi-label runs (``data.task: multilabel``) get the sigmoid loss of :mod:`trainer.finetune.multilabel_loss`
+instead (``optim.multilabel_loss``, ``optim.pos_weight``, ``optim.label_smoothing``): :func:`build_criterion`
+dispatches on the task.
 """
 
 from __future__ import annotations
@@ -76,26 +80,38 @@ def class_weights(class_counts: Sequence[int], kind: str = "inverse", *, beta: f
 
 
 def build_criterion(optim_cfg, class_counts: Sequence[int] | None, *, class_names: Sequence[str] | None = None,
-                    device: torch.device | str = "cpu", soft_targets: bool = False) -> torch.nn.Module:
-    """The training criterion of a run: cross-entropy with ``optim.label_smoothing`` and ``optim.class_weights``.
+                    device: torch.device | str = "cpu", soft_targets: bool = False, multilabel: bool = False,
+                    num_samples: int | None = None) -> torch.nn.Module:
+    """The training criterion of a run: cross-entropy with ``optim.label_smoothing`` and ``optim.class_weights``,
+    or with ``multilabel`` (``data.task: multilabel``) the sigmoid loss of :func:`build_multilabel_criterion`.
 
     With ``soft_targets`` (mixup / cutmix on, :mod:`trainer.data.batch_augment`) it is timm's
     ``SoftTargetCrossEntropy``, ``mean_i sum_c -t_ic log softmax(z_i)_c`` on ``(B, C)`` targets that
     already carry the label smoothing; class weights are refused by the config check then.
 
+    Multi-label: ``optim.multilabel_loss`` (``bce`` / ``asl``) with ``optim.pos_weight`` (``auto``: from
+    ``class_counts`` = training images carrying each class and ``num_samples`` = training images) and
+    ``optim.label_smoothing`` (each binary label towards 0.5); soft targets from mixup / cutmix need nothing
+    else (BCE takes targets in [0, 1]). ``optim.class_weights`` is refused there (``pos_weight`` is its analogue).
+
     Args:
         optim_cfg: :class:`trainer.config.sections.optim.OptimConfig` (``label_smoothing``, ``class_weights``,
-            ``class_weights_beta``).
-        class_counts: training samples per class (needed unless ``class_weights`` is ``none``).
+            ``class_weights_beta``, ``multilabel_loss``, ``pos_weight``).
+        class_counts: training samples per class (needed unless ``class_weights`` / ``pos_weight`` is ``none``).
         device: where the weight tensor lives (the accelerator's device).
+        multilabel: the run's ``data.task`` is ``multilabel``. num_samples: training samples (``pos_weight: auto``).
 
     Returns:
-        ``loss(logits (B, C) float32, labels (B,) int64) -> 0-dim`` weighted mean over the batch.
+        ``loss(logits (B, C) float32, labels (B,) int64) -> 0-dim`` weighted mean over the batch; multi-label:
+        ``loss(logits (B, C), targets (B, C) float in [0, 1]) -> 0-dim`` mean over the ``B x C`` elements.
 
     Raises:
-        ValueError: class weights requested without counts, or a count list of the wrong length
-            is caught later by the loss itself (shape error naming both sizes).
+        ConfigError: class weights or ``pos_weight: auto`` requested without counts, class weights with multilabel.
+        ValueError: a count list of the wrong length is caught later by the loss itself (shape error naming
+            both sizes).
     """
+    if multilabel:
+        return _multilabel_criterion(optim_cfg, class_counts, num_samples, class_names=class_names, device=device)
     if soft_targets:
         if optim_cfg.class_weights != "none":
             raise ValueError("optim.class_weights does not combine with mixup/cutmix (soft targets)")
@@ -115,3 +131,22 @@ def build_criterion(optim_cfg, class_counts: Sequence[int] | None, *, class_name
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=optim_cfg.label_smoothing)
 
 
+def _multilabel_criterion(optim_cfg, class_counts, num_samples, *, class_names, device) -> torch.nn.Module:
+    """:func:`build_criterion` for ``data.task: multilabel`` (see there)."""
+    from trainer.finetune.multilabel_loss import build_multilabel_criterion
+
+    if optim_cfg.class_weights != "none":
+        raise ConfigError(f"optim.class_weights={optim_cfg.class_weights} is for single-label runs; with "
+                          "data.task=multilabel use optim.pos_weight=auto")
+    auto = getattr(optim_cfg, "pos_weight", "none") == "auto"
+    if auto and (class_counts is None or not num_samples):
+        raise ConfigError("optim.pos_weight=auto needs the training split's class_counts and num_samples in "
+                          "dataset.json")
+    try:
+        return build_multilabel_criterion(getattr(optim_cfg, "multilabel_loss", "bce"),
+                                          "auto" if auto else None, optim_cfg.label_smoothing,
+                                          class_counts=class_counts if auto else None,
+                                          num_samples=num_samples if auto else None, class_names=class_names,
+                                          device=device)
+    except ValueError as e:  # counts that do not fit, an ASL option the installed timm lacks
+        raise ConfigError(f"optim.multilabel_loss / optim.pos_weight: {e}") from None

@@ -8,7 +8,6 @@ existing shards, and opens the headers of a sample of training images for their 
 from __future__ import annotations
 
 import statistics
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def survey_data(cfg: DataConfig) -> DataSurvey:
                           sp["val"].num_samples if "val" in sp else 0, sp["test"].num_samples if "test" in sp else 0,
                           None, 0)
     train = listing.splits.get("train", [])
-    counts = Counter(it.label for it in train)
+    counts = listing.class_counts("train")  # multi-label: the images carrying each class
     step = max(1, len(train) // SIZE_SAMPLE)
     sides = _short_sides([it.file for it in train[::step][:SIZE_SAMPLE]])
     out = Path(cfg.shard_dir)
@@ -95,6 +94,6 @@ def survey_data(cfg: DataConfig) -> DataSurvey:
                 write = 0
         except (ConfigError, DataError, OSError, ValueError):
             pass  # the data layer reports it, with its own message, when the run prepares the data
-    return DataSurvey(tuple(listing.classes), tuple(counts.get(i, 0) for i in range(len(listing.classes))),
+    return DataSurvey(tuple(listing.classes), tuple(counts),
                       len(train), len(listing.splits.get("val", [])), len(listing.splits.get("test", [])),
                       int(statistics.median(sides)) if sides else None, write)

@@ -1,7 +1,9 @@
 """What a run reports: ``metrics`` (exact metrics across ranks), ``tracking`` (``metrics.jsonl`` and
 W&B, the only module that touches W&B), ``plots``, ``predictions`` (the best model's val predictions
 and mistakes), ``reporter`` (keeps ``reports/`` in step with ``checkpoints/best/``), ``train_meter`` (the periodic
-training record: mean loss, images/s).
+training record: mean loss, images/s), ``multilabel`` (multi-label metrics and thresholds on whole tensors) and
+``multilabel_eval`` (the multi-label evaluation state, exact across ranks, and its per-class table),
+``model_card`` (the ``README.md`` beside ``checkpoints/best/``).
 
 May import ``trainer.config`` and ``trainer.utils``.
 

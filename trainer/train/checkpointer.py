@@ -82,13 +82,16 @@ class Checkpointer:
         probe = self.cfg.finetune.strategy in ("linear_probe", "lp_ft") and progress.step == 0
         return "linear_probe" if probe else "training"
 
-    def save_best(self, progress: Progress, metrics: dict, weights: str = "raw") -> None:
+    def save_best(self, progress: Progress, metrics: dict, weights: str = "raw",
+                  thresholds: list[float] | None = None) -> None:
         """Write the inference checkpoint ``checkpoints/best/`` (main process) for the current weights and
         their evaluation ``metrics`` (:mod:`trainer.train.inference_checkpoint`).
 
         Args:
             weights: ``raw`` (the trained weights) or ``ema`` (the EMA copy, ``train.ema_decay``); recorded
                 as ``metrics["weights"]``.
+            thresholds: multi-label runs: the per-class thresholds chosen on validation, saved as ``thresholds``
+                in ``model.json`` (class order).
         """
         if self.is_main:
             model = self.ema.module if weights == "ema" else unwrap(self.model)
@@ -97,7 +100,8 @@ class Checkpointer:
                 backbone=self.cfg.model.backbone, drop_rate=self.cfg.model.drop_rate,
                 preprocessing=self.preprocessing, config=self.cfg.to_dict(),
                 metrics={"epoch": progress.epoch, "step": progress.step, "weights": weights,
-                         "stage": self.stage(progress), **metrics})
+                         "stage": self.stage(progress), **metrics},
+                extra=None if thresholds is None else {"thresholds": [float(t) for t in thresholds]})
 
     def interval_due(self, step: int, check_now: bool) -> bool:
         """``train.checkpoint_every_steps`` / ``checkpoint_every_minutes`` reached at optimizer step ``step``

@@ -13,7 +13,8 @@ same pixels and gets the same features back. With ``train.feature_cache: true`` 
    of ``micro_batch_size`` from *its own* cached samples, in a fresh permutation per epoch (seeded
    by ``(seed, epoch, rank)``, cycling when more samples are needed than cached), and evaluation
    replays the cached validation batches. Batches are ``{"features": (B, F) float32, "label": (B,)
-   int64, "key": [str], "skipped": []}``; ``trainer.train.loop`` then runs only the head
+   int64 (multi-label: the loader's ``(B, C)`` float32 label sets, kept as they are), "key": [str],
+   "skipped": []}``; ``trainer.train.loop`` then runs only the head
    (``ImageClassifier.forward(features, features=True)``, through the DDP wrapper so gradients
    are still all-reduced).
 
@@ -134,7 +135,7 @@ class FeatureCache:
         self.spill_dir = None if spill_dir is None else Path(spill_dir)
         self.budget = RamBudget(max_ram_bytes, budget_note)
         self.train_features: torch.Tensor | None = None  # (N, F) float32, CPU (RAM or memory-mapped)
-        self.train_labels: torch.Tensor | None = None  # (N,) int64
+        self.train_labels: torch.Tensor | None = None  # (N,) int64, multi-label (N, C) float32 label sets
         self.train_keys: list[str] = []
         self.val_batches: list[dict] | None = None
         self._stores: list[RowStore] = []

@@ -1,21 +1,34 @@
-"""The inference checkpoint: a folder with ``model.safetensors`` + ``model.json`` (the one home of its format).
+"""The inference checkpoint: a folder with ``model.safetensors`` + ``model.json`` (the one home of its format),
+for timm backbones also timm's ``config.json``, and a model card ``README.md``.
 
 The trainer writes it as ``<output_dir>/checkpoints/best/`` whenever the monitored metric improves;
 ``launch/predict.py``, ``launch/export.py`` and ``launch/evaluate.py`` read it. Nothing in it is
-unpickled, so a checkpoint from a shared folder cannot run code.
+unpickled, so a checkpoint from a shared folder cannot run code. With a timm backbone the folder is also
+timm's own format (:mod:`trainer.models.timm_format`): ``timm.create_model("local-dir:<folder>",
+pretrained=True)`` builds the same model and ``timm.data.resolve_data_config({}, model=m)`` gives the run's
+eval preprocessing; ``huggingface_hub.upload_folder`` uploads it as it is.
 
-* ``model.safetensors`` - the classifier's ``state_dict`` (tensors by parameter name). Its header
-  metadata holds ``format``, ``write_id`` and the text of the ``model.json`` written with it.
+* ``model.safetensors`` - the classifier's ``state_dict``; its header metadata holds ``format``, ``write_id``
+  and the text of the ``model.json`` (and ``config.json``) written with it. Stored in timm's names
+  (``weights_keys: timm``: ``backbone.<k>`` as ``<k>``, the head as timm's classifier ``timm.classifier``) when
+  the model is exactly timm's architecture with C classes, else in the classifier's own (``weights_keys:
+  trainer``, ``timm_unavailable`` says why). :func:`load_state` gives the classifier's names either way.
+* ``config.json`` - timm's config (architecture, num_classes, label_names, pretrained_cfg); ``weights_keys: timm``.
+* ``README.md`` - the model card (:mod:`trainer.reporting.model_card`), when ``config`` is a run's config (has
+  ``data`` and ``model`` sections); :func:`write_model_card` adds the test metrics at the end of a run.
 * ``model.json`` - ``format`` (:data:`FORMAT`), ``format_version``, ``write_id`` (the same random id
   as the weights' header: the pair belongs together), ``class_names`` (output order), ``backbone``,
   ``drop_rate``, ``preprocessing`` (``input_size``, ``mean``, ``std``, ``interpolation``,
   ``crop_pct``), ``metrics`` (``epoch``, ``step``, ``val/...``; NaN / inf written as null),
-  ``config`` (the resolved config of the run), plus any fields the caller adds (``extra``).
+  ``config`` (the resolved config of the run), ``weights_keys`` with ``timm`` (``architecture``,
+  ``classifier``) or ``timm_unavailable``, plus any fields the caller adds (``extra``).
 
-Writing (:func:`save`): the weights, then the JSON, each with :func:`trainer.utils.files.atomic_write`
-(temp file, fsync, rename). A kill between the two leaves weights and JSON of different writes:
-readers detect that by ``write_id`` and refuse with one line, and the next start of the run
-(:func:`repair`) rewrites ``model.json`` from the weights' header.
+Writing (:func:`save`): the weights, ``config.json``, ``README.md``, then ``model.json`` (the commit), each with
+:func:`trainer.utils.files.atomic_write` (temp file, fsync, rename). A kill before the last leaves weights and
+JSON of different writes: readers detect that by ``write_id`` and refuse with one line, and the next start of
+the run (:func:`repair`) rewrites ``model.json``, ``config.json`` and ``README.md`` from the weights' header.
+A folder of an earlier version (no ``weights_keys``, no ``config.json``) loads as before; :func:`convert` writes
+it in the current format.
 
 A ``best.pt`` of an earlier trainer version (plain data, read with ``weights_only=True``) and a
 ``last.pt`` are read too, so old runs still predict and export.
@@ -37,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.models.timm_format import CONFIG_FILE, from_timm_keys, timm_config, timm_layout, to_timm_keys
+from trainer.reporting.model_card import model_card
 from trainer.train.checkpoint import CheckpointError, checkpoint_dir, load
 from trainer.utils.files import atomic_write
 
@@ -44,6 +59,7 @@ FORMAT = "finetune-trainer.inference"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+CARD_FILE = "README.md"
 BEST_DIR = "best"
 INFERENCE_FIELDS = ("class_names", "backbone", "preprocessing")
 """Fields of ``model.json`` (or a ``.pt``) that :func:`load_for_inference` needs."""
@@ -90,19 +106,84 @@ def save(folder: str | Path, model_state: dict[str, torch.Tensor], *, class_name
     folder = Path(folder)
     write_id = uuid.uuid4().hex
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model_state.items()}
+    size = preprocessing.get("input_size") if isinstance(preprocessing, dict) else None
+    layout, why = timm_layout(backbone, tensors, len(class_names), int(size or 0))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "write_id": write_id,
             "class_names": list(class_names), "backbone": backbone, "drop_rate": float(drop_rate),
             "preprocessing": _plain(preprocessing), "metrics": _plain(metrics), "config": _plain(config),
             "weights": WEIGHTS_FILE}
+    header = {"format": FORMAT, "write_id": write_id}
+    if layout is not None:  # one weights file in timm's names, read back by load_state
+        tensors = to_timm_keys(tensors, layout.classifier)
+        meta.update(weights_keys="timm", timm=layout.to_dict())
+        header[CONFIG_FILE] = json.dumps(timm_config(layout, list(class_names), preprocessing), indent=2) + "\n"
+    else:
+        meta.update(weights_keys="trainer", timm_unavailable=why)
     clash = set(extra or {}) & set(meta)
     if clash:
         raise ValueError(f"inference checkpoint: extra fields {sorted(clash)} would replace standard ones")
     meta.update(_plain(extra or {}))
     text = json.dumps(meta, indent=2, allow_nan=False) + "\n"
-    header = {"format": FORMAT, "write_id": write_id, META_FILE: text}
+    header[META_FILE] = text
     atomic_write(folder / WEIGHTS_FILE, lambda t: save_file(tensors, str(t), metadata=header))
+    _write_companions(folder, meta, header.get(CONFIG_FILE))
     atomic_write(folder / META_FILE, text)  # the commit: from here on both files are this write's
     return folder
+
+
+def _write_companions(folder: Path, meta: dict, config_text: str | None) -> None:
+    """timm's ``config.json`` (``config_text``; None: remove a stale one, the weights are not in timm's names)
+    and the model card (:func:`write_model_card`)."""
+    if config_text:
+        atomic_write(folder / CONFIG_FILE, config_text)
+    else:
+        (folder / CONFIG_FILE).unlink(missing_ok=True)
+    _write_card(folder, meta, config_text)
+
+
+def _write_card(folder: Path, meta: dict, config_text: str | None, test_metrics: dict | None = None) -> bool:
+    cfg = meta.get("config")
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("data"), dict) and isinstance(cfg.get("model"), dict)):
+        return False  # not a run's config: nothing to describe the data and recipe with
+    lic = (json.loads(config_text).get("pretrained_cfg") or {}).get("license") if config_text else None
+    card = model_card(meta, timm_loadable=bool(config_text), timm_reason=meta.get("timm_unavailable") or "",
+                      split_sizes=_split_sizes(cfg["data"]), test_metrics=test_metrics, weights_license=lic)
+    atomic_write(folder / CARD_FILE, card)
+    return True
+
+
+def _split_sizes(data: dict) -> dict[str, int] | None:
+    """Images per split from the run's ``dataset.json`` (``data.meta``, else the one in ``data.shard_dir``);
+    None when it cannot be read (e.g. the checkpoint was copied to another machine)."""
+    from trainer.data import meta as dataset_meta
+
+    where = data.get("meta") or data.get("shard_dir")
+    if not where:
+        return None
+    try:
+        found = dataset_meta.read_meta(where)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {name: split.num_samples for name, split in found.splits.items()}
+
+
+def write_model_card(path: str | Path, test_metrics: dict | None = None) -> bool:
+    """Rewrite the model card ``README.md`` of the inference checkpoint folder at ``path`` from its ``model.json``,
+    with ``test_metrics`` (the ``test/...`` record of this checkpoint) when given.
+
+    Returns:
+        False when the folder's ``model.json`` holds no run config (no card is written for it).
+
+    Raises:
+        CheckpointError: no inference checkpoint folder at ``path``, or an unreadable ``model.json``.
+    """
+    src = resolve(path)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: a model card belongs to an inference checkpoint folder, not a .pt file")
+    meta = _read_json(src / META_FILE)
+    config = src / CONFIG_FILE
+    text = config.read_text() if meta.get("weights_keys") == "timm" and config.is_file() else None
+    return _write_card(src, meta, text, test_metrics)
 
 
 def resolve(path: str | Path) -> Path:
@@ -195,9 +276,54 @@ def load_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{weights} and {META_FILE} come from different writes (one was interrupted): "
                               "start the run once more to repair it, or use a copy made before")
     try:
-        return meta, load_file(str(weights), device="cpu")
+        state = load_file(str(weights), device="cpu")
     except Exception as e:
         raise CheckpointError(f"cannot read {weights}: {type(e).__name__}: {' '.join(str(e).split())}") from None
+    keys = meta.get("weights_keys", "trainer")  # absent: a folder written before config.json existed
+    if keys == "timm":
+        classifier = (meta.get("timm") or {}).get("classifier")
+        if not isinstance(classifier, str) or not classifier:
+            raise CheckpointError(f"{src / META_FILE}: weights_keys is timm but timm.classifier is missing")
+        return meta, from_timm_keys(state, classifier)
+    if keys != "trainer":
+        raise CheckpointError(f"{src / META_FILE}: weights_keys {keys!r} is not timm or trainer: update the trainer")
+    return meta, state
+
+
+def convert(path: str | Path, dest: str | Path | None = None) -> Path:
+    """Write the checkpoint at ``path`` (an older ``model.json`` folder, or a ``best.pt`` / ``last.pt``) in the
+    current format at ``dest`` (default: the folder itself; required for a ``.pt``): for a timm backbone with
+    ``config.json`` and timm's weight names, and with the model card.
+
+    Raises:
+        CheckpointError: unreadable, refused, or lacking the fields :func:`load_for_inference` needs.
+        ValueError: ``dest`` missing for a ``.pt``.
+    """
+    from trainer.models.classifier import Preprocessing
+
+    src = resolve(path)
+    if dest is None and not src.is_dir():
+        raise ValueError(f"convert {src}: name the destination folder for a .pt file")
+    meta, state = load_state(src)
+    pre = _inference_fields(meta, src, {f.name for f in dataclasses.fields(Preprocessing)})
+    known = {"format", "format_version", "write_id", "class_names", "backbone", "drop_rate", "preprocessing",
+             "metrics", "config", "weights", "weights_keys", "timm", "timm_unavailable"}
+    extra = {k: v for k, v in meta.items() if k not in known} if src.is_dir() else {}  # e.g. thresholds
+    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    return save(dest or src, state, class_names=list(meta["class_names"]), backbone=meta["backbone"],
+                drop_rate=meta.get("drop_rate") or 0.0, preprocessing=pre, config=meta.get("config") or {},
+                metrics=metrics, extra=extra)
+
+
+def refuse_multilabel(path: str | Path, command: str) -> None:
+    """Raise :class:`CheckpointError` (one line, exit 2) when the checkpoint at ``path`` is a multi-label model
+    (``config.data.task: multilabel`` in its ``model.json``): ``command`` reads single-label models only so far;
+    a multi-label run's own ``val/*`` and ``test/*`` records and ``reports/*_per_class.csv`` are its evaluation."""
+    data = (read_meta(path).get("config") or {}).get("data") or {}
+    if data.get("task") == "multilabel":
+        raise CheckpointError(f"{path}: a multi-label model (data.task: multilabel); {command} reads single-label "
+                              "models only so far: the run's metrics.jsonl (val/mAP, test/mAP) and "
+                              "reports/*_per_class.csv are its evaluation")
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
@@ -262,7 +388,8 @@ def repair(folder: str | Path) -> bool:
     """Complete a write that a kill interrupted between its two files; True if it did.
 
     The weights of the interrupted write are in place but ``model.json`` is the previous one (or
-    missing): ``model.json`` is rewritten from the weights' header. Call from one process at start-up.
+    missing): ``model.json`` is rewritten from the weights' header, and ``config.json`` / ``README.md`` with it.
+    Call from one process at start-up.
     """
     folder = Path(folder)
     weights, meta_path = folder / WEIGHTS_FILE, folder / META_FILE
@@ -279,5 +406,11 @@ def repair(folder: str | Path) -> bool:
     text = header.get(META_FILE)
     if not text or header.get("write_id") == current:
         return False
+    try:
+        meta = json.loads(text)
+    except ValueError:
+        meta = None
+    if isinstance(meta, dict):
+        _write_companions(folder, meta, header.get(CONFIG_FILE))
     atomic_write(meta_path, text)
     return True

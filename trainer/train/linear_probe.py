@@ -8,6 +8,11 @@ raw features, written into ``model.head`` (:func:`probe_head`), so ``best.pt`` n
 
 Under DDP every rank extracts its share of the samples; the features are gathered on every rank,
 rank 0 solves, and the head is broadcast, so all replicas end identical.
+
+Multi-label data (the loader's labels are ``(B, C)`` label sets, ``data.task: multilabel``): the head is
+solved by :func:`trainer.finetune.linear_probe.fit_linear_probe_multilabel` (sigmoid cross-entropy with the
+loss's ``pos_weight``), the L2 chosen by the validation macro mAP
+(:func:`trainer.reporting.multilabel.mean_average_precision`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from typing import Iterable
 
 import torch
 
-from trainer.finetune.linear_probe import fit_linear_probe
+from trainer.finetune.linear_probe import fit_linear_probe, fit_linear_probe_multilabel
+from trainer.reporting.multilabel import mean_average_precision
 
 log = logging.getLogger("trainer")
 
@@ -37,8 +43,8 @@ def extract_features(model: torch.nn.Module, batches: Iterable[dict], *,
             :class:`trainer.data.loader.EvalLoader` with the eval transform.
 
     Returns:
-        ``(features (N, F) float32 on CPU, labels (N,) int64, skipped sample reports of this rank)``,
-        N = samples over all ranks (rank order, then loader order).
+        ``(features (N, F) float32 on CPU, labels (N,) int64 (multi-label: (N, C) float), skipped sample reports
+        of this rank)``, N = samples over all ranks (rank order, then loader order).
     """
     was_training = model.training
     model.eval()
@@ -58,6 +64,7 @@ def extract_features(model: torch.nn.Module, batches: Iterable[dict], *,
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
         parts = gather_object([(x, y)])
+        parts = [p for p in parts if len(p[1])] or parts[:1]  # a rank without samples has no label shape
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     return x, y, skipped
 
@@ -70,7 +77,7 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
         model: the plain classifier; its ``head`` (``nn.Linear(F, C)``) is overwritten.
         train_batches, val_batches: eval-transform loaders of the training and validation splits.
         finetune_cfg: ``lp_l2_grid`` and ``lp_max_iter`` of :class:`trainer.config.sections.finetune.FinetuneConfig`.
-        class_weight: ``(C,)`` loss weights (``optim.class_weights``) or None.
+        class_weight: ``(C,)`` loss weights (``optim.class_weights``; multi-label: ``optim.pos_weight``) or None.
         tracker: optional :class:`trainer.reporting.tracking.Tracker` for the ``lp/*`` figures (step 0).
 
     Returns:
@@ -81,7 +88,10 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
     xv, yv, _ = extract_features(model, val_batches, accelerator=accelerator)
     t_feat = time.perf_counter() - t0
     head = model.head
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and yt.ndim == 2:
+        _probe_multilabel(head, xt, yt, xv, yv, finetune_cfg=finetune_cfg, pos_weight=class_weight, tracker=tracker,
+                          t_feat=t_feat)
+    elif accelerator.is_main_process:
         res = fit_linear_probe(xt, yt, xv, yv, num_classes=head.out_features, l2_grid=finetune_cfg.lp_l2_grid,
                                max_iter=finetune_cfg.lp_max_iter,
                                class_weight=None if class_weight is None else class_weight.cpu())
@@ -104,6 +114,27 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
     return len(skipped)
 
 
+def _probe_multilabel(head: torch.nn.Linear, xt, yt, xv, yv, *, finetune_cfg, pos_weight, tracker,
+                      t_feat: float) -> None:
+    """:func:`probe_head`'s solve for multi-label data (rank 0): fit, write the head, log ``lp/*``."""
+    c = head.out_features
+    yv = yv.reshape(-1, c) if len(yv) else torch.zeros(0, c)
+    res = fit_linear_probe_multilabel(xt, yt.float(), xv, yv.float(), l2_grid=finetune_cfg.lp_l2_grid,
+                                      max_iter=finetune_cfg.lp_max_iter, score=mean_average_precision,
+                                      pos_weight=None if pos_weight is None else pos_weight.cpu())
+    with torch.no_grad():
+        head.weight.copy_(res.weight.to(head.weight.device))
+        head.bias.copy_(res.bias.to(head.bias.device))
+    for r in res.grid:
+        log.info("linear probe: l2 %.0e  train mAP %.4f  val mAP %.4f  val loss %.4f  (%d L-BFGS iterations)",
+                 r["l2"], r["train_map"], r["val_map"], r["val_loss"], r["iters"])
+    log.info("linear probe: %d train / %d val features in %.1f s, fit in %.1f s, l2 %.0e, val mAP %.4f",
+             len(yt), len(yv), t_feat, res.seconds, res.l2, res.val_map)
+    if tracker is not None:
+        tracker.log({"lp/l2": res.l2, "lp/val_mAP": res.val_map, "lp/val_loss": res.val_loss,
+                     "lp/feature_seconds": t_feat, "lp/fit_seconds": res.seconds}, step=0)
+
+
 def probe_for_run(model: torch.nn.Module, *, train_shards, val_loader: Iterable[dict], transform, loader_kwargs: dict,
                   micro_batch_size: int, criterion: torch.nn.Module, accelerator, finetune_cfg, tracker=None,
                   ema=None, num_train: int | None = None) -> int:
@@ -113,7 +144,8 @@ def probe_for_run(model: torch.nn.Module, *, train_shards, val_loader: Iterable[
     Args:
         model: the plain classifier. train_shards: the training split's shards. val_loader: the run's eval loader.
         transform: the eval transform. loader_kwargs: the run's loader arguments (rank, world_size, workers, ...).
-        criterion: the training loss (its ``weight`` when it is a ``CrossEntropyLoss``).
+        criterion: the training loss (its ``weight`` when it is a ``CrossEntropyLoss``; multi-label: its
+            ``pos_weight``).
         ema: the run's :class:`trainer.train.ema.ModelEma` or None.
         num_train: the training split's size; with ``finetune.lp_max_samples`` below it, every k-th sample of
             each training shard is read (k = ceil(num_train / lp_max_samples); the shards hold the listing's
@@ -128,7 +160,8 @@ def probe_for_run(model: torch.nn.Module, *, train_shards, val_loader: Iterable[
     stride = -(-num_train // cap) if cap and num_train and num_train > cap else 1
     train_eval = EvalLoader(train_shards, transform=transform, micro_batch_size=micro_batch_size, stride=stride,
                             **loader_kwargs)
-    weight = criterion.weight if isinstance(criterion, torch.nn.CrossEntropyLoss) else None
+    weight = criterion.weight if isinstance(criterion, torch.nn.CrossEntropyLoss) else \
+        getattr(criterion, "pos_weight", None)  # multi-label (SoftTargetCrossEntropy has none)
     skipped = probe_head(model, train_eval, val_loader, accelerator=accelerator, finetune_cfg=finetune_cfg,
                          class_weight=weight, tracker=tracker)
     if ema is not None:

@@ -13,10 +13,12 @@ from typing import Iterable, Iterator
 import torch
 
 from trainer.reporting.metrics import EvalAccumulator, EvalResult
+from trainer.reporting.multilabel_eval import MultiLabelAccumulator, MultiLabelResult
 
 
 def _forward(model: torch.nn.Module, batch: dict, device: torch.device, augment=None):
-    """Logits ``(B, C)`` and labels ``(B,)`` of one batch moved to ``device``: ``image`` ``(B, 3, H, W)
+    """Logits ``(B, C)`` and labels ``(B,)`` (multi-label: ``(B, C)`` float label sets) of one batch moved to
+    ``device``: ``image`` ``(B, 3, H, W)
     uint8`` (the model normalises it and sets its memory format; the loaders deliver channels_last
     memory, so that conversion is free), or cached backbone features ``features: (B, F) float32``
     (``trainer.train.feature_cache``, head only). ``augment`` (training only,
@@ -44,7 +46,8 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
             uint8, "label": (B,) int64}``, or feature batches ``{"features": (B, F) float32, "label": (B,) int64}`` from
             ``trainer.train.feature_cache`` (then only the head runs).
         optimizer: an Accelerate-prepared optimizer (handles the fp16 grad scaler).
-        criterion: loss(logits (B, C), labels (B,)) -> scalar mean over the micro-batch.
+        criterion: loss(logits (B, C), labels (B,)) -> scalar mean over the micro-batch (multi-label: labels
+            ``(B, C)`` float label sets, :func:`trainer.finetune.losses.build_criterion`).
         grad_clip: max global gradient norm (None: no clipping).
         batch_augment: optional on-device augmentation of each image micro-batch (mixup / cutmix /
             random erasing, :mod:`trainer.data.batch_augment`); ``criterion`` must accept its targets.
@@ -76,7 +79,7 @@ def train_step(model: torch.nn.Module, micro_batches: Iterable[dict], *, optimiz
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Iterator[dict], *, num_classes: int, accelerator,
-             on_batch=None) -> EvalResult:
+             on_batch=None, multilabel: bool = False, thresholds=None) -> EvalResult | MultiLabelResult:
     """Evaluate on this rank's share of the validation data and reduce over ranks.
 
     Every rank must call this (it ends in one ``all_reduce``), also a rank that received no batch.
@@ -85,13 +88,17 @@ def evaluate(model: torch.nn.Module, batches: Iterator[dict], *, num_classes: in
         model: the plain (unwrapped) classifier; put in eval mode here.
         batches: this rank's validation batches (each sample on exactly one rank).
         on_batch: optional callback ``(batch, logits (B, C) float32 on CPU) -> None`` (predictions CSV).
+        multilabel: ``data.task: multilabel``: labels are ``(B, C)`` label sets, metrics from
+            :class:`trainer.reporting.multilabel_eval.MultiLabelAccumulator`.
+        thresholds: multi-label only: ``(C,)`` thresholds to evaluate at (a checkpoint's); None: chosen on this data.
 
     Returns:
-        EvalResult over all ranks (equal to a single-process evaluation).
+        EvalResult (multi-label: MultiLabelResult) over all ranks (equal to a single-process evaluation).
     """
     was_training = model.training
     model.eval()
-    acc = EvalAccumulator(num_classes, accelerator.device)
+    acc = MultiLabelAccumulator(num_classes, accelerator.device, thresholds=thresholds) if multilabel \
+        else EvalAccumulator(num_classes, accelerator.device)
     for batch in batches:
         with accelerator.autocast():
             logits, labels = _forward(model, batch, accelerator.device)

@@ -191,9 +191,12 @@ class Trainer:
         self.batch_augment = build_batch_augment(cfg.data, num_classes=len(self.class_names),
                                                  label_smoothing=cfg.optim.label_smoothing, device=acc.device,
                                                  normalize=model.normalize)
+        self.multilabel = cfg.data.task == "multilabel"
         self.criterion = build_criterion(cfg.optim, self.dataset.meta.splits["train"].class_counts,
                                          class_names=self.class_names, device=acc.device,
-                                         soft_targets=self.batch_augment is not None and self.batch_augment.soft_targets)
+                                         soft_targets=self.batch_augment is not None and self.batch_augment.soft_targets,
+                                         multilabel=self.multilabel,
+                                         num_samples=self.dataset.num_train_samples)
         self.ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.fcache = FeatureCache(seed=cfg.train.seed, rank=acc.process_index,
                                    micro_batch_size=cfg.train.micro_batch_size, spill_dir=self.out_dir / "feature_cache",
@@ -327,7 +330,7 @@ class Trainer:
         """The raw (and EMA) weights on the validation split (:func:`trainer.train.evaluation.validate`)."""
         return validate(unwrap(self.model), self.ema, self.eval_loader, self.fcache, reporter=self.reporter,
                         num_classes=len(self.class_names), accelerator=self.accelerator,
-                        monitor=self.stopper.monitor, mode=self.stopper.mode)
+                        monitor=self.stopper.monitor, mode=self.stopper.mode, multilabel=self.multilabel)
 
     def evaluate_now(self, extra: dict) -> dict:
         """Validate and record it (log with ``extra``, early stopping, ``checkpoints/best/``, reports:

@@ -35,13 +35,25 @@ class DataConfig(Section):
     label_map: Optional[str] = None
     """JSON file ``{name: index}`` or ``[names]`` that fixes the class map's order (default: the sorted
     labels of the training rows)."""
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    """``multiclass``: one label per image. ``multilabel``: a set of labels per image (0, 1 or more; a
+    manifest only, ``docs/data.md#multi-label``); never guessed from the data."""
+    label_delimiter: str = "|"
+    """``task: multilabel``: the text between labels in one label cell (``river|forest``); non-empty."""
+    label_columns: Optional[Union[Literal["rest"], list[Union[int, str]]]] = None
+    """``task: multilabel``: one 0/1 column per class instead of a label column: a list of column names
+    (or 0-based indices), or ``rest`` (every column but the path and split columns); the class names are
+    the column names (default: unset, the labels are in ``label_column``)."""
     val_fraction: Optional[float] = num(None, gt=0, lt=1)
     """Class folders without a split (``root/<class>/<image>``): fraction in (0, 1) of each class held out
-    for validation; stratified, fixed by the sorted file names and ``split_seed``, recorded in ``dataset.json``."""
+    for validation; stratified, fixed by the sorted file names and ``split_seed``, recorded in ``dataset.json``.
+    Also a ``task: multilabel`` manifest without val rows: split by iterative stratification."""
     test_fraction: float = num(0.0, ge=0, lt=1)
-    """With ``val_fraction``: fraction in [0, 1) of each class held out as the test split (0: none)."""
+    """With ``val_fraction``: fraction in [0, 1) of each class (multi-label manifests: of the rows, stratified
+    like val) held out as the test split (0: none)."""
     split_seed: int = 0
-    """Seed of the stratified split of class folders (changing it later is refused, like the fractions)."""
+    """Seed of the stratified split of class folders or of a multi-label manifest (changing it later is
+    refused, like the fractions)."""
     on_leak: Literal["error", "warn"] = "error"
     """The same image bytes in two splits, or a path listed twice: ``error`` (the run refuses, naming
     the count and examples) or ``warn`` (logged, the run goes on)."""
@@ -132,8 +144,25 @@ class DataConfig(Section):
         if self.val_fraction is not None and self.val_fraction + self.test_fraction >= 1:
             raise ConfigError(f"data.val_fraction: val_fraction + test_fraction = "
                               f"{self.val_fraction + self.test_fraction:g} leaves no training image (must be < 1)")
-        if self.manifest is not None and self.val_fraction is not None:
+        if self.manifest is not None and self.val_fraction is not None and self.task == "multiclass":
             raise ConfigError("data.val_fraction: a manifest gives its own splits (split column or one file per split)")
+        if not self.label_delimiter:
+            raise ConfigError("data.label_delimiter: '' is not allowed (allowed: a non-empty string)")
+        if self.task == "multiclass" and self.label_columns is not None:
+            raise ConfigError(f"data.label_columns: {self.label_columns!r} needs data.task: multilabel (one 0/1 "
+                              "column per class)")
+        if self.task == "multilabel":
+            if self.root is not None:
+                raise ConfigError("data.task: multilabel needs data.manifest (CSV/JSONL); folder layouts "
+                                  f"(data.root {self.root}) give one label per image")
+            if self.label_columns is not None and self.label_column is not None:
+                raise ConfigError("data.label_columns: set either data.label_column (labels in one column) or "
+                                  "data.label_columns (one 0/1 column per class), not both")
+            cols = self.label_columns
+            if isinstance(cols, list) and (not cols or len(set(map(str, cols))) != len(cols)
+                                           or any(isinstance(c, int) and c < 0 for c in cols)):
+                raise ConfigError(f"data.label_columns: {self.label_columns!r} is not allowed (allowed: a non-empty "
+                                  "list of distinct column names or indices, or 'rest')")
         cs = self.crop_scale
         if len(cs) != 2 or not 0.0 < cs[0] <= cs[1] <= 1.0:
             raise ConfigError(f"data.crop_scale: {cs} is not allowed (allowed: [min, max] with 0 < min <= max <= 1)")

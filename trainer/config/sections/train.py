@@ -16,7 +16,9 @@ class EarlyStoppingConfig(Section):
 
     monitor: str = "val/top1"
     """Metric compared after every evaluation: a ``val/...`` key of metrics.jsonl (``val/top1``,
-    ``val/loss``, ``val/balanced_acc``, ``val/top5``). ``checkpoints/best/`` is written whenever it improves."""
+    ``val/loss``, ``val/balanced_acc``, ``val/top5``; multi-label: ``val/mAP``, ``val/mAP_micro``, ``val/f1_micro``,
+    ``val/f1_macro``, ``val/exact_set_accuracy``, ``val/hamming_loss``). ``checkpoints/best/`` is written whenever it
+    improves. With ``data.task: multilabel`` the default ``val/top1`` (a single-label metric) becomes ``val/mAP``."""
     mode: Literal["auto", "max", "min"] = "auto"
     """``max``: higher is better; ``min``: lower is better; ``auto``: ``min`` for a name containing
     ``loss``, else ``max``."""
@@ -28,7 +30,7 @@ class EarlyStoppingConfig(Section):
     def _check(self) -> None:
         if not self.monitor.startswith("val/") or self.monitor == "val/":
             raise ConfigError(f"train.early_stopping.monitor: {self.monitor!r} is not allowed (allowed: a "
-                              "validation metric 'val/...', e.g. val/top1, val/loss, val/balanced_acc, val/top5)")
+                              "validation metric 'val/...', e.g. val/top1, val/loss, val/balanced_acc, val/top5, val/mAP)")
 
 
 @dataclass
