@@ -520,7 +520,7 @@ def main() -> None:
     import torch
 
     from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS
-    from trainer.dist.accelerator import configure_threads
+    from trainer.distributed.accelerator import configure_threads
 
     n_train = _ensure_shards(Path(args.shard_dir))
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),

@@ -138,8 +138,8 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     from trainer.config.fields import ConfigError
     from trainer.data.meta import META_NAME, read_meta
     from trainer.data.sources import resolve_shards
-    from trainer.dist.accelerator import make_accelerator
-    from trainer.dist.wait import main_first
+    from trainer.distributed.accelerator import make_accelerator
+    from trainer.distributed.wait import main_first
     from trainer.train.evaluation import evaluate_checkpoint
     from trainer.train.inference_checkpoint import META_FILE, read_meta as read_ckpt_meta, refuse_multilabel, resolve
 

@@ -73,7 +73,7 @@ def main(config: str | None = None, candidates: str | None = None, **options) ->
         raise ConfigError(str(e)) from None
     selection = SelectionOptions(candidates=cands, **opts)
     selection.check()
-    from trainer.dist.accelerator import make_accelerator, shutdown
+    from trainer.distributed.accelerator import make_accelerator, shutdown
 
     accelerator = make_accelerator(cfg.train.mixed_precision, timeout_s=cfg.train.dist_timeout_s)
     try:

@@ -4,7 +4,7 @@ Two ``accelerate launch --num_machines 2`` launchers (one per "node", different 
 rendezvous on a free port. Checked: each node gets its own machine rank (GROUP_RANK) and the ranks
 are numbered node by node; the REAL trainer runs to completion over two launchers; a wrong machine
 rank or port fails within seconds with a message (``--rdzv_conf timeout=5``, as slurm/finetune.sh
-passes); the trainer's own checks of the launcher variables (``trainer.dist.accelerator``).
+passes); the trainer's own checks of the launcher variables (``trainer.distributed.accelerator``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from helpers.realdata import (
     tiny_overrides,
 )
 
-from trainer.dist.accelerator import DistributedSetupError, check_launch_env
+from trainer.distributed.accelerator import DistributedSetupError, check_launch_env
 
 RENDEZVOUS = "tests/helpers/rendezvous_check.py"
 
@@ -129,7 +129,7 @@ def test_launch_env_checks_name_the_variable(change, needle):
 @pytest.mark.slow  # a launched worker process
 def test_unreachable_master_is_named(tmp_path):
     """A worker whose rendezvous address does not answer fails with MASTER_ADDR:MASTER_PORT named."""
-    code = ("from trainer.dist.accelerator import make_accelerator\n"
+    code = ("from trainer.distributed.accelerator import make_accelerator\n"
             "make_accelerator(timeout_s=5)\n")
     port = free_port()
     env = child_env(WORLD_SIZE="2", RANK="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

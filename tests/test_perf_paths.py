@@ -148,7 +148,7 @@ def test_model_normalizes_in_its_memory_format():
 
 def test_configure_threads_follows_omp_num_threads_then_cores_per_local_process(monkeypatch):
     """The launcher's OMP_NUM_THREADS wins; otherwise usable cores // processes on this node (>= 1)."""
-    from trainer.dist import accelerator as acc_mod
+    from trainer.distributed import accelerator as acc_mod
 
     saved = torch.get_num_threads()
     monkeypatch.setattr(acc_mod, "_usable_cores", lambda: 8)

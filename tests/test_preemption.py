@@ -3,7 +3,7 @@
 * SIGUSR1 (and separately SIGTERM alone) sent to rank 1 only, mid-training, 2 processes under
   ``accelerate launch``: the handler only sets a flag, both ranks agree at the next step, one
   checkpoint ``last.pt`` is written atomically (no temp file left) with the stop reason, and the job
-  exits 0 (so the batch script requeues it; ``trainer/dist/signals.py``). Resuming then continues from it.
+  exits 0 (so the batch script requeues it; ``trainer/distributed/signals.py``). Resuming then continues from it.
 * ``kill -9`` of a process in the middle of ``checkpoint.atomic_save`` of a large checkpoint: the
   previous ``last.pt`` is intact and is what ``latest_checkpoint`` returns; the temp file is ignored.
 """

@@ -127,7 +127,7 @@ def _cfg(root, tmp_path):
 
 
 def test_select_end_to_end_table_cache_budget(tiny_folder, tmp_path, monkeypatch, capsys):
-    from trainer.dist.accelerator import make_accelerator
+    from trainer.distributed.accelerator import make_accelerator
 
     acc = make_accelerator("no")
     cfg = _cfg(tiny_folder, tmp_path)

@@ -1,4 +1,4 @@
-"""trainer/dist/signals.py: handler only sets a flag; ranks agree (failure case 14, agreement part)."""
+"""trainer/distributed/signals.py: handler only sets a flag; ranks agree (failure case 14, agreement part)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.dist.signals import PREEMPTED_EXIT_CODE, PreemptionHandler
+from trainer.distributed.signals import PREEMPTED_EXIT_CODE, PreemptionHandler
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_TRAINER = REPO / "tests" / "helpers" / "slurm_fake_trainer.py"

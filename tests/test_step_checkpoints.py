@@ -331,7 +331,7 @@ def test_kill_before_the_epoch_checkpoint_leaves_one_evaluation_record(tiny, mon
 def test_checkpoint_written_before_an_epoch_end_evaluation_has_it_redone_once(tiny, monkeypatch):
     """A preemption at an epoch's last step writes the checkpoint before that epoch's evaluation; the next start
     evaluates and is killed before its own checkpoint: the start after it evaluates again, one record remains."""
-    from trainer.dist.signals import PreemptionHandler
+    from trainer.distributed.signals import PreemptionHandler
 
     out = tiny / "preempted_kill"
     common = {"train.epochs": 2}

@@ -7,7 +7,7 @@ The subpackages follow the data flow; each may import only the ones listed in it
 - ``models``    -- backbones by name, pretrained weights and their offline cache, layer ids.
 - ``finetune``  -- what trains and how fast: freezing, param groups, lr schedule, optimizer, losses.
 - ``train``     -- the Trainer, the step loop, checkpoints, early stopping, feature cache.
-- ``dist``      -- Accelerate set-up, DDP wrapping, preemption signals.
+- ``distributed`` -- Accelerate set-up, DDP wrapping, preemption signals.
 - ``reporting`` -- metrics, ``metrics.jsonl`` / W&B tracking, plots and error analysis.
 - ``utils``     -- atomic file writes, checksums, string seeds (standard library only).
 

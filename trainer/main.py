@@ -39,7 +39,7 @@ def main(config: str | None = None, dry_run: bool = False, print_config: bool = 
     overrides) as YAML and exits. A failure the user can fix (config field, file, checkpoint, launcher variable,
     weights) ends with one line naming it and exit status 2 (``trainer/cli/errors.py``); the checks that need
     more than the config run before any expensive set-up (``trainer/cli/preflight.py``). A run stopped by
-    SIGUSR1/SIGTERM exits 0 after its checkpoint (``trainer/dist/signals.py``).
+    SIGUSR1/SIGTERM exits 0 after its checkpoint (``trainer/distributed/signals.py``).
     """
     with exit_on_user_error():
         _run(config, dry_run, print_config, overrides)
@@ -80,7 +80,7 @@ def _run(config, dry_run, print_config, overrides) -> None:
     finally:
         # destroy the process group: without it gloo aborts at exit (SIGABRT) and the launcher
         # reports the run as failed
-        from trainer.dist.accelerator import shutdown
+        from trainer.distributed.accelerator import shutdown
         shutdown()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from trainer.config.schema import FinetuneConfig, OptimConfig
-from trainer.dist.accelerator import make_accelerator, unwrap, wrap_ddp
+from trainer.distributed.accelerator import make_accelerator, unwrap, wrap_ddp
 from trainer.finetune.freezing import apply_phase
 from trainer.finetune.optim import build_optimizer
 from trainer.finetune.schedule import Phase

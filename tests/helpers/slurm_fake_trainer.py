@@ -21,7 +21,7 @@ from pathlib import Path
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from trainer.dist.signals import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
+from trainer.distributed.signals import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -7,7 +7,7 @@ line, printed once, exit status 2; the traceback goes to ``<output_dir>/logs/``)
 May import ``trainer.config`` and, lazily, the other subpackages but ``trainer.train`` (which imports
 ``errors.set_log_dir``); nothing else imports ``trainer.cli`` except the entry points.
 
-May import: trainer.config, trainer.data, trainer.dist, trainer.finetune, trainer.models, trainer.planner,
+May import: trainer.config, trainer.data, trainer.distributed, trainer.finetune, trainer.models, trainer.planner,
 trainer.reporting, trainer.selection, trainer.utils.
 Imported only by: trainer.train.
 """

@@ -34,7 +34,7 @@ DEBUG_ENV = "TRAINER_DEBUG"
 # exception can only be an instance of a class whose module is loaded), so the entry stays light.
 _USER_ERRORS = (
     "trainer.models.state_dict:CheckpointError",
-    "trainer.dist.accelerator:DistributedSetupError",
+    "trainer.distributed.accelerator:DistributedSetupError",
     "trainer.models.weights:WeightsUnavailableError",
     "trainer.models.weights:CorruptWeightsError",
     "trainer.data.stream:BadSampleError",

@@ -18,7 +18,7 @@ as ``ACCELERATE_MIXED_PRECISION``. ``train.mixed_precision: auto`` (the default)
 A value set in the YAML or on the command line wins over both, and when it differs from the launcher's
 the run says so in one line. The resolved value is logged and saved in the run's ``config.yaml``.
 The number of processes (``WORLD_SIZE``) and CPU mode (``ACCELERATE_USE_CPU``) have no config field: the
-launcher's values always apply (``trainer.dist.accelerator.make_accelerator``).
+launcher's values always apply (``trainer.distributed.accelerator.make_accelerator``).
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
 - ``sources``: shard specs -> shard lists, ``stream`` / ``loader``: rank- and worker-split streams;
 - ``decode``: bytes -> RGB uint8, ``transforms``: crops, flips (the model normalises).
 
-May import ``trainer.config``, ``trainer.utils`` and ``trainer.dist.wait`` (the main process writes
+May import ``trainer.config``, ``trainer.utils`` and ``trainer.distributed.wait`` (the main process writes
 while the other ranks wait).
 
-May import: trainer.config, trainer.utils, trainer.dist.wait.
+May import: trainer.config, trainer.utils, trainer.distributed.wait.
 """

@@ -3,7 +3,7 @@
 Worker processes and the cores (:func:`worker_init`): each worker runs torch with one intra-op thread
 (decoding is single-threaded: libjpeg-turbo, simplejpeg, PIL) and at a lower scheduling priority
 (``os.nice(WORKER_NICE)``). The training process uses every core for its own torch threads
-(:func:`trainer.dist.accelerator.configure_threads`); on a CPU-only machine the workers then compete with
+(:func:`trainer.distributed.accelerator.configure_threads`); on a CPU-only machine the workers then compete with
 those threads for the same cores, and a worker that pre-empts one OpenMP thread in the middle of a
 parallel region stalls all of them at the region's barrier. With the workers niced, the scheduler runs
 them in the gaps of the training process (and whenever it waits for a batch), so decoding costs its

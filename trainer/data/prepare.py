@@ -17,7 +17,7 @@ silently re-drawn split would leak validation images into training): delete ``sh
 elsewhere to write new shards.
 
 Only the main process lists and writes; the others wait without a collective deadline
-(:func:`trainer.dist.wait.main_first`). Checksums: a downloaded archive is checked against
+(:func:`trainer.distributed.wait.main_first`). Checksums: a downloaded archive is checked against
 ``data.download_sha256``, the unpacked tree against ``data.tree_sha256`` (:func:`tree_sha256`).
 """
 
@@ -254,7 +254,7 @@ def prepare_dataset(cfg: DataConfig, accelerator, *, progress: bool = False) -> 
         ConfigError: a bad field, a missing folder / metadata / shards, a changed source, leaks under
             ``data.on_leak: error``, a training class without a readable image; names the field and path.
     """
-    from trainer.dist.wait import main_first
+    from trainer.distributed.wait import main_first
 
     explicit = cfg.train_shards is not None
     if not explicit:

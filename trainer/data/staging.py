@@ -6,7 +6,7 @@ heartbeat; a stale lock of a dead process is taken over with a warning, a waiter
 two runs started together on one empty ``data.shard_dir`` do not both write: the second waits, then
 finds the first one's ``dataset.json`` and reuses it (or refuses in one line if its source differs).
 In a DDP run only the main process takes it and writes; the other ranks wait for it
-(:func:`trainer.dist.wait.main_first`). N independent writers (below) hold it only to start and to
+(:func:`trainer.distributed.wait.main_first`). N independent writers (below) hold it only to start and to
 merge and commit, not while they write. A read-only parent folder holding a complete dataset is read
 without a lock (none can be made, and nothing will be written).
 

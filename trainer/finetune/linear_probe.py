@@ -81,15 +81,16 @@ def _top1(logits: torch.Tensor, y: torch.Tensor) -> float:
     return (logits.argmax(1) == y).double().mean().item() if len(y) else float("nan")
 
 
-def _lbfgs(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: float, max_iter: int,
-           class_weight: torch.Tensor | None) -> int:
-    """Minimise the regularised objective over ``w``, ``b`` in place (leaf tensors); returns the iterations."""
+def _lbfgs(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: float, max_iter: int, data_loss) -> int:
+    """Minimise ``data_loss(z @ w.T + b) + lam / 2 * ||w||^2`` over ``w``, ``b`` in place (leaf tensors) with
+    L-BFGS (strong Wolfe line search); returns the iterations. ``data_loss`` is the mean cross-entropy of the
+    logits (softmax for one label per image, sigmoid per class for label sets)."""
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(z @ w.T + b, y, weight=class_weight) + 0.5 * lam * (w * w).sum()
+        loss = data_loss(z @ w.T + b) + 0.5 * lam * (w * w).sum()
         loss.backward()
         return loss
 
@@ -138,7 +139,7 @@ def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.
         b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
         results, best = [], None
         for lam in grid:
-            iters = _lbfgs(zt, yt, w, b, lam, max_iter, cw)
+            iters = _lbfgs(zt, w, b, lam, max_iter, lambda logits: F.cross_entropy(logits, yt, weight=cw))
             with torch.no_grad():
                 train_top1 = _top1(zt @ w.T + b, yt)
                 lv = zv @ w.T + b
@@ -154,22 +155,6 @@ def fit_linear_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.
     bias = bb - weight @ mu
     return ProbeResult(weight=weight.float(), bias=bias.float(), l2=rec["l2"], val_top1=rec["val_top1"],
                        val_loss=rec["val_loss"], grid=results, seconds=time.perf_counter() - t0)
-
-
-def _lbfgs_bce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, lam: float, max_iter: int,
-               pos_weight: torch.Tensor | None) -> int:
-    """:func:`_lbfgs` with the multi-label objective (sigmoid cross-entropy, mean over ``N x C``)."""
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ w.T + b, y, pos_weight=pos_weight) + 0.5 * lam * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return int(opt.state[w].get("n_iter", 0))
 
 
 def fit_linear_probe_multilabel(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
@@ -221,7 +206,8 @@ def fit_linear_probe_multilabel(x_train: torch.Tensor, y_train: torch.Tensor, x_
         b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
         results, best = [], None
         for lam in grid:
-            iters = _lbfgs_bce(zt, yt, w, b, lam, max_iter, pw)
+            iters = _lbfgs(zt, w, b, lam, max_iter,
+                           lambda logits: F.binary_cross_entropy_with_logits(logits, yt, pos_weight=pw))
             with torch.no_grad():
                 train_map = score(zt @ w.T + b, yt)
                 lv = zv @ w.T + b

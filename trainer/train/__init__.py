@@ -9,7 +9,7 @@ read by predict / export; for timm backbones also timm's ``config.json``, and th
 
 The only subpackage that wires the others together; nothing else imports it.
 
-May import: trainer.cli.errors, trainer.config, trainer.data, trainer.dist, trainer.finetune, trainer.models,
+May import: trainer.cli.errors, trainer.config, trainer.data, trainer.distributed, trainer.finetune, trainer.models,
 trainer.planner, trainer.reporting, trainer.utils.
 Imported only by: the entry points.
 """

@@ -109,7 +109,7 @@ def dry_run_plan(resolved: ResolvedRun) -> Config:
         return cfg
     plan = read_plan(cfg.train.output_dir)
     if plan is None:
-        from trainer.dist.accelerator import launched_world_size
+        from trainer.distributed.accelerator import launched_world_size
         budget = resolve_budget(cfg, resolved.started_at)
         if cfg.finetune.strategy != "auto":
             print(f"train.time_budget {budget.seconds:.0f} s: the run's length is capped to it once its first "

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from trainer.config.schema import Config
-from trainer.dist.accelerator import unwrap
+from trainer.distributed.accelerator import unwrap
 from trainer.train import checkpoint as ckpt_lib
 from trainer.train import inference_checkpoint as infer_ckpt
 from trainer.train.checkpoint import Progress

@@ -190,7 +190,7 @@ class FeatureCache:
         (recorded, if this epoch starts at its first batch and the backbone is frozen).
 
         Args:
-            model: the plain classifier (``trainer.dist.accelerator.unwrap``), whose ``backbone`` is hooked.
+            model: the plain classifier (``trainer.distributed.accelerator.unwrap``), whose ``backbone`` is hooked.
             loader_batches: the loader's iterator for this epoch (``TrainLoader.epoch``; a generator,
                 so it reads nothing when the cache serves the epoch).
             epoch: epoch number (seeds the sample order).

@@ -44,8 +44,8 @@ from trainer.data.batch_augment import build_batch_augment
 from trainer.data.loader import WORKER_NICE, WORKER_TORCH_THREADS, build_run_loaders
 from trainer.data.prepare import prepare_dataset
 from trainer.data.sources import steps_per_epoch
-from trainer.dist.accelerator import check_replicas, describe_threads, make_accelerator, unwrap, wrap_ddp
-from trainer.dist.signals import PreemptionHandler
+from trainer.distributed.accelerator import check_replicas, describe_threads, make_accelerator, unwrap, wrap_ddp
+from trainer.distributed.signals import PreemptionHandler
 from trainer.finetune.freezing import apply_phase
 from trainer.finetune.l2sp import StartingPointDecay
 from trainer.finetune.losses import build_criterion
