@@ -16,7 +16,7 @@
 # * 120 s before the time limit Slurm sends SIGUSR1 to this shell (--signal=B:USR1@120). The trap
 #   forwards it to every process of the job steps (scancel --signal), i.e. the accelerate/torchrun
 #   agents, which forward it to their workers (PET_SIGNALS_TO_HANDLE below) and give them
-#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT s to exit. The trainer (trainer/dist/signals.py) sets a flag, all
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT s to exit. The trainer (trainer/distributed/signals.py) sets a flag, all
 #   ranks agree at the next optimizer step, write one checkpoint and exit. When the step has
 #   ended, this shell runs `scontrol requeue $SLURM_JOB_ID` (once; the trainer never requeues).
 #   SIGTERM (preemption, scancel, time limit) is handled the same way.
