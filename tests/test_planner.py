@@ -214,6 +214,24 @@ def test_a_slower_rate_than_planned_shortens_the_run_to_the_budget(tmp_path, mon
     assert _drive(keeper, clock, 2.0, new, first=step + 1, until=step + 100) is None  # once per run
 
 
+def test_a_run_shortened_below_its_warm_up_keeps_a_warm_up_and_resumes_with_it(tmp_path, monkeypatch):
+    """A 2-process CI run measured 0.85 s/step against 0.26 planned: 25 steps instead of 187, under its 46-step
+    warm-up; the new count must shorten the warm-up too (and plan.json keep it for a resume), not stop the run."""
+    from trainer.train.budgeted import warmup_for, with_steps
+
+    clock = [100.0]
+    keeper, plan = _keeper(tmp_path, monkeypatch, budget_s=150.0, planned_sps=0.1, total=800, clock=clock)
+    keeper.warmup_steps = 46
+    step, new = _drive(keeper, clock, 1.0, 800)  # ten times slower than planned
+    assert new < 46
+    saved = read_plan(tmp_path)
+    assert saved.overrides["optim.warmup_steps"] == warmup_for(46, new) == new // 4
+    cfg = load_config(None, {"optim.warmup_steps": 46, "train.steps": 800})
+    assert with_steps(cfg, new).optim.warmup_steps == new // 4 and with_steps(cfg, 100).optim.warmup_steps == 46
+    resumed = apply_plan(cfg, saved)
+    assert resumed.train.steps == new and resumed.optim.warmup_steps == new // 4
+
+
 def test_a_rate_as_planned_keeps_the_plan(tmp_path, monkeypatch):
     clock = [0.0]
     keeper, _ = _keeper(tmp_path, monkeypatch, budget_s=10_000.0, planned_sps=1.0, total=9_000, clock=clock)

@@ -132,10 +132,13 @@ class BudgetKeeper:
     this process checks: a resumed (preempted, requeued) run keeps its plan.
     """
 
-    def __init__(self, plan: Plan, out_dir, accelerator, *, evals_between):
+    def __init__(self, plan: Plan, out_dir, accelerator, *, evals_between, warmup_steps: int = 0):
         """Args: plan: the run's plan (its ``replans`` and ``plan.json`` are updated here). evals_between:
-        ``(a, b) -> int``, the evaluations a run ending at step ``b`` makes after step ``a`` (its end's included)."""
+        ``(a, b) -> int``, the evaluations a run ending at step ``b`` makes after step ``a`` (its end's included).
+        warmup_steps: the run's lr warm-up (``optim.warmup_steps``), shortened with the run when a new step
+        count is shorter than it (:func:`warmup_for`)."""
         self.plan, self.out_dir, self.accelerator = plan, out_dir, accelerator
+        self.warmup_steps = warmup_steps
         self.evals_between = evals_between
         self.eval_s = plan.eval_s
         self.active = None  # decided at the first step
@@ -182,6 +185,9 @@ class BudgetKeeper:
                                   "steps": new, "previous_steps": total_steps})
         self.plan.steps, self.plan.seconds_per_step = new, sps
         self.plan.overrides = {**self.plan.overrides, "train.steps": new}
+        warmup = self.plan.overrides.get("optim.warmup_steps", self.warmup_steps)
+        if warmup_for(warmup, new) != warmup:  # kept in plan.json: a resumed run gets the same schedule
+            self.plan.overrides["optim.warmup_steps"] = warmup_for(warmup, new)
         if self.plan.overrides.get("train.eval_every_steps"):  # the same number of evaluations
             every = self.plan.overrides["train.eval_every_steps"]
             self.plan.overrides["train.eval_every_steps"] = max(1, round(every * new / max(1, total_steps)))
@@ -207,11 +213,21 @@ class BudgetKeeper:
         return None if new == total_steps else new
 
 
+def warmup_for(warmup_steps: int, steps: int) -> int:
+    """The lr warm-up of a run whose step count became ``steps``: unchanged while it fits, else a quarter of the
+    run (the planner's share, :mod:`trainer.planner.plan`), so a run the budget keeper shortens below its
+    warm-up keeps a warm-up and a cosine decay to 0 at its last step."""
+    return warmup_steps if warmup_steps <= steps else steps // 4
+
+
 def with_steps(cfg: Config, steps: int, eval_every_steps: int | None = None) -> Config:
-    """``cfg`` with ``train.steps`` (and ``train.eval_every_steps``) set: the config the checkpoints record after
-    a new step count."""
+    """``cfg`` with ``train.steps`` (and ``train.eval_every_steps``) set, and ``optim.warmup_steps`` shortened
+    when longer than the new count (:func:`warmup_for`): the config the checkpoints record after a new step
+    count."""
     every = cfg.train.eval_every_steps if eval_every_steps is None else eval_every_steps
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every_steps=every))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, eval_every_steps=every),
+                               optim=dataclasses.replace(cfg.optim,
+                                                         warmup_steps=warmup_for(cfg.optim.warmup_steps, steps)))
 
 
 def evals_between(cfg: Config, steps_per_epoch: int, a: int, b: int) -> int:
@@ -230,4 +246,4 @@ def epochs_for(cfg: Config, steps_per_epoch: int) -> int:
 
 
 __all__ = ["BudgetKeeper", "dry_run_plan", "epochs_for", "evals_between", "needs_plan", "plan_for_run", "save_plan",
-           "with_steps"]
+           "warmup_for", "with_steps"]

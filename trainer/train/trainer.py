@@ -161,7 +161,8 @@ class Trainer:
                               "steps per epoch)")
         self.keeper = None if self.run_plan is None or cfg.finetune.strategy == "linear_probe" else BudgetKeeper(
             self.run_plan, self.out_dir, self.accelerator,
-            evals_between=lambda a, b: evals_between(self.cfg, self.steps_epoch, a, b))
+            evals_between=lambda a, b: evals_between(self.cfg, self.steps_epoch, a, b),
+            warmup_steps=cfg.optim.warmup_steps)
 
     def _setup_model(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -254,7 +255,7 @@ class Trainer:
         ddp_model.train()
         while p.step < epoch_start + self.steps_epoch and p.step < self.total_steps:
             lrs = set_lrs(self.optimizer, self.groups, step=p.step, total_steps=self.schedule_steps,
-                          phases=self.phases, steps_per_epoch=self.steps_epoch, optim_cfg=cfg.optim,
+                          phases=self.phases, steps_per_epoch=self.steps_epoch, optim_cfg=self.cfg.optim,
                           head_layer_id=self.num_layers - 1)
             meter.add(train_step(ddp_model, stream, optimizer=self.optimizer, criterion=self.criterion,
                                    accelerator=acc, grad_accum_steps=self.accum, grad_clip=cfg.optim.grad_clip,
