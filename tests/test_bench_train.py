@@ -25,5 +25,8 @@ def test_bench_train_prints_the_throughput_table(tmp_path):
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     alone, trainer, frac = float(cells[2]), float(cells[3]), float(cells[4])
-    assert alone > 0 and trainer > 0 and frac == pytest.approx(trainer / alone, abs=0.01)
+    # the cells are rounded (img/s to 0.1, the fraction to 0.01): on a loaded machine the rates are small and
+    # their rounding alone moves trainer / alone by up to 0.05 x (1 + trainer / alone) / alone
+    tol = 0.006 + 0.05 * (1 + trainer / alone) / alone
+    assert alone > 0 and trainer > 0 and frac == pytest.approx(trainer / alone, abs=tol)
     assert "feature extraction fp32:" in p.stdout and "of model alone" in p.stdout
