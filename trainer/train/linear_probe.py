@@ -88,51 +88,37 @@ def probe_head(model: torch.nn.Module, train_batches: Iterable[dict], val_batche
     xv, yv, _ = extract_features(model, val_batches, accelerator=accelerator)
     t_feat = time.perf_counter() - t0
     head = model.head
-    if accelerator.is_main_process and yt.ndim == 2:
-        _probe_multilabel(head, xt, yt, xv, yv, finetune_cfg=finetune_cfg, pos_weight=class_weight, tracker=tracker,
-                          t_feat=t_feat)
-    elif accelerator.is_main_process:
-        res = fit_linear_probe(xt, yt, xv, yv, num_classes=head.out_features, l2_grid=finetune_cfg.lp_l2_grid,
-                               max_iter=finetune_cfg.lp_max_iter,
-                               class_weight=None if class_weight is None else class_weight.cpu())
+    if accelerator.is_main_process:
+        cw = None if class_weight is None else class_weight.cpu()
+        if yt.ndim == 2:  # label sets: BCE probe, L2 chosen by val mAP
+            c = head.out_features
+            yv = yv.reshape(-1, c) if len(yv) else torch.zeros(0, c)
+            res = fit_linear_probe_multilabel(xt, yt.float(), xv, yv.float(), l2_grid=finetune_cfg.lp_l2_grid,
+                                              max_iter=finetune_cfg.lp_max_iter, score=mean_average_precision,
+                                              pos_weight=cw)
+            label, key, val = "mAP", "map", res.val_map
+        else:
+            res = fit_linear_probe(xt, yt, xv, yv, num_classes=head.out_features, l2_grid=finetune_cfg.lp_l2_grid,
+                                   max_iter=finetune_cfg.lp_max_iter, class_weight=cw)
+            label, key, val = "top-1", "top1", res.val_top1
         with torch.no_grad():
             head.weight.copy_(res.weight.to(head.weight.device))
             head.bias.copy_(res.bias.to(head.bias.device))
         for r in res.grid:
-            log.info("linear probe: l2 %.0e  train top-1 %.4f  val top-1 %.4f  val loss %.4f  (%d L-BFGS iterations)",
-                     r["l2"], r["train_top1"], r["val_top1"], r["val_loss"], r["iters"])
-        log.info("linear probe: %d train / %d val features in %.1f s, fit in %.1f s, l2 %.0e, val top-1 %.4f",
-                 len(yt), len(yv), t_feat, res.seconds, res.l2, res.val_top1)
+            log.info("linear probe: l2 %.0e  train %s %.4f  val %s %.4f  val loss %.4f  (%d L-BFGS iterations)",
+                     r["l2"], label, r[f"train_{key}"], label, r[f"val_{key}"], r["val_loss"], r["iters"])
+        log.info("linear probe: %d train / %d val features in %.1f s, fit in %.1f s, l2 %.0e, val %s %.4f",
+                 len(yt), len(yv), t_feat, res.seconds, res.l2, label, val)
         if tracker is not None:
-            tracker.log({"lp/l2": res.l2, "lp/val_top1": res.val_top1, "lp/val_loss": res.val_loss,
-                         "lp/feature_seconds": t_feat, "lp/fit_seconds": res.seconds}, step=0)
+            tracker.log({"lp/l2": res.l2, f"lp/val_{'mAP' if key == 'map' else key}": val,
+                         "lp/val_loss": res.val_loss, "lp/feature_seconds": t_feat, "lp/fit_seconds": res.seconds},
+                        step=0)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast
         with torch.no_grad():
             for t in (head.weight, head.bias):
                 t.copy_(broadcast(t.detach().clone(), from_process=0))
     return len(skipped)
-
-
-def _probe_multilabel(head: torch.nn.Linear, xt, yt, xv, yv, *, finetune_cfg, pos_weight, tracker,
-                      t_feat: float) -> None:
-    """:func:`probe_head`'s solve for multi-label data (rank 0): fit, write the head, log ``lp/*``."""
-    c = head.out_features
-    yv = yv.reshape(-1, c) if len(yv) else torch.zeros(0, c)
-    res = fit_linear_probe_multilabel(xt, yt.float(), xv, yv.float(), l2_grid=finetune_cfg.lp_l2_grid,
-                                      max_iter=finetune_cfg.lp_max_iter, score=mean_average_precision,
-                                      pos_weight=None if pos_weight is None else pos_weight.cpu())
-    with torch.no_grad():
-        head.weight.copy_(res.weight.to(head.weight.device))
-        head.bias.copy_(res.bias.to(head.bias.device))
-    for r in res.grid:
-        log.info("linear probe: l2 %.0e  train mAP %.4f  val mAP %.4f  val loss %.4f  (%d L-BFGS iterations)",
-                 r["l2"], r["train_map"], r["val_map"], r["val_loss"], r["iters"])
-    log.info("linear probe: %d train / %d val features in %.1f s, fit in %.1f s, l2 %.0e, val mAP %.4f",
-             len(yt), len(yv), t_feat, res.seconds, res.l2, res.val_map)
-    if tracker is not None:
-        tracker.log({"lp/l2": res.l2, "lp/val_mAP": res.val_map, "lp/val_loss": res.val_loss,
-                     "lp/feature_seconds": t_feat, "lp/fit_seconds": res.seconds}, step=0)
 
 
 def probe_for_run(model: torch.nn.Module, *, train_shards, val_loader: Iterable[dict], transform, loader_kwargs: dict,
