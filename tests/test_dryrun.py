@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from trainer.config.loading import load_config
-from trainer.finetune.dryrun import group_table, read_data_summary
+from trainer.data.survey import survey_data
+from trainer.finetune.dryrun import group_table
 from trainer.finetune.freezing import trainable_layer_ids
 from trainer.finetune.param_groups import build_param_groups
 from trainer.finetune.schedule import build_phases_for
@@ -134,8 +135,9 @@ def test_dry_run_lists_class_folders_and_truncates_long_lists(tmp_path):
     classes = [f"c{i:02d}" for i in range(13)]
     _tiny_images(tmp_path / "d", classes, 4)
     before = _tree(tmp_path)
-    summary = read_data_summary(_data_cfg(tmp_path, root=str(tmp_path / "d"), val_fraction=0.25).data)
-    assert summary.classes == classes and summary.split_sizes == {"train": 39, "val": 13}
+    summary = survey_data(_data_cfg(tmp_path, root=str(tmp_path / "d"), val_fraction=0.25).data, download=False,
+                          image_sizes=False)
+    assert summary.classes == tuple(classes) and summary.split_sizes == {"train": 39, "val": 13}
     line = summary.line(limit=3)
     assert "13 classes: c00, c01, c02, ... (10 more); splits: train 39, val 13" in line
     assert _tree(tmp_path) == before
@@ -145,8 +147,9 @@ def test_dry_run_reads_a_manifest(tmp_path):
     _tiny_images(tmp_path / "img", ["ant", "bee", "wasp"], 2)
     rows = [f"img/{c}/{i}.png,{c},{'train' if i == 0 else 'val'}" for c in ("wasp", "ant", "bee") for i in range(2)]
     (tmp_path / "m.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
-    summary = read_data_summary(_data_cfg(tmp_path, manifest=str(tmp_path / "m.csv")).data)
-    assert summary.classes == ["ant", "bee", "wasp"] and summary.split_sizes == {"train": 3, "val": 3}
+    summary = survey_data(_data_cfg(tmp_path, manifest=str(tmp_path / "m.csv")).data, download=False,
+                          image_sizes=False)
+    assert summary.classes == ("ant", "bee", "wasp") and summary.split_sizes == {"train": 3, "val": 3}
 
 
 def test_dry_run_reads_dataset_json_of_written_shards(tmp_path):
@@ -154,8 +157,9 @@ def test_dry_run_reads_dataset_json_of_written_shards(tmp_path):
     split = {"num_samples": 3, "num_shards": 1, "class_counts": [1, 1, 1], "shards": ["train-000000.tar"]}
     write_meta(tmp_path / "shards" / "dataset.json",
                build_meta(["x", "y", "z"], {"train": split, "val": {**split, "shards": ["val-000000.tar"]}}))
-    summary = read_data_summary(_data_cfg(tmp_path).data)
-    assert summary.classes == ["x", "y", "z"] and summary.split_sizes == {"train": 3, "val": 3}
+    summary = survey_data(_data_cfg(tmp_path).data, download=False,
+                          image_sizes=False)
+    assert summary.classes == ("x", "y", "z") and summary.split_sizes == {"train": 3, "val": 3}
     assert summary.source == str(tmp_path / "shards" / "dataset.json")
 
 

@@ -448,7 +448,7 @@ def test_bad_label_sets_in_shards_are_bad_samples(tmp_path):
 
 
 def test_the_planner_survey_counts_images_per_label(tmp_path):
-    from trainer.planner.survey import survey_data
+    from trainer.data.survey import survey_data
 
     survey = survey_data(DataConfig(manifest=_delimited(tmp_path), task="multilabel", shard_dir=str(tmp_path / "s")))
     assert survey.classes == tuple(CLASSES) and survey.class_counts == (3, 3, 2)

@@ -19,7 +19,7 @@ from trainer.planner import rules
 from trainer.planner.budget import SLURM_MARGIN_S, Budget, resolve_budget
 from trainer.planner.plan import PLAN_FILE, Plan, apply_plan, format_plan, make_plan, read_plan, save_plan
 from trainer.planner.rates import Rate
-from trainer.planner.survey import DataSurvey
+from trainer.data.survey import DataSurvey
 
 
 # ---- budgets ---------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@
 - ``shard_writer``: listing -> WebDataset shards (``staging``: written aside, renamed into place),
   ``meta``: ``dataset.json`` (its only reader and writer);
 - ``sources``: shard specs -> shard lists, ``stream`` / ``loader``: rank- and worker-split streams;
-- ``decode``: bytes -> RGB uint8, ``transforms``: crops, flips (the model normalises).
+- ``decode``: bytes -> RGB uint8, ``transforms``: crops, flips (the model normalises);
+- ``survey``: the configured data before anything is written (classes, split sizes, image sizes, shards to
+  write), read by the planner and the dry run;
+- ``image_source``: the images ``finetune predict`` reads (folder, file, CSV list, shards) with their true labels
+  or label sets, decoded in loader workers.
 
 May import ``trainer.config``, ``trainer.utils`` and ``trainer.distributed.wait`` (the main process writes
 while the other ranks wait).

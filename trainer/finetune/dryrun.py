@@ -14,90 +14,37 @@ that the data cannot be read (and why); the table then assumes 2 classes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 from trainer.config.schema import Config, ConfigError, DataConfig
-from trainer.data.listing import DataError, printable
-from trainer.data.meta import read_meta
-from trainer.data.prepare import build_listing
+from trainer.data.listing import DataError
+from trainer.data.survey import survey_data
 from trainer.finetune.freezing import trainable_layer_ids
 from trainer.finetune.param_groups import build_param_groups, format_group_table
 from trainer.finetune.schedule import build_phases_for
 from trainer.models.build import build_model
 from trainer.models.layers import group_names, layer_ids
 
-MAX_CLASSES_SHOWN = 10
-"""Class names printed on the dry run's data line; the rest are counted (``... (N more)``)."""
 
-
-@dataclass(frozen=True)
-class DataSummary:
-    """What the dry run found of the configured data.
-
-    Attributes:
-        classes: class names in label order, or None when the data cannot be read.
-        split_sizes: split name -> number of images (listed files, or ``dataset.json``'s samples).
-        source: where they were read from (``"listing of data/x"``, ``"data/shards/dataset.json"``), or
-            why nothing could be read (one line).
-    """
-
-    classes: list[str] | None
-    split_sizes: dict[str, int]
-    source: str
-
-    def line(self, limit: int = MAX_CLASSES_SHOWN) -> str:
-        """One line: ``data (<source>): N classes: a, b, ... (M more); splits: train 80, val 20``."""
-        if self.classes is None:
-            return f"data: cannot be read ({self.source}); the table below assumes 2 classes"
-        names = ", ".join(printable(c) for c in self.classes[:limit])
-        if len(self.classes) > limit:
-            names += f", ... ({len(self.classes) - limit} more)"
-        splits = ", ".join(f"{s} {n}" for s, n in self.split_sizes.items())
-        return f"data ({self.source}): {len(self.classes)} classes: {names}; splits: {splits}"
-
-
-def _from_meta(path: Path) -> DataSummary:
-    meta = read_meta(path)
-    return DataSummary(meta.classes, {s: m.num_samples for s, m in meta.splits.items()}, str(path))
-
-
-def read_data_summary(data: DataConfig) -> DataSummary:
-    """The class list and split sizes of the data ``data`` names, read without writing or downloading.
-
-    Never raises for data that cannot be read: the reason (a missing folder, a bad manifest row, a
-    source that would be downloaded) is :attr:`DataSummary.source` with ``classes`` None.
-    """
-    meta = Path(data.meta or Path(data.shard_dir) / "dataset.json")
+def data_line(data: DataConfig) -> tuple[str, int | None]:
+    """``(line, num_classes)`` of the dry run: :meth:`trainer.data.survey.DataSurvey.line` of the data ``data``
+    names (read without writing or downloading), or ``data: cannot be read (<reason>); ...`` and None."""
     try:
-        if data.train_shards is not None or (data.manifest is None and data.root is None and meta.is_file()):
-            if not meta.is_file():
-                return DataSummary(None, {}, f"data.meta: {meta} not found")
-            return _from_meta(meta)
-        if data.manifest is None and (data.root is None or not Path(data.root).is_dir()):
-            where = "data.root: not set" if data.root is None else f"data.root: folder not found: {data.root}"
-            return DataSummary(None, {}, where + (" (--dry_run downloads nothing)" if data.download_url else ""))
-        listing = build_listing(data)
-        src = data.root if data.manifest is None else (
-            data.manifest if isinstance(data.manifest, str) else ", ".join(map(str, dict(data.manifest).values())))
-        return DataSummary(list(listing.classes), {s: len(items) for s, items in listing.splits.items()},
-                           f"listing of {src}")
+        survey = survey_data(data, download=False, image_sizes=False)
     except (ConfigError, DataError, OSError, ValueError) as e:
-        return DataSummary(None, {}, " ".join(str(e).split()))
+        return f"data: cannot be read ({' '.join(str(e).split())}); the table below assumes 2 classes", None
+    return survey.line(), len(survey.classes)
 
 
 def group_table(cfg: Config, num_classes: int | None = None) -> str:
     """The dry-run text for ``cfg`` (see module docstring): the data line, the phases and the group table.
 
     Args:
-        num_classes: head size; default: the class count of :func:`read_data_summary` (2 when the data
+        num_classes: head size; default: the class count of :func:`data_line` (2 when the data
             cannot be read). Given, no data is read and the data line is left out.
     """
     head = ""
     if num_classes is None:
-        summary = read_data_summary(cfg.data)
-        num_classes = len(summary.classes) if summary.classes is not None else 2
-        head = summary.line() + "\n"
+        head, num_classes = data_line(cfg.data)
+        head, num_classes = head + "\n", num_classes or 2
     model, _ = build_model(cfg.model.backbone, num_classes, "none", drop_rate=cfg.model.drop_rate)
     layer_of, num_layers = layer_ids(model, cfg.model.backbone)
     names = group_names(model, cfg.model.backbone)

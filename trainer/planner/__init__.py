@@ -2,12 +2,10 @@
 gives the best model inside it (``finetune.strategy: auto``, ``train.time_budget``).
 
 - ``budget``: the budget in seconds (``train.time_budget``, else the Slurm job's end time) and the deadline;
-- ``survey``: what the data looks like before anything is written (images per class and split, source
-  image sizes, whether shards must be written);
 - ``rates``: measured images/s and peak memory of backbone x input size on this machine, kept in a
   per-machine cache;
 - ``rules``: the decisions (input size, strategy, length, batch sizes, evaluations) as small functions of
-  the survey and the rates, each with the measurement behind it (docs/planner.md);
+  the data survey (:mod:`trainer.data.survey`) and the rates, each with the measurement behind it (docs/planner.md);
 - ``plan``: the :class:`~trainer.planner.plan.Plan` (stages, expected minutes, the config values it sets),
   its table, ``plan.json``, and :func:`~trainer.planner.plan.apply_plan`.
 

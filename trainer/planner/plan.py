@@ -23,7 +23,7 @@ from trainer.config.schema import Config, ConfigError
 from trainer.planner import rules
 from trainer.planner.budget import Budget
 from trainer.planner.rates import Rate, rates_for
-from trainer.planner.survey import DataSurvey, survey_data
+from trainer.data.survey import DataSurvey, survey_data
 from trainer.utils.files import atomic_write
 
 PLAN_FILE = "plan.json"
@@ -47,7 +47,7 @@ class Plan:
     Attributes:
         budget_s, budget_source, started_at: the :class:`~trainer.planner.budget.Budget`.
         world_size: processes the plan was made for.
-        survey: :meth:`~trainer.planner.survey.DataSurvey.to_dict`.
+        survey: :meth:`~trainer.data.survey.DataSurvey.to_dict`.
         overrides: ``{"section.key": value}`` set on the user's config (:func:`apply_plan`).
         stages: the table's rows.
         steps: fine-tuning optimizer steps (0: the run is the linear probe). seconds_per_step: as planned.

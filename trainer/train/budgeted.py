@@ -45,7 +45,7 @@ def _length_only_plan(cfg: Config, budget, world_size: int, device: torch.device
     counting its evaluations (their length estimated from the measured inference rate until one is timed)."""
     from trainer.models.build import build_model
     from trainer.planner.rates import rates_for
-    from trainer.planner.survey import survey_data
+    from trainer.data.survey import survey_data
 
     survey = survey_data(cfg.data)
     size = cfg.data.image_size or build_model(cfg.model.backbone, 2, "none")[1].input_size
