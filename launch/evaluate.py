@@ -30,6 +30,20 @@ plots (``<split>_confusion_matrix.png``...; for ``val`` the names of the run's v
 ``out_dir`` defaults to ``<run>/eval-<split>`` for a checkpoint inside a run folder, so the
 run's own ``reports/`` are never overwritten. Runs under ``accelerate launch`` too (each sample is
 evaluated by one rank). ``finetune-evaluate`` is the same command as a console script.
+
+Multi-label checkpoints (``data.task: multilabel`` in the config saved in ``model.json``): manifests are read with
+the checkpoint's ``data.task``, ``data.label_delimiter`` and ``data.label_columns``; shards must have been written
+for ``data.task: multilabel`` (``dataset.json``'s ``task``; one line, exit status 2 otherwise); image folders carry
+one label per image, not label sets, and are refused (one line). Labels are predicted at the per-class thresholds
+saved in ``model.json`` (chosen on the validation split), or at ``--threshold X`` (one value in (0, 1) for every
+class). It prints ``<split>/mAP``, ``mAP_micro``, ``f1_micro``, ``f1_macro``, ``exact_set_accuracy``,
+``hamming_loss``, ``loss`` and per class: support, AP, F1, threshold, false positives and false negatives, and
+writes ``<split>_metrics.json``, ``<split>_per_class.csv`` (with ``tp``, ``fp``, ``fn``: the multi-label
+confusion), ``<split>_ap_per_class.png``, ``<split>_pr_curves.png`` and ``<split>_mistakes.png``
+(:mod:`trainer.reporting.multilabel_plots`)::
+
+    python launch/evaluate.py --checkpoint runs/eurosat_mosaic_lite0_finetune/checkpoints/best \\
+        --data data/shards/eurosat_mosaics --split test
 """
 
 from __future__ import annotations
@@ -65,18 +79,69 @@ def check_classes(data_classes: list[str], where: str, ckpt_classes: list[str], 
                     "evaluate on data with the checkpoint's classes, in the same order")
 
 
-def data_listing(data: Path, split: str, *, path_column=None, label_column=None, split_column=None,
-                 label_map=None) -> tuple[Listing, str]:
-    """A folder or manifest -> (:class:`Listing` holding only ``split``, where its classes come from).
+def check_task(data_task: str, where: str, multilabel: bool, ckpt_file: str) -> None:
+    """Refuse shards written for another task (``dataset.json``'s ``task``) than the checkpoint's ``data.task``.
 
     Raises:
-        DataError: no such split, an unreadable source (from the data layer, named).
+        DataError: one line naming both files and both tasks.
+    """
+    want = "multilabel" if multilabel else "multiclass"
+    if data_task == want:
+        return
+    holds = "label sets" if data_task == "multilabel" else "one label per sample"
+    raise DataError(f"--data: {where} holds shards written for data.task: {data_task} ({holds}), but the checkpoint "
+                    f"{ckpt_file} is a {'multi-label' if multilabel else 'single-label'} model (data.task: {want}); "
+                    f"evaluate on data written for data.task: {want}")
+
+
+def manifest_params(ckpt_meta: dict) -> dict:
+    """How a multi-label checkpoint's manifests are read: ``task``, ``label_delimiter`` and ``label_columns`` of
+    the config saved in its ``model.json`` (defaults ``|`` and None, as ``data.*``)."""
+    data = (ckpt_meta.get("config") or {}).get("data") or {}
+    return {"task": "multilabel", "label_delimiter": data.get("label_delimiter") or "|",
+            "label_columns": data.get("label_columns")}
+
+
+def print_multilabel(result, split: str, class_names: list[str], thresholds_from: str) -> None:
+    """Print a multi-label result (:class:`trainer.reporting.multilabel_eval.MultiLabelResult`): mAP, micro mAP,
+    micro / macro F1, exact-set accuracy, Hamming loss, loss, where the thresholds come from, and one row per
+    class: support (positive labels), AP (n/a without positives), F1, threshold, false positives, false negatives."""
+    print(f"{split}/mAP {result.map:.4f}  {split}/mAP_micro {result.map_micro:.4f}  "
+          f"{split}/f1_micro {result.f1_micro:.4f}  {split}/f1_macro {result.f1_macro:.4f}")
+    print(f"{split}/exact_set_accuracy {result.exact_set_accuracy:.4f}  {split}/hamming_loss "
+          f"{result.hamming_loss:.4f}  {split}/loss {result.loss:.4f}")
+    print(f"thresholds: {thresholds_from}")
+    width = max([len("class")] + [len(c) for c in class_names])
+    print(f"  {'class':<{width}}  {'support':>7}  {'AP':>8}  {'F1':>8}  {'threshold':>9}  {'FP':>7}  {'FN':>7}")
+    f1 = result.f1
+    for i, name in enumerate(class_names):
+        ap = "     n/a" if result.ap[i] != result.ap[i] else f"{result.ap[i]:8.4f}"
+        print(f"  {name:<{width}}  {int(result.support[i]):>7}  {ap}  {f1[i]:8.4f}  "
+              f"{float(result.thresholds[i]):9.4f}  {int(result.fp[i]):>7}  {int(result.fn[i]):>7}")
+
+
+def data_listing(data: Path, split: str, *, path_column=None, label_column=None, split_column=None,
+                 label_map=None, multilabel: dict | None = None) -> tuple[Listing, str]:
+    """A folder or manifest -> (:class:`Listing` holding only ``split``, where its classes come from).
+
+    Args:
+        multilabel: for a multi-label checkpoint, the ``task``, ``label_delimiter`` and ``label_columns`` its
+            manifests are read with (:func:`trainer.data.manifest.list_manifest`); None: single-label.
+
+    Raises:
+        DataError: no such split, an unreadable source (from the data layer, named), an image folder for a
+            multi-label checkpoint (folders carry one label per image, not label sets).
     """
     from trainer.data.listing import list_class_folders, list_split_folders, split_folder
     from trainer.data.manifest import has_split_column, list_manifest
 
+    if multilabel is not None and not data.is_file():
+        raise DataError(f"--data: {data} is an image folder, and folders carry no label sets (one class per image); "
+                        "the checkpoint is a multi-label model (data.task: multilabel): evaluate it on a manifest "
+                        "(CSV/JSONL with label sets) or multi-label shards")
     if data.is_file():
-        cols = {"path_column": path_column, "label_column": label_column, "label_map": label_map}
+        cols = {"path_column": path_column, "label_column": label_column, "label_map": label_map,
+                **(multilabel or {})}
         if has_split_column(data, split_column):
             full = list_manifest(str(data), split_column=split_column, **cols)
         else:  # every row is the split: the same file as train (class map) and val (the rows)
@@ -95,7 +160,7 @@ def data_listing(data: Path, split: str, *, path_column=None, label_column=None,
         raise DataError(f"--split: {data} has no {split} rows or images (splits: {sorted(full.splits)})")
     source = {**full.source, "params": {**full.source["params"], "evaluate_split": split}}
     return Listing(classes=full.classes, splits={split: full.splits[split]}, source=source,
-                   key_prefix=full.key_prefix), where
+                   key_prefix=full.key_prefix, task=full.task), where
 
 
 def _write_or_reuse(listing: Listing, shard_dir: Path, num_workers: int) -> None:
@@ -114,8 +179,9 @@ def _write_or_reuse(listing: Listing, shard_dir: Path, num_workers: int) -> None
 def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = None, meta: str | None = None,
          shard_dir: str | None = None, path_column: int | str | None = None,
          label_column: int | str | None = None, split_column: int | str | None = None, label_map: str | None = None,
-         batch_size: int = 64, num_workers: int = 2) -> dict:
-    """Evaluate ``checkpoint`` on split ``split`` of ``data``; print top-1, loss, per-class accuracy; write reports.
+         batch_size: int = 64, num_workers: int = 2, threshold: float | None = None) -> dict:
+    """Evaluate ``checkpoint`` on split ``split`` of ``data``; print top-1, loss, per-class accuracy (multi-label:
+    mAP, micro mAP, micro / macro F1, exact-set accuracy, Hamming loss and a per-class table); write reports.
 
     Args:
         checkpoint: inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run folder,
@@ -131,27 +197,43 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
         label_map: JSON file mapping the manifest's labels to class names, as ``data.label_map``.
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes decoding images (also shard-writing processes).
+        threshold: multi-label checkpoints only: one threshold in (0, 1) for every class, replacing the per-class
+            thresholds saved in ``model.json`` (default: the saved ones; 0.5 where there are none).
 
     Returns:
-        the ``<split>/...`` record (loss, top1, balanced_acc, macro metrics, num_samples).
+        the ``<split>/...`` record (loss, top1, balanced_acc, macro metrics, num_samples; multi-label: loss, mAP,
+        mAP_micro, f1_micro, f1_macro, exact_set_accuracy, hamming_loss, num_samples, mAP_error_bound).
+
+    Raises:
+        ConfigError: a bad option (``--split``, ``--batch_size``, ``--threshold``...), one line.
+        DataError: data whose classes or task (single- / multi-label) differ from the checkpoint's, an image folder
+            for a multi-label checkpoint, no such split; one line.
     """
     from trainer.config.fields import ConfigError
     from trainer.data.meta import META_NAME, read_meta
     from trainer.data.sources import resolve_shards
     from trainer.distributed.accelerator import make_accelerator
     from trainer.distributed.wait import main_first
-    from trainer.train.evaluation import evaluate_checkpoint
-    from trainer.train.inference_checkpoint import META_FILE, read_meta as read_ckpt_meta, refuse_multilabel, resolve
+    from trainer.train.evaluation import checkpoint_task, evaluate_checkpoint
+    from trainer.train.inference_checkpoint import META_FILE, read_meta as read_ckpt_meta, resolve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if split not in SPLITS:
         raise ConfigError(f"--split: {split!r} is not one of {list(SPLITS)}")
     if batch_size < 1 or num_workers < 0:
         raise ConfigError(f"--batch_size must be >= 1 and --num_workers >= 0, got {batch_size} and {num_workers}")
+    if threshold is not None and not 0.0 < threshold < 1.0:  # also NaN
+        raise ConfigError(f"--threshold: {threshold!r} is not in (0, 1) (a sigmoid probability: predict a label "
+                          "when its probability >= threshold)")
     src = resolve(checkpoint)
-    refuse_multilabel(src, "finetune evaluate")
     ckpt_file = str(src / META_FILE if src.is_dir() else src)
-    ckpt_classes = list(read_ckpt_meta(src)["class_names"])
+    ckpt_meta = read_ckpt_meta(src)
+    ckpt_classes = list(ckpt_meta["class_names"])
+    multilabel, saved_thresholds = checkpoint_task(ckpt_meta)
+    if threshold is not None and not multilabel:
+        raise ConfigError(f"--threshold: {ckpt_file} is a single-label model (the top class is predicted); "
+                          "--threshold applies to multi-label models (data.task: multilabel) only")
+    ml_params = manifest_params(ckpt_meta) if multilabel else None
     if out_dir is None:
         run = src.parent.parent if src.parent.name == "checkpoints" else Path(".")  # best/, best.pt, last.pt
         out_dir = str(run / f"eval-{split}")
@@ -164,6 +246,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
             if not meta_path.is_file():
                 raise ConfigError(f"--meta: dataset metadata not found: {meta_path}")
             dmeta = read_meta(meta_path)
+            check_task(dmeta.task, str(meta_path), multilabel, ckpt_file)
             check_classes(dmeta.classes, str(meta_path), ckpt_classes, ckpt_file)
             if meta is not None:
                 shards = resolve_shards(data)
@@ -179,7 +262,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
                 raise DataError(f"--data: {path} is not a manifest ({', '.join(MANIFEST_SUFFIXES)}), a folder or "
                                 f"a {META_NAME}")
             listing, where = data_listing(path, split, path_column=path_column, label_column=label_column,
-                                          split_column=split_column, label_map=label_map)
+                                          split_column=split_column, label_map=label_map, multilabel=ml_params)
             check_classes(listing.classes, where, ckpt_classes, ckpt_file)
             if shard_dir is None:  # one folder for all ranks, beside the reports; removed at the end
                 tmp = Path(out_dir) / f".shards-{split}"
@@ -193,14 +276,23 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
             dmeta = read_meta(target)
             shards, skipped = dmeta.shard_urls(split), dmeta.splits[split].num_skipped
         result, record = evaluate_checkpoint(src, shards, accelerator=accelerator, split=split, out_dir=out_dir,
-                                             micro_batch_size=batch_size, num_workers=num_workers)
+                                             micro_batch_size=batch_size, num_workers=num_workers, thresholds=threshold)
     finally:
         if tmp is not None:
             if accelerator.num_processes > 1:
                 accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and multilabel:
+        print(f"{split}: {result.num_samples} samples from {data}"
+              + (f" ({skipped} unreadable file(s) not evaluated)" if skipped else ""))
+        where = (f"--threshold {threshold:g} for every class" if threshold is not None else
+                 f"per class, saved in {ckpt_file}" if saved_thresholds is not None else
+                 f"0.5 ({ckpt_file} saves none)")
+        print_multilabel(result, split, ckpt_classes, where)
+        print(f"reports in {Path(out_dir) / 'reports'} ({split}_metrics.json, {split}_per_class.csv, "
+              f"{split}_ap_per_class.png, {split}_pr_curves.png, {split}_mistakes.png)")
+    elif accelerator.is_main_process:
         print(f"{split}: {result.num_samples} samples from {data}"
               + (f" ({skipped} unreadable file(s) not evaluated)" if skipped else ""))
         print(f"{split}/top1 {result.top1:.4f}  {split}/loss {result.loss:.4f}  "

@@ -7,7 +7,8 @@ Writes into ``out_dir`` (default: ``<run>/export`` next to the run's ``checkpoin
 * ``model.torchscript.pt`` - ``torch.jit.trace`` of the classifier in eval mode; load with
   ``torch.jit.load`` (no trainer code, no timm needed).
 * ``model.onnx`` - ONNX (opset 17 by default, TorchScript-based exporter ``torch.onnx.export(dynamo=False)``),
-  input ``images`` and output ``logits`` with a dynamic batch axis; runs in ONNX Runtime.
+  input ``images`` and output ``logits`` (multi-label: ``probabilities``) with a dynamic batch axis; runs in
+  ONNX Runtime.
 * ``preprocessing.json`` - what a caller must do to an image before the model and how to read the
   output: ``input_size``, ``resize_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``,
   ``class_names``, input/output names and shapes, the steps in words, and the checkpoint's metrics.
@@ -16,8 +17,15 @@ Both models take ``images: (B, 3, S, S) float32`` = ``(rgb_uint8 / 255 - mean) /
 "resize the short side to ``resize_size``, centre-crop ``S``" (the trainer's eval transform), and
 return ``logits: (B, C) float32`` (softmax gives probabilities, in ``class_names`` order).
 
+A multi-label checkpoint (``data.task: multilabel``) is exported with the sigmoid inside the graph: the models
+return ``probabilities: (B, C) float32`` in [0, 1], one per class, and ``preprocessing.json`` adds
+``"task": "multilabel"``, ``"outputs": "sigmoid probabilities"``, the per-class ``thresholds`` saved in the
+checkpoint (a class is present when its probability is >= its threshold; 0.5 where none were saved) and the
+``label_delimiter`` of its label sets.
+
 With ``--check`` (default) a random batch of 2 is run through PyTorch, TorchScript and ONNX Runtime
-and the largest logit difference is printed; above ``--atol`` the export fails.
+and the largest output difference (logits; multi-label: probabilities) is printed; above ``--atol`` the export
+fails.
 """
 
 from __future__ import annotations
@@ -28,22 +36,31 @@ from pathlib import Path
 
 import torch
 
-from trainer.train.inference_checkpoint import load_for_inference, read_meta, refuse_multilabel, resolve
+from trainer.train.inference_checkpoint import load_for_inference, read_meta, resolve
 from trainer.utils.files import atomic_write
 
 FORMATS = ("torchscript", "onnx")
 FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "preprocessing": "preprocessing.json"}
 
 
-def preprocessing_spec(pre, class_names: list[str], *, backbone: str, metrics: dict | None = None) -> dict:
+def preprocessing_spec(pre, class_names: list[str], *, backbone: str, metrics: dict | None = None,
+                       multilabel: dict | None = None) -> dict:
     """The content of ``preprocessing.json`` (see module docstring).
 
     Args:
         pre: :class:`trainer.model.Preprocessing` of the checkpoint.
         class_names: C names in output order.
+        multilabel: for a multi-label checkpoint ``{"thresholds": [C floats], "label_delimiter": str}``: the output
+            is described as sigmoid probabilities and these are recorded (None: single-label, logits).
     """
     s = pre.input_size
-    return {
+    output = {"name": "logits", "shape": ["batch", len(class_names)], "dtype": "float32",
+              "meaning": "unnormalised class scores; softmax over axis 1 gives probabilities in class_names order"}
+    if multilabel is not None:
+        output = {"name": "probabilities", "shape": ["batch", len(class_names)], "dtype": "float32",
+                  "meaning": "sigmoid probability of each class in class_names order, independently, in [0, 1]; "
+                             "a class is present when its probability >= its entry of thresholds"}
+    spec = {
         "format_version": 1,
         "backbone": backbone,
         "class_names": list(class_names),
@@ -56,9 +73,7 @@ def preprocessing_spec(pre, class_names: list[str], *, backbone: str, metrics: d
         "std": list(pre.std),
         "input": {"name": "images", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
                   "channels": "RGB"},
-        "output": {"name": "logits", "shape": ["batch", len(class_names)], "dtype": "float32",
-                   "meaning": "unnormalised class scores; softmax over axis 1 gives probabilities in "
-                              "class_names order"},
+        "output": output,
         "steps": [
             "decode the image to 8-bit RGB (transparent pixels over a fixed background)",
             f"resize so the shorter side is {int(s / pre.crop_pct)} px ({pre.interpolation}, antialiased)",
@@ -69,22 +84,30 @@ def preprocessing_spec(pre, class_names: list[str], *, backbone: str, metrics: d
         ],
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))},
     }
+    if multilabel is not None:
+        spec.update({"task": "multilabel", "outputs": "sigmoid probabilities",
+                     "thresholds": [float(t) for t in multilabel["thresholds"]],
+                     "label_delimiter": multilabel["label_delimiter"]})
+    return spec
 
 
 class LogitsModule(torch.nn.Module):
-    """``images (B, 3, S, S) float32 -> logits (B, C)``: the classifier with a one-tensor ``forward``.
+    """``images (B, 3, S, S) float32 -> logits (B, C)``: the classifier with a one-tensor ``forward``
+    (``sigmoid=True``: ``-> sigmoid(logits)``, the per-class probabilities of a multi-label model).
 
     The tracers see only this signature, whatever extra keyword options the trainer's
     ``ImageClassifier.forward`` grows (the TorchScript-based ONNX exporter passes every parameter
     positionally).
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, sigmoid: bool = False):
         super().__init__()
         self.model = model
+        self.sigmoid = sigmoid
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        out = self.model(images)
+        return torch.sigmoid(out) if self.sigmoid else out
 
 
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
@@ -101,8 +124,10 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: str 
     return path
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 17) -> Path:
-    """Export ``model`` to ONNX with a dynamic batch axis (input ``images``, output ``logits``).
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 17,
+                output_name: str = "logits") -> Path:
+    """Export ``model`` to ONNX with a dynamic batch axis (input ``images``, output ``output_name``: ``logits``,
+    or ``probabilities`` for a multi-label model).
 
     Uses the TorchScript-based exporter (``dynamo=False``): no extra dependency (the dynamo exporter
     needs ``onnxscript``), one self-contained file for models under 2 GB.
@@ -115,18 +140,19 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str | Path,
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         atomic_write(path, lambda tmp: torch.onnx.export(
-            model, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+            model, (example,), str(tmp), dynamo=False, input_names=["images"], output_names=[output_name],
+            dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset,
             do_constant_folding=True))
     return path
 
 
 def onnx_logits(path: str | Path, images: torch.Tensor) -> torch.Tensor:
-    """Run an exported ONNX model in ONNX Runtime (CPU). ``images: (B, 3, S, S) float32`` -> ``(B, C)``."""
+    """Run an exported ONNX model in ONNX Runtime (CPU). ``images: (B, 3, S, S) float32`` -> its one output
+    ``(B, C)`` (logits; multi-label: probabilities)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(sess.run(["logits"], {"images": images.detach().cpu().numpy()})[0])
+    return torch.from_numpy(sess.run(None, {"images": images.detach().cpu().numpy()})[0])
 
 
 def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str] = FORMATS, opset: int = 17,
@@ -135,18 +161,20 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str]
 
     Args:
         checkpoint: an inference checkpoint folder (``<run>/checkpoints/best``, ``model.safetensors`` +
-            ``model.json``), a file in it, a run folder, or a ``best.pt`` / ``last.pt``.
+            ``model.json``), a file in it, a run folder, or a ``best.pt`` / ``last.pt``; a multi-label one is
+            exported with its sigmoid (module docstring).
         out_dir: output folder (default ``<run>/export``).
         formats: ``torchscript``, ``onnx`` or both, comma-separated (``onnx,torchscript``) or a list.
         opset: ONNX opset version.
         check: compare the exported models with PyTorch on a random batch of 2.
-        atol: largest allowed absolute logit difference in that check.
+        atol: largest allowed absolute difference of the outputs (logits; multi-label: probabilities) in that check.
 
     Returns:
         ``{"torchscript": path, "onnx": path, "preprocessing": path, "max_abs_diff": {fmt: float}}``.
 
     Raises:
-        trainer.train.checkpoint.CheckpointError: unreadable checkpoint.
+        trainer.train.checkpoint.CheckpointError: unreadable checkpoint (or saved thresholds that are not one
+            number in [0, 1] per class).
         ValueError: unknown format. RuntimeError: the check exceeds ``atol`` (names the format).
     """
     fmts = [f.strip() for f in formats.split(",")] if isinstance(formats, str) else list(formats)
@@ -156,18 +184,21 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str]
     ckpt_path = resolve(checkpoint)
     out = Path(out_dir) if out_dir else ckpt_path.resolve().parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
-    refuse_multilabel(ckpt_path, "finetune export")
     model, pre, class_names = load_for_inference(ckpt_path, "cpu")
-    model = LogitsModule(model.to(memory_format=torch.contiguous_format)).eval()
     meta = read_meta(ckpt_path)
+    multilabel = _multilabel_fields(meta, len(class_names))
+    model = LogitsModule(model.to(memory_format=torch.contiguous_format), sigmoid=multilabel is not None).eval()
+    what = "logit" if multilabel is None else "probability"
     s = pre.input_size
     example = torch.zeros(1, 3, s, s)
     result: dict = {"max_abs_diff": {}}
     if "torchscript" in fmts:
         result["torchscript"] = export_torchscript(model, example, out / FILES["torchscript"])
     if "onnx" in fmts:
-        result["onnx"] = export_onnx(model, example, out / FILES["onnx"], opset=opset)
-    spec = preprocessing_spec(pre, class_names, backbone=meta["backbone"], metrics=meta.get("metrics"))
+        result["onnx"] = export_onnx(model, example, out / FILES["onnx"], opset=opset,
+                                     output_name="logits" if multilabel is None else "probabilities")
+    spec = preprocessing_spec(pre, class_names, backbone=meta["backbone"], metrics=meta.get("metrics"),
+                              multilabel=multilabel)
     spec["files"] = {f: FILES[f] for f in fmts}
     ppath = out / FILES["preprocessing"]
     atomic_write(ppath, lambda tmp: tmp.write_text(json.dumps(spec, indent=2) + "\n"))
@@ -185,14 +216,27 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str]
             result["max_abs_diff"]["onnx"] = (onnx_logits(result["onnx"], x) - ref).abs().max().item()
         for f, d in result["max_abs_diff"].items():
             if not d <= atol:
-                raise RuntimeError(f"export check: {f} logits differ from PyTorch by {d:.3g} > atol {atol}")
+                raise RuntimeError(f"export check: {f} {what}s differ from PyTorch by {d:.3g} > atol {atol}")
     for k in ("torchscript", "onnx", "preprocessing"):
         if k in result:
             print(f"wrote {result[k]}")
     if result["max_abs_diff"]:
-        print("max |logit difference| vs PyTorch on a random batch: "
+        print(f"max |{what} difference| vs PyTorch on a random batch: "
               + ", ".join(f"{f} {d:.2e}" for f, d in result["max_abs_diff"].items()))
     return result
+
+
+def _multilabel_fields(meta: dict, num_classes: int) -> dict | None:
+    """``{"thresholds", "label_delimiter"}`` of a multi-label checkpoint's ``model.json`` (thresholds: the saved
+    ones, else 0.5 each: what ``finetune predict`` applies), None for a single-label one. Raises CheckpointError
+    for bad saved thresholds."""
+    from launch.predict import multilabel_thresholds
+
+    thresholds = multilabel_thresholds(meta, num_classes, None)
+    if thresholds is None:
+        return None
+    data = (meta.get("config") or {}).get("data") or {}
+    return {"thresholds": thresholds, "label_delimiter": data.get("label_delimiter") or "|"}
 
 
 def cli() -> None:

@@ -3,18 +3,9 @@
     python launch/predict.py --checkpoint runs/ants_bees_lite0/checkpoints/best \\
         --images ../shared/data/hymenoptera_data/val --out predictions.csv [--topk 2] [--tta] [--num_workers 4]
 
-``--images`` is one of:
-
-* an image folder, searched recursively (image suffixes only, hidden names skipped, sorted): a file
-  whose parent folder is named like a class (``val/ants/x.jpg``) has that class as its true label;
-* a single image file;
-* a CSV list of files (``.csv``, header row): the path column (``--path_column``, else the first of
-  ``path, filepath, filename, file, image...`` as in manifests, else the first column), paths relative
-  to the CSV's folder; an optional label column (``--label_column``, else ``label, class...``) gives the
-  true label (a class name or index);
-* shards: a ``.tar`` file, a brace pattern / glob / URL, or a folder holding ``*.tar`` or a
-  ``dataset.json``; the name is the sample's stored ``path.txt`` (else its key), the true label its
-  ``cls`` when the ``dataset.json`` beside the shards has the checkpoint's classes.
+``--images`` is an image folder (searched recursively), a single image file, a CSV list of files (``.csv``) or
+shards; where the true labels come from is in :mod:`trainer.data.image_source` (class-named parent folders, a CSV
+label column, the shards' stored labels).
 
 The checkpoint (``model.safetensors`` + ``model.json``, ``trainer/train/inference_checkpoint.py``) is
 self-contained; nothing is downloaded. Preprocessing is the model's own: the eval transform of
@@ -37,6 +28,15 @@ CSV columns: ``path``, ``true`` (or empty), ``pred``, ``prob`` (of pred), ``top1
 ``\\\\``, bytes that are not UTF-8 and control characters (newline...) ``\\xNN``, so any name the file
 system allows fits on one line and ``unescape_name`` gives its exact bytes back. ``--tta`` averages the
 softmax of the image and its horizontal flip.
+
+Multi-label checkpoints (``data.task: multilabel``): ``p_<class>`` are sigmoid probabilities (``--tta``: the mean
+of the two sigmoids); a class is predicted when ``p >= threshold`` of its class
+(:func:`trainer.reporting.multilabel.binarize`), the per-class thresholds chosen on the validation split and saved
+in the checkpoint (0.5 where it has none), or ``--threshold X`` for every class. CSV columns: ``path``, ``true``
+(the true label set, its classes joined with the checkpoint's ``data.label_delimiter`` in class order; empty when
+unknown or empty), ``pred`` (the predicted set, the same way; the empty set is an empty string), ``num_pred``,
+``p_<class>`` for every class, ``error``. Printed and returned: the exact-set accuracy (with the micro F1) over
+the labelled readable images, as ``finetune evaluate`` / the run's ``test/exact_set_accuracy`` computes it.
 """
 
 from __future__ import annotations
@@ -44,187 +44,44 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from trainer.cli.errors import run_cli
-from trainer.data.decode import decode_image_bytes
-from trainer.data.extensions import IMAGE_EXTENSIONS, IMAGE_FIELDS
-from trainer.data.listing import DataError, escape_name, files_under, printable
+from trainer.data.image_source import ImageSource
+from trainer.data.listing import escape_name, printable
 from trainer.data.transforms import build_transforms
-from trainer.train.inference_checkpoint import load_for_inference, refuse_multilabel
+from trainer.train.inference_checkpoint import load_for_inference, read_meta
 from trainer.utils.files import atomic_write
 
 
-def _is_shards(path: Path, spec: str) -> bool:
-    if path.is_dir():
-        return (path / "dataset.json").is_file() or any(p.suffix == ".tar" for p in path.iterdir())
-    return spec.endswith(".tar") or "://" in spec or spec.startswith("pipe:") or any(c in spec for c in "{*?[")
-
-
-class ImageSource(IterableDataset):
-    """Batches ``{"name": [str], "true": [str], "image": (n, 3, S, S) uint8 | None, "ok": [bool], "error": [str]}``
-    of an image folder, image file, CSV list or shards (see the module docstring), decoded in the workers.
-
-    Args:
-        images: the ``--images`` argument. classes: the checkpoint's class names (true labels).
-        transform: ``(3, H, W) uint8 -> (3, S, S) uint8`` (the eval transform).
-        batch_size: images per batch. path_column, label_column: CSV columns (name or 0-based index).
-
-    Raises:
-        FileNotFoundError: ``images`` does not exist. DataError: a CSV without the named column.
-    """
-
-    def __init__(self, images: str, classes: list[str], transform, batch_size: int, path_column=None,
-                 label_column=None):
-        self.spec, self.path = str(images), Path(images)
-        self.classes, self.transform, self.batch_size = list(classes), transform, batch_size
-        self.path_column, self.label_column = path_column, label_column
-        self.shards = None
-        if _is_shards(self.path, self.spec):
-            from trainer.data.meta import read_meta
-            from trainer.data.sources import resolve_shards
-
-            self.shards = resolve_shards(self.spec)
-            meta = Path(self.shards[0]).parent / "dataset.json" if "://" not in self.shards[0] else None
-            self.shard_labels = meta is not None and meta.is_file() and read_meta(meta).classes == self.classes
-        elif not self.path.exists():
-            raise FileNotFoundError(f"--images: no such file or folder: {self.path}")
-        elif self.path.suffix.lower() == ".csv":
-            self._csv_columns()  # check the columns now, in the main process
-
-    # ---- the listed files: (name to read, true label) in input order
-    def _csv_columns(self):
-        from trainer.data.manifest import LABEL_NAMES, PATH_NAMES
-
-        with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-            header = next(csv.reader(f), None) or []
-
-        def find(spec, names, required):
-            if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
-                return int(spec)
-            if spec is not None:
-                if spec not in header:
-                    raise DataError(f"--images: column {spec!r} not in {self.path} (columns: {header})")
-                return header.index(spec)
-            lower = [h.strip().lower() for h in header]
-            return next((lower.index(n) for n in names if n in lower), 0 if required else None)
-        return find(self.path_column, PATH_NAMES, True), find(self.label_column, LABEL_NAMES, False)
-
-    def _true(self, label: str) -> str:
-        label = label.strip()
-        if label in self.classes:
-            return label
-        return self.classes[int(label)] if label.isdigit() and int(label) < len(self.classes) else ""
-
-    def files(self) -> Iterator[tuple[str, str]]:
-        if self.path.is_file() and self.path.suffix.lower() == ".csv":
-            pcol, lcol = self._csv_columns()
-            base = self.path.parent
-            with open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-                rows = csv.reader(f)
-                next(rows, None)
-                for row in rows:
-                    if row:
-                        label = row[lcol] if lcol is not None and lcol < len(row) else ""
-                        yield os.path.join(base, row[pcol]) if pcol < len(row) else "", self._true(label)
-        elif self.path.is_file():
-            yield str(self.path), self._parent_class(str(self.path))
-        else:
-            for rel in files_under(self.path):
-                if os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS:
-                    name = os.path.join(self.path, rel)
-                    yield name, self._parent_class(name)
-
-    def _parent_class(self, name: str) -> str:
-        parent = os.path.basename(os.path.dirname(os.path.abspath(name)))
-        return parent if parent in self.classes else ""
-
-    # ---- decoding
-    def _decode(self, name: str, read) -> tuple[torch.Tensor | None, str]:
-        try:
-            return self.transform(decode_image_bytes(read())), ""
-        except Exception as e:  # unreadable image: reported in the CSV's error column
-            return None, " ".join(f"{type(e).__name__}: {e}".split())
-
-    def _batch(self, items: list[tuple[str, str, object]]) -> dict:
-        out = {"name": [], "true": [], "ok": [], "error": []}
-        imgs = []
-        for name, true, read in items:
-            img, err = self._decode(name, read)
-            out["name"].append(name)
-            out["true"].append(true)
-            out["ok"].append(img is not None)
-            out["error"].append(err)
-            if img is not None:
-                imgs.append(img)
-        out["image"] = torch.stack(imgs) if imgs else None
-        return out
-
-    def _samples(self, shards: list[str]) -> Iterator[tuple[str, str, object]]:
-        from trainer.data.stream import iter_shard
-
-        for url in shards:
-            try:
-                for s in iter_shard(url):
-                    name = os.fsdecode(s["path.txt"]) if "path.txt" in s else s["__key__"]
-                    data = next((s[e] for e in IMAGE_FIELDS if e in s), b"")
-                    cls = s.get("cls", b"").decode("ascii", "replace").strip()
-                    true = self.classes[int(cls)] if self.shard_labels and cls.isdigit() and \
-                        int(cls) < len(self.classes) else ""
-                    yield name, true, (lambda d=data: d)
-            except Exception as e:  # unreadable shard: one row naming it
-                yield url, "", (lambda e=e: _raise(e))
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.shards is not None:  # worker w reads shards w, w + nw, ...
-            items = self._samples(self.shards[wid::nw])
-        else:  # batch k (of consecutive files) is decoded by worker k % nw: the loader yields input order
-            items = ((f, t, (lambda f=f: _read(f))) for i, (f, t) in enumerate(self.files())
-                     if (i // self.batch_size) % nw == wid)
-        chunk = []
-        for item in items:
-            chunk.append(item)
-            if len(chunk) == self.batch_size:
-                yield self._batch(chunk)
-                chunk = []
-        if chunk:
-            yield self._batch(chunk)
-
-
-def _read(name: str) -> bytes:
-    with open(name, "rb") as f:
-        return f.read()
-
-
-def _raise(e: BaseException):
-    raise e
-
-
 @torch.inference_mode()
-def predict_logits(model, images: torch.Tensor, *, tta: bool = False, bf16: bool = False) -> torch.Tensor:
+def predict_logits(model, images: torch.Tensor, *, tta: bool = False, bf16: bool = False,
+                   multilabel: bool = False) -> torch.Tensor:
     """Class probabilities for a batch.
 
     Args:
         model: an :class:`trainer.models.classifier.ImageClassifier` (it normalises the images).
         images: (B, 3, H, W) uint8.
-        tta: also run the horizontally flipped batch and average the softmax outputs.
+        tta: also run the horizontally flipped batch and average the two outputs' probabilities.
         bf16: run the model under ``torch.autocast`` in bfloat16 on the images' device type (the
-            softmax is taken in float32).
+            softmax / sigmoid is taken in float32).
+        multilabel: per-class sigmoid probabilities instead of the softmax over the classes.
 
     Returns:
         (B, C) float32 probabilities.
     """
+    def probs(x):
+        logits = model(x).float()
+        return logits.sigmoid() if multilabel else logits.softmax(dim=1)
+
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        probs = model(images).float().softmax(dim=1)
+        out = probs(images)
         if tta:
-            probs = (probs + model(images.flip(dims=[3])).float().softmax(dim=1)) / 2
-    return probs
+            out = (out + probs(images.flip(dims=[3]))) / 2
+    return out
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -257,10 +114,49 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+def multilabel_thresholds(meta: dict, num_classes: int, threshold: float | None) -> list[float] | None:
+    """The per-class thresholds predict applies to a checkpoint, or None for a single-label one.
+
+    Args:
+        meta: the checkpoint's ``model.json`` (:func:`trainer.train.inference_checkpoint.read_meta`).
+        num_classes: C.
+        threshold: ``--threshold``: one value for every class (None: the saved ``thresholds``, else 0.5).
+
+    Returns:
+        C thresholds in (0, 1) for a multi-label checkpoint (``config.data.task: multilabel``), else None.
+
+    Raises:
+        ConfigError: ``--threshold`` given for a single-label checkpoint.
+        CheckpointError: saved thresholds that are not C numbers in [0, 1].
+    """
+    from trainer.config.fields import ConfigError
+    from trainer.reporting.multilabel import DEFAULT_THRESHOLD
+    from trainer.train.checkpoint import CheckpointError
+    from trainer.train.evaluation import checkpoint_task
+
+    multilabel, saved = checkpoint_task(meta)
+    if not multilabel:
+        if threshold is not None:
+            raise ConfigError(f"--threshold: {threshold} is for multi-label checkpoints (data.task: multilabel); "
+                              "this one is single-label (its prediction is the top-1 class)")
+        return None
+    if threshold is not None:
+        return [float(threshold)] * num_classes
+    if saved is None:
+        return [DEFAULT_THRESHOLD] * num_classes
+    ok = len(saved) == num_classes and all(isinstance(t, (int, float)) and 0.0 <= t <= 1.0 for t in saved)
+    if not ok:
+        raise CheckpointError(f"model.json: thresholds must be {num_classes} numbers in [0, 1] (one per class), "
+                              f"got {str(saved)[:80]}")
+    return [float(t) for t in saved]
+
+
 def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size: int = 32, topk: int = 1,
          tta: bool = False, num_workers: int | None = None, device: str = "auto", precision: str = "auto",
-         path_column: int | str | None = None, label_column: int | str | None = None) -> float | None:
-    """Write predictions for every image of ``images`` to ``out``; return top-1 where labels are known.
+         path_column: int | str | None = None, label_column: int | str | None = None,
+         threshold: float | None = None) -> float | None:
+    """Write predictions for every image of ``images`` to ``out``; return top-1 where labels are known
+    (multi-label checkpoints: the exact-set accuracy).
 
     Args:
         checkpoint: the inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run
@@ -269,8 +165,8 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
             list of files, or shards.
         out: CSV file to write (streamed row by row into a temp file, renamed when complete).
         batch_size: images per forward pass (and per decoding task of a worker).
-        topk: labels and probabilities per image in the CSV (at most the number of classes).
-        tta: also classify the horizontally flipped image and average the softmax outputs.
+        topk: labels and probabilities per image in the CSV (at most the number of classes; single-label only).
+        tta: also classify the horizontally flipped image and average the softmax (multi-label: sigmoid) outputs.
         num_workers: DataLoader worker processes reading and decoding images (0: in this process; default:
             CPU count, at most 8).
         device: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
@@ -278,6 +174,12 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
             :func:`resolve_precision`), ``fp32`` or ``bf16``.
         path_column: column of the image paths in a CSV list (name or 0-based index; default: found by name).
         label_column: column of the labels in a CSV list (name or 0-based index; default: found by name).
+        threshold: multi-label checkpoints: predict a class when its probability is >= this, for every class, in
+            (0, 1) (default: the per-class thresholds saved in the checkpoint, chosen on the validation split).
+
+    Raises:
+        ConfigError: a bad option (one line, exit status 2). DataError: a bad CSV list (column, multi-label label).
+        CheckpointError: an unreadable checkpoint.
     """
     from trainer.config.fields import ConfigError
 
@@ -286,19 +188,32 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
                           f"{num_workers}")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: {device!r} is not one of auto, cpu, cuda")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 < threshold < 1.0):
+        raise ConfigError(f"--threshold: {threshold!r} is not a number in (0, 1) (exclusive)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = resolve_precision(precision, device) == "bf16"
     workers = default_workers() if num_workers is None else num_workers
-    refuse_multilabel(checkpoint, "finetune predict")
+    meta = read_meta(checkpoint)
     model, pre, classes = load_for_inference(checkpoint, device)
+    thresholds = multilabel_thresholds(meta, len(classes), threshold)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions (CPU and GPU); same values
     model.memory_format = torch.channels_last
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
-    topk = min(topk, len(classes))
-    source = ImageSource(images, classes, tf, batch_size, path_column=path_column, label_column=label_column)
+    data = (meta.get("config") or {}).get("data") or {}
+    multilabel, delimiter = thresholds is not None, data.get("label_delimiter") or "|"
+    source = ImageSource(images, classes, tf, batch_size, path_column=path_column, label_column=label_column,
+                         multilabel=multilabel, label_delimiter=delimiter,
+                         label_columns=data.get("label_columns") is not None)
     loader = DataLoader(source, batch_size=None, num_workers=workers, pin_memory=device == "cuda",
                         prefetch_factor=4 if workers else None)
+    run = _forward_batches(loader, model, device, tta=tta, bf16=bf16, multilabel=multilabel)
+    if multilabel:
+        how = (f"--threshold {threshold:g}" if threshold is not None else "the checkpoint's per-class thresholds"
+               if meta.get("thresholds") is not None else "threshold 0.5 (the checkpoint saved none)")
+        return write_multilabel(run, out, classes, thresholds, delimiter, how=how)
+    topk = min(topk, len(classes))
     header = (["path", "true", "pred", "prob"] + [f"top{i + 1}" for i in range(topk)]
               + [f"prob{i + 1}" for i in range(topk)] + [f"p_{c}" for c in classes] + ["error"])
     counts = {"rows": 0, "labelled": 0, "correct": 0, "bad": 0}
@@ -308,11 +223,8 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
-            for batch in loader:
-                probs = None
-                if batch["image"] is not None:
-                    images = batch["image"].to(device, non_blocking=True)
-                    probs = predict_logits(model, images, tta=tta, bf16=bf16).cpu()
+            for batch, probs in run:
+                if probs is not None:
                     top_p, top_i = probs.topk(topk, dim=1)
                 j = 0
                 for name, true, ok, err in zip(batch["name"], batch["true"], batch["ok"], batch["error"]):
@@ -339,6 +251,80 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
               f"{'; '.join(bad_examples)}", file=sys.stderr)
     print(f"wrote {counts['rows']} predictions to {out}"
           + (f"; top-1 {acc:.4f} on {counts['labelled']} labelled readable images" if acc is not None else "")
+          + (f" ({counts['bad']} unreadable)" if counts["bad"] else ""))
+    return acc
+
+
+def _forward_batches(loader, model, device: str, *, tta: bool, bf16: bool, multilabel: bool):
+    """``(batch, probs (n, C) float32 on the CPU or None)`` for every batch of ``loader`` (``n``: its readable
+    images), lazily."""
+    for batch in loader:
+        probs = None
+        if batch["image"] is not None:
+            images = batch["image"].to(device, non_blocking=True)
+            probs = predict_logits(model, images, tta=tta, bf16=bf16, multilabel=multilabel).cpu()
+        yield batch, probs
+
+
+def write_multilabel(run, out: str, classes: list[str], thresholds: list[float], delimiter: str, *,
+                     how: str = "the checkpoint's per-class thresholds") -> float | None:
+    """Write the multi-label CSV (module docstring) of ``run`` (:func:`_forward_batches`, sigmoid probabilities)
+    to ``out`` and print the exact-set accuracy and micro F1 over the labelled readable images.
+
+    Args:
+        classes: the C class names. thresholds: C thresholds (a class is predicted when ``p >= threshold``).
+        delimiter: joins the classes of a set in the ``true`` and ``pred`` cells.
+        how: where the thresholds come from, for the printed line.
+
+    Returns:
+        The exact-set accuracy in [0, 1], None when no readable image has a known label set.
+    """
+    from trainer.reporting.multilabel import binarize
+
+    header = ["path", "true", "pred", "num_pred"] + [f"p_{c}" for c in classes] + ["error"]
+    counts = {"rows": 0, "labelled": 0, "exact": 0, "bad": 0, "tp": 0, "fp": 0, "fn": 0}
+    bad_examples: list[str] = []
+
+    def text(indices) -> str:
+        return "" if indices is None else delimiter.join(classes[i] for i in sorted(indices))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for batch, probs in run:
+                preds = binarize(probs, thresholds) if probs is not None else None
+                j = 0
+                for name, true, ok, err in zip(batch["name"], batch["true"], batch["ok"], batch["error"]):
+                    if not ok:
+                        counts["bad"] += 1
+                        if len(bad_examples) < 3:
+                            bad_examples.append(f"{printable(name)}: {err}")
+                        w.writerow([escape_name(name), text(true), "", ""] + [""] * len(classes) + [err])
+                        continue
+                    p, pred = probs[j], {int(i) for i in torch.nonzero(preds[j]).flatten()}
+                    j += 1
+                    if true is not None:
+                        counts["labelled"] += 1
+                        counts["exact"] += int(pred == set(true))
+                        counts["tp"] += len(pred & set(true))
+                        counts["fp"] += len(pred - set(true))
+                        counts["fn"] += len(set(true) - pred)
+                    w.writerow([escape_name(name), text(true), text(pred), len(pred)] + [f"{v:.6f}" for v in p]
+                               + [""])
+                counts["rows"] += len(batch["name"])
+
+    atomic_write(out, write)
+    n = counts["labelled"]
+    acc = counts["exact"] / n if n else None
+    f1_den = 2 * counts["tp"] + counts["fp"] + counts["fn"]
+    micro_f1 = 2 * counts["tp"] / f1_den if f1_den else 0.0
+    if counts["bad"]:
+        print(f"warning: {counts['bad']} unreadable image(s), listed in {out} with their error, e.g. "
+              f"{'; '.join(bad_examples)}", file=sys.stderr)
+    print(f"wrote {counts['rows']} predictions to {out}"
+          + (f"; exact-set accuracy {acc:.4f}, micro F1 {micro_f1:.4f} on {n} labelled readable images at {how}"
+             if acc is not None else "")
           + (f" ({counts['bad']} unreadable)" if counts["bad"] else ""))
     return acc
 

@@ -13,6 +13,10 @@ the same as ``trainer/main.py``); batch size and precision default to ``train.mi
 with the recommended backbone: ``python trainer/main.py --config <out_dir>/chosen.yaml``). A bad
 option, config field or unavailable weights end as one line with exit status 2
 (``trainer/cli/errors.py``). See :mod:`trainer.selection`.
+
+Multi-label data (``--data.task=multilabel``, shards with ``labels.json`` label sets): the subset keeps every
+class, the probe is the sigmoid (BCE) one and candidates are ranked by its val mAP (the table and CSV column
+``probe_map``, the plot's "val mAP"); ``chosen.yaml`` keeps ``data.task: multilabel`` and the run's label fields.
 """
 
 from __future__ import annotations

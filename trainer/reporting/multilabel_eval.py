@@ -145,6 +145,9 @@ class MultiLabelResult:
         thresholds_chosen: True when chosen on this data (validation), False when given (a checkpoint's).
         tp, fp, fn, support: ``(C,) int64`` at those thresholds; support = positives of the class.
         exact_sets: samples whose predicted label set equals the true one.
+        pos_hist, neg_hist: ``(C, NUM_BINS) int64`` the reduced score histograms of the positive / negative labels
+            (bin k: ``BIN_EDGES[k] <= p < BIN_EDGES[k + 1]``), for the precision-recall curves of the reports
+            (:mod:`trainer.reporting.multilabel_plots`); None when not kept.
     """
 
     loss: float
@@ -160,6 +163,8 @@ class MultiLabelResult:
     fn: np.ndarray
     support: np.ndarray
     exact_sets: int
+    pos_hist: np.ndarray | None = None
+    neg_hist: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -328,7 +333,8 @@ class MultiLabelAccumulator:
             loss=loss_sum / max(n * c, 1), num_samples=n, ap=ap.numpy(), ap_error_bound=ap_bound.numpy(),
             map_micro=float(micro[0]), map_micro_error_bound=float(micro_bound[0]),
             thresholds=thresholds.numpy().astype(np.float32), thresholds_chosen=self.sets is None,
-            tp=tp.numpy(), fp=fp.numpy(), fn=fn.numpy(), support=support.numpy(), exact_sets=exact_sets)
+            tp=tp.numpy(), fp=fp.numpy(), fn=fn.numpy(), support=support.numpy(), exact_sets=exact_sets,
+            pos_hist=pos.numpy(), neg_hist=neg.numpy())
 
 
 PER_CLASS_COLUMNS = ["class", "support", "ap", "f1", "precision", "recall", "threshold", "tp", "fp", "fn"]

@@ -8,6 +8,15 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from trainer.reporting.multilabel_eval import MultiLabelResult, write_per_class_csv
+from trainer.reporting.multilabel_plots import FILES as ML_FILES
+from trainer.reporting.multilabel_plots import (
+    LabelSetCollector,
+    LabelSetMistake,
+    plot_ap_per_class,
+    plot_label_set_mistakes,
+    plot_pr_curves,
+)
 from trainer.reporting.plots import (
     FILES,
     MAX_MATRIX_CLASSES,
@@ -56,6 +65,10 @@ class Reporter:
       sparse), and the same rows (capped at ``max_table_rows``) as W&B tables;
     * when the monitored metric improved (``checkpoints/best/`` was just written): the same two tables in
       ``reports/``, the confusion plot, per-class plot, mistakes grid and the predictions CSV.
+
+    Multi-label runs (:meth:`after_eval_multilabel`): ``latest/val_per_class.csv`` at every evaluation; for the best
+    model ``val_per_class.csv``, ``val_ap_per_class.png``, ``val_pr_curves.png`` and ``val_mistakes.png``
+    (:meth:`write_multilabel`; the test split's ``test_*`` alike).
 
     Args:
         output_dir: run directory (reports go to ``output_dir/reports``).
@@ -152,6 +165,52 @@ class Reporter:
         }
         log.info("reports for the best model (%s) in %s", title, self.dir)
         return out
+
+    # multi-label (data.task: multilabel): per-class table, AP bars, PR curves, mistakes grid
+
+    def label_set_collector(self, thresholds=None) -> LabelSetCollector:
+        """A fresh multi-label ``on_batch`` callback keeping the ``num_mistakes`` worst-predicted images
+        (``thresholds``: the evaluation's ``(C,)`` thresholds, None when chosen after the pass)."""
+        return LabelSetCollector(self.num_mistakes, thresholds)
+
+    def write_multilabel(self, result: MultiLabelResult, mistakes: Sequence[LabelSetMistake] | None, *,
+                         split: str = "val", title: str = "") -> dict[str, Path]:
+        """Main process: write ``<split>_per_class.csv``, ``<split>_ap_per_class.png``, ``<split>_pr_curves.png``
+        and ``<split>_mistakes.png`` into ``reports/`` (:mod:`trainer.reporting.multilabel_plots`).
+
+        Args:
+            result: the reduced :class:`MultiLabelResult` (with its score histograms).
+            mistakes: the gathered worst predictions (:meth:`LabelSetCollector.gather`); None: no grid.
+
+        Returns:
+            ``{"per_class" | "ap" | "pr" | "mistakes": path}``.
+        """
+        names = {k: self.dir / f"{split}_{v}" for k, v in ML_FILES.items()}
+        out = {"per_class": write_per_class_csv(result, self.class_names, self.dir / f"{split}_per_class.csv"),
+               "ap": plot_ap_per_class(result, self.class_names, names["ap"], title=title, split=split),
+               "pr": plot_pr_curves(result, self.class_names, names["pr"], title=title, split=split)}
+        if mistakes is not None:
+            out["mistakes"] = plot_label_set_mistakes(mistakes, self.class_names, result.thresholds, names["mistakes"],
+                                                      num_wrong_sets=result.num_samples - result.exact_sets,
+                                                      num_samples=result.num_samples, title=title, split=split)
+        log.info("multi-label reports (%s) in %s", title or split, self.dir)
+        return out
+
+    def after_eval_multilabel(self, result: MultiLabelResult, collector: LabelSetCollector | None, *, improved: bool,
+                              step: int, epoch: int | None = None) -> None:
+        """After a multi-label validation (every rank calls it): ``reports/latest/val_per_class.csv``; if
+        ``improved`` (``checkpoints/best/`` was just written) gather the worst predictions and rewrite the
+        ``reports/val_*`` files of :meth:`write_multilabel`, and send the plots to W&B."""
+        if self.accelerator.is_main_process:
+            write_per_class_csv(result, self.class_names, self.dir / "latest" / "val_per_class.csv")
+        if not improved:
+            return
+        mistakes = collector.gather(self.accelerator, result.thresholds) if collector is not None else None
+        if not self.accelerator.is_main_process:
+            return
+        title = f"best model: step {step}" + (f", epoch {epoch}" if epoch is not None else "")
+        paths = self.write_multilabel(result, mistakes, split="val", title=title)
+        self.tracker.log_images({f"reports/val_{k}": v for k, v in paths.items() if k != "per_class"}, step=step)
 
     def finish(self, step: int) -> None:
         """At the end of the run (main process): draw the training curves and send them to W&B."""

@@ -9,11 +9,13 @@
 - ``measure``: training / inference images/s, parameters, GFLOPs per image, peak training memory;
 - ``report``: the table, CSV, accuracy-against-cost plot with the Pareto front, the recommendation
   under a time / memory budget and the ready config;
+- ``multilabel``: multi-label data (``data.task: multilabel``): the subset that keeps every class, the sigmoid
+  probe ranked by val mAP;
 - ``select``: :func:`~trainer.selection.select.select_backbones`, the whole procedure
   (``launch/select_backbone.py`` is its command line).
 
 The linear probe itself is :mod:`trainer.finetune.linear_probe`. May import ``trainer.config``,
-``trainer.data``, ``trainer.models``, ``trainer.finetune``, ``trainer.reporting`` (the PNG writer)
+``trainer.data``, ``trainer.models``, ``trainer.finetune``, ``trainer.reporting`` (the PNG writer, mAP)
 and ``trainer.utils``; only ``trainer.planner`` (its measure) imports it.
 
 May import: trainer.config, trainer.data, trainer.finetune, trainer.models, trainer.reporting, trainer.utils.

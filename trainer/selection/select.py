@@ -1,4 +1,8 @@
-"""The whole selection: data -> per candidate (features, linear probe, cost) -> table, CSV, plot, config."""
+"""The whole selection: data -> per candidate (features, linear probe, cost) -> table, CSV, plot, config.
+
+Single-label data ranks candidates by the softmax probe's val top-1; multi-label data (``dataset.json``
+``"task": "multilabel"``) by the sigmoid probe's val mAP, on a subset that keeps every class
+(:mod:`trainer.selection.multilabel`)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from trainer.finetune.linear_probe import fit_linear_probe_holdout
 from trainer.models.build import build_model
 from trainer.selection.features import cache_path, compute_features, load_cached, save_cached
 from trainer.selection.measure import measure_cost
+from trainer.selection.multilabel import fit_probe_multilabel, probe_map, read_subset_multilabel
 from trainer.selection.report import (
+    METRICS,
     Row,
     estimate_finetune_s,
     format_table,
@@ -79,11 +85,13 @@ class SelectionOptions:
 
 @dataclasses.dataclass
 class SelectionResult:
-    """Rows (main process; empty on other ranks), the recommended row and written files."""
+    """Rows (main process; empty on other ranks), the recommended row, written files and the :class:`Row` field
+    the candidates were ranked by (``probe_top1``, or ``probe_map`` on multi-label data)."""
 
     rows: list[Row]
     chosen: Row | None
     files: dict[str, Path]
+    metric: str = "probe_top1"
 
 
 def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> SelectionResult:
@@ -96,8 +104,10 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
     candidate's features are not cached) and computes its part of each candidate's features
     (:mod:`trainer.selection.features`, gathered once per candidate). The main process then fits the
     linear probe (:func:`trainer.finetune.linear_probe.fit_linear_probe_holdout`) on the train-subset
-    features, scores it on the val subset, measures the cost (:func:`trainer.selection.measure.measure_cost`)
-    while the other ranks wait, and writes ``out_dir/{selection.csv, selection.png, chosen.yaml}``.
+    features, scores it on the val subset (multi-label data: the sigmoid probe of
+    :func:`trainer.selection.multilabel.fit_probe_multilabel`, scored by val mAP), measures the cost
+    (:func:`trainer.selection.measure.measure_cost`) while the other ranks wait, and writes
+    ``out_dir/{selection.csv, selection.png, chosen.yaml}``.
 
     Raises:
         ConfigError: invalid options or data configuration (named). RuntimeError / ValueError from
@@ -111,6 +121,9 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
         from accelerate.utils import gather_object as gather
     data = prepare_dataset(cfg.data, accelerator)
     meta = data.meta
+    multilabel = meta.task == "multilabel"
+    metric = "probe_map" if multilabel else "probe_top1"
+    read = read_subset_multilabel if multilabel else read_subset
     meta_path = cfg.data.meta or str(Path(cfg.data.shard_dir) / "dataset.json")
     fingerprint = data_fingerprint(meta_path, data.train_shards, data.val_shards)
     subset_id = {"train": opts.train_subset, "val": opts.val_subset, "seed": opts.seed}
@@ -126,8 +139,8 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
         model, prep = build_model(backbone, meta.num_classes, weights, channels_last=cfg.model.channels_last)
         if cfg.data.image_size:  # the size the run will train at, as in trainer.train.trainer
             prep = dataclasses.replace(prep, input_size=cfg.data.image_size)
-        path = cache_path(opts.cache_dir, backbone, weights, prep, precision, fingerprint, subset_id)
-        splits = load_cached(path) if main else None
+        path = cache_path(opts.cache_dir, backbone, weights, prep, precision, fingerprint, subset_id, meta.task)
+        splits = load_cached(path, meta.task) if main else None
         hit = [splits is not None]
         if world > 1:  # the main process decides: every rank computes, or none does
             from accelerate.utils import broadcast_object_list
@@ -138,21 +151,28 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
                 for split, shards, size in (("train", data.train_shards, opts.train_subset),
                                             ("val", data.val_shards, opts.val_subset)):
                     counts = meta.splits[split].class_counts
-                    samples[split], bad = read_subset(shards, counts, size, seed=opts.seed, rank=rank,
-                                                      world_size=world, gather_object=gather)
+                    samples[split], bad = read(shards, counts, size, seed=opts.seed, rank=rank,
+                                               world_size=world, gather_object=gather)
                     skipped += bad
             model = model.to(device, memory_format=model.memory_format).eval()
             splits, bad = compute_features(model, prep, samples, num_classes=meta.num_classes, batch_size=batch,
-                                           device=device, autocast=accelerator.autocast, gather_object=gather)
+                                           device=device, autocast=accelerator.autocast, gather_object=gather,
+                                           multilabel=multilabel)
             if main:
-                save_cached(path, splits)
+                save_cached(path, splits, meta.task)
                 if bad:
                     log.warning("%s: %d undecodable sample(s) left out, e.g. %s", backbone, len(bad), bad[:3])
         del model
         feat_s = time.perf_counter() - t0
         if main:
-            probe = fit_linear_probe_holdout(splits["train"].x, splits["train"].y, meta.num_classes, seed=opts.seed)
-            top1 = probe.top1(splits["val"].x, splits["val"].y)
+            if multilabel:
+                tr = splits["train"]
+                probe = fit_probe_multilabel(tr.x, tr.y, tr.keys, seed=opts.seed)
+                top1, score = math.nan, probe_map(probe, splits["val"].x, splits["val"].y)
+            else:
+                probe = fit_linear_probe_holdout(splits["train"].x, splits["train"].y, meta.num_classes,
+                                                 seed=opts.seed)
+                top1 = score = probe.top1(splits["val"].x, splits["val"].y)
             cost = measure_cost(backbone, weights, num_classes=meta.num_classes, batch_size=batch, device=device,
                                 autocast=accelerator.autocast, channels_last=cfg.model.channels_last,
                                 steps=opts.steps, input_size=prep.input_size)
@@ -161,27 +181,32 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
                                       cost.train_img_s, cost.infer_img_s, scale)
             rows.append(Row(backbone, weights, prep.input_size, top1, len(splits["train"].y),
                             len(splits["val"].y), cost.params_m, cost.gflops, cost.train_img_s, cost.infer_img_s,
-                            cost.peak_train_mem_mib, est, bool(hit[0]), probe.l2))
-            log.info("%s: probe top-1 %.3f (features %s, %.0f s; total %.0f s)", backbone, top1,
-                     "cached" if hit[0] else "computed", feat_s, time.perf_counter() - t0)
+                            cost.peak_train_mem_mib, est, bool(hit[0]), probe.l2,
+                            score if multilabel else math.nan))
+            log.info("%s: probe %s %.3f (features %s, %.0f s; total %.0f s)", backbone,
+                     "val mAP" if multilabel else "top-1", score, "cached" if hit[0] else "computed", feat_s,
+                     time.perf_counter() - t0)
         accelerator.wait_for_everyone()
     if not main:
-        return SelectionResult([], None, {})
-    chosen = recommend(rows, time_budget_s=opts.time_budget_s, memory_budget_mib=opts.memory_budget_mib)
+        return SelectionResult([], None, {}, metric)
+    chosen = recommend(rows, time_budget_s=opts.time_budget_s, memory_budget_mib=opts.memory_budget_mib,
+                       metric=metric)
     out = Path(opts.out_dir)
-    files = {"csv": write_csv(rows, out / "selection.csv")}
-    title = (f"{cfg.name}: {meta.num_classes} classes, probe on {rows[0].probe_train_n} train / "
+    files = {"csv": write_csv(rows, out / "selection.csv", metric)}
+    kind = "multi-label classes" if multilabel else "classes"
+    title = (f"{cfg.name}: {meta.num_classes} {kind}, probe on {rows[0].probe_train_n} train / "
              f"{rows[0].probe_val_n} val images; {epochs} epochs of {data.num_train_samples} images, "
              f"batch {batch}, precision {precision}")
-    files["png"] = plot_accuracy_vs_cost(rows, out / "selection.png", title=title, chosen=chosen)
+    files["png"] = plot_accuracy_vs_cost(rows, out / "selection.png", title=title, chosen=chosen, metric=metric)
     if chosen is not None:
         files["config"] = write_chosen_config(cfg, chosen, out / "chosen.yaml")
-    return SelectionResult(rows, chosen, files)
+    return SelectionResult(rows, chosen, files, metric)
 
 
 def summary(result: SelectionResult, opts: SelectionOptions) -> str:
     """The table, the recommendation (or why there is none) and the files, as printed by the CLI."""
-    lines = [format_table(result.rows), ""]
+    metric = result.metric
+    lines = [format_table(result.rows, metric), ""]
     budget = ", ".join(s for s in (
         f"time <= {opts.time_budget_s:g} s" if opts.time_budget_s else "",
         f"memory <= {opts.memory_budget_mib:g} MiB" if opts.memory_budget_mib else "") if s) or "no budget"
@@ -189,9 +214,10 @@ def summary(result: SelectionResult, opts: SelectionOptions) -> str:
         lines.append(f"recommendation ({budget}): none of the candidates fits")
     else:
         c = result.chosen
-        lines.append(f"recommendation ({budget}): {c.backbone} (weights {c.weights}): probe top-1 "
-                     f"{c.probe_top1:.3f}, est. fine-tuning {c.est_finetune_s:.0f} s, "
+        name = "top-1" if metric == "probe_top1" else METRICS[metric]
+        lines.append(f"recommendation ({budget}): {c.backbone} (weights {c.weights}): probe {name} "
+                     f"{getattr(c, metric):.3f}, est. fine-tuning {c.est_finetune_s:.0f} s, "
                      f"peak training memory {c.peak_train_mem_mib:.0f} MiB")
     lines += [f"{k}: {v}" for k, v in result.files.items()]
-    return "\n".join(lines) + ("" if all(math.isfinite(r.probe_top1) for r in result.rows) else
+    return "\n".join(lines) + ("" if all(math.isfinite(getattr(r, metric)) for r in result.rows) else
                                "\n(nan: probe not fitted)")

@@ -64,10 +64,11 @@ def _score(seed: int, key: str) -> str:
 
 @dataclass
 class SubsetSample:
-    """One selected sample: ``key`` (``__key__``), ``label``, the raw WebDataset sample and its shard."""
+    """One selected sample: ``key`` (``__key__``), ``label`` (the ``cls`` integer; multi-label: the sorted
+    class indices of its label set, :mod:`trainer.selection.multilabel`), the raw WebDataset sample and its shard."""
 
     key: str
-    label: int
+    label: int | tuple[int, ...]
     raw: dict
     url: str
 

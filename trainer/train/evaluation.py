@@ -9,8 +9,10 @@ Multi-label runs (``data.task: multilabel``) evaluate with
 :class:`trainer.reporting.multilabel_eval.MultiLabelAccumulator`: ``val/mAP``, ``val/mAP_micro``, ``val/f1_micro``,
 ``val/f1_macro``, ``val/exact_set_accuracy``, ``val/hamming_loss``, ``val/loss`` at per-class thresholds chosen on
 the validation split (saved as ``thresholds`` in ``checkpoints/best/model.json``), and ``reports/val_per_class.csv``
-with per-class AP, F1, support, threshold and false-positive / false-negative counts. A checkpoint is evaluated
-(``test/...``, ``launch/evaluate.py``) at its saved thresholds (0.5 where it has none).
+with per-class AP, F1, support, threshold and false-positive / false-negative counts; for the best model also
+``reports/val_{ap_per_class,pr_curves,mistakes}.png`` (:mod:`trainer.reporting.multilabel_plots`). A checkpoint is
+evaluated (``test/...``, ``launch/evaluate.py``) at its saved thresholds (0.5 where it has none), with the same
+``<split>_*`` reports.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from trainer.data.loader import EvalLoader
 from trainer.data.transforms import build_transforms
 from trainer.reporting.metrics import EvalResult
-from trainer.reporting.multilabel_eval import MultiLabelResult, write_per_class_csv
+from trainer.reporting.multilabel_eval import MultiLabelResult
 from trainer.reporting.reporter import Reporter
 from trainer.train.loop import evaluate
 from trainer.utils.files import atomic_write
@@ -91,7 +93,9 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
         tracker: a :class:`trainer.reporting.tracking.Tracker` to log the metrics and images to (main process).
         thresholds: multi-label checkpoints: one threshold for all classes or one per class, replacing the saved
             ones (default: the checkpoint's ``thresholds``, else 0.5). Multi-label reports: ``<split>_per_class.csv``
-            (:func:`trainer.reporting.multilabel_eval.write_per_class_csv`) and ``<split>_metrics.json``.
+            (:func:`trainer.reporting.multilabel_eval.write_per_class_csv`), ``<split>_ap_per_class.png``,
+            ``<split>_pr_curves.png``, ``<split>_mistakes.png`` (:mod:`trainer.reporting.multilabel_plots`) and
+            ``<split>_metrics.json``.
 
     Returns:
         ``(result, record)``: record = ``result.as_log("<split>/")`` (loss, top1, top5, balanced and macro metrics;
@@ -148,15 +152,19 @@ def _thresholds(override, saved, num_classes: int) -> list[float]:
 def _evaluate_multilabel_checkpoint(model, pre, shards, class_names, *, checkpoint, accelerator, split, out_dir,
                                     tracker, reporter, step, micro_batch_size, num_workers, thresholds):
     """:func:`evaluate_checkpoint` of a multi-label checkpoint (see there)."""
+    collector = reporter.label_set_collector(thresholds)
     result = evaluate_model(model, pre, shards, class_names=class_names, accelerator=accelerator,
                             micro_batch_size=micro_batch_size, num_workers=num_workers, multilabel=True,
-                            thresholds=thresholds)
+                            thresholds=thresholds, on_batch=collector)
     record = result.as_log(prefix=f"{split}/")
+    mistakes = collector.gather(accelerator)  # a collective: every rank
     if tracker is not None:
         tracker.log(record, step=step)
         tracker.summary({k: v for k, v in record.items() if k in (f"{split}/mAP", f"{split}/loss")})
     if out_dir is not None and accelerator.is_main_process:
-        write_per_class_csv(result, class_names, reporter.dir / f"{split}_per_class.csv")
+        paths = reporter.write_multilabel(result, mistakes, split=split, title=f"{Path(checkpoint).name} on {split}")
+        if tracker is not None:
+            tracker.log_images({f"reports/{split}_{k}": v for k, v in paths.items() if k != "per_class"}, step=step)
         atomic_write(reporter.dir / f"{split}_metrics.json",
                      json.dumps({"checkpoint": str(checkpoint), "step": step, **record}, indent=1) + "\n")
     return result, record
@@ -215,7 +223,8 @@ class Validation:
 
     Attributes:
         result, collector: :class:`EvalResult` and prediction collector of the *chosen* weights (for reports);
-            multi-label: :class:`MultiLabelResult` (thresholds chosen on this validation) and no collector (None).
+            multi-label: :class:`MultiLabelResult` (thresholds chosen on this validation) and a
+            :class:`trainer.reporting.multilabel_plots.LabelSetCollector` (the worst-predicted images).
         raw: ``val/*`` record of the raw weights. ema: the EMA weights' record under the same ``val/*``
             names, or None. which: ``raw`` or ``ema``, the weights that select ``checkpoints/best/``.
         chosen: the record of ``which`` (early stopping and ``checkpoints/best/`` metrics).
@@ -250,7 +259,7 @@ def validate(model: torch.nn.Module, ema, loader: Iterable[dict], feature_cache=
     from trainer.train.ema import choose
 
     def one(m: torch.nn.Module):
-        collector = None if multilabel else reporter.collector()
+        collector = reporter.label_set_collector() if multilabel else reporter.collector()
         batches = iter(loader) if feature_cache is None else feature_cache.eval_batches(m, loader)
         res = evaluate(m, batches, num_classes=num_classes, accelerator=accelerator, on_batch=collector,
                        multilabel=multilabel)
@@ -307,9 +316,8 @@ def record_validation(v: Validation, progress, *, extra: dict, tracker, stopper,
                          **stopper.summary()})
     if not multilabel:
         reporter.after_eval(v.result, v.collector, improved=improved, step=p.step, epoch=p.epoch)
-    elif reporter.accelerator.is_main_process:  # the per-class table; with checkpoints/best/ in reports/ too
-        for folder in (reporter.dir / "latest", reporter.dir) if improved else (reporter.dir / "latest",):
-            write_per_class_csv(v.result, reporter.class_names, folder / "val_per_class.csv")
+    else:  # the per-class table; with checkpoints/best/ the val_* tables and plots in reports/ too
+        reporter.after_eval_multilabel(v.result, v.collector, improved=improved, step=p.step, epoch=p.epoch)
     if stopper.should_stop:
         log.info("early stopping at epoch %d step %d: %s did not improve by more than %g for %d "
                  "evaluations (best %.4f at epoch %s)", p.epoch, p.step, stopper.monitor,

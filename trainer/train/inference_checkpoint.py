@@ -315,17 +315,6 @@ def convert(path: str | Path, dest: str | Path | None = None) -> Path:
                 metrics=metrics, extra=extra)
 
 
-def refuse_multilabel(path: str | Path, command: str) -> None:
-    """Raise :class:`CheckpointError` (one line, exit 2) when the checkpoint at ``path`` is a multi-label model
-    (``config.data.task: multilabel`` in its ``model.json``): ``command`` reads single-label models only so far;
-    a multi-label run's own ``val/*`` and ``test/*`` records and ``reports/*_per_class.csv`` are its evaluation."""
-    data = (read_meta(path).get("config") or {}).get("data") or {}
-    if data.get("task") == "multilabel":
-        raise CheckpointError(f"{path}: a multi-label model (data.task: multilabel); {command} reads single-label "
-                              "models only so far: the run's metrics.jsonl (val/mAP, test/mAP) and "
-                              "reports/*_per_class.csv are its evaluation")
-
-
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the model of a checkpoint without any download (see :func:`resolve` for ``path``).
 
