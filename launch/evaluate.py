@@ -215,7 +215,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     from trainer.distributed.accelerator import make_accelerator
     from trainer.distributed.wait import main_first
     from trainer.train.evaluation import checkpoint_task, evaluate_checkpoint
-    from trainer.train.inference_checkpoint import META_FILE, read_meta as read_ckpt_meta, resolve
+    from trainer.checkpoint.inference import META_FILE, read_meta as read_ckpt_meta, resolve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if split not in SPLITS:

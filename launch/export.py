@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.train.inference_checkpoint import load_for_inference, read_meta, resolve
+from trainer.checkpoint.inference import load_for_inference, read_meta, resolve
 from trainer.utils.files import atomic_write
 
 FORMATS = ("torchscript", "onnx")
@@ -173,7 +173,7 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str]
         ``{"torchscript": path, "onnx": path, "preprocessing": path, "max_abs_diff": {fmt: float}}``.
 
     Raises:
-        trainer.train.checkpoint.CheckpointError: unreadable checkpoint (or saved thresholds that are not one
+        trainer.checkpoint.state.CheckpointError: unreadable checkpoint (or saved thresholds that are not one
             number in [0, 1] per class).
         ValueError: unknown format. RuntimeError: the check exceeds ``atol`` (names the format).
     """

@@ -7,7 +7,7 @@
 shards; where the true labels come from is in :mod:`trainer.data.image_source` (class-named parent folders, a CSV
 label column, the shards' stored labels).
 
-The checkpoint (``model.safetensors`` + ``model.json``, ``trainer/train/inference_checkpoint.py``) is
+The checkpoint (``model.safetensors`` + ``model.json``, ``trainer/checkpoint/inference.py``) is
 self-contained; nothing is downloaded. Preprocessing is the model's own: the eval transform of
 ``trainer/data/transforms.py`` with the checkpoint's input size, crop and interpolation on the output of
 ``trainer/data/decode.py``, then the model's mean/std, exactly what evaluation does, so predictions match it.
@@ -53,7 +53,7 @@ from trainer.cli.errors import run_cli
 from trainer.data.image_source import ImageSource
 from trainer.data.listing import escape_name, printable
 from trainer.data.transforms import build_transforms
-from trainer.train.inference_checkpoint import load_for_inference, read_meta
+from trainer.checkpoint.inference import load_for_inference, read_meta
 from trainer.utils.files import atomic_write
 
 
@@ -118,7 +118,7 @@ def multilabel_thresholds(meta: dict, num_classes: int, threshold: float | None)
     """The per-class thresholds predict applies to a checkpoint, or None for a single-label one.
 
     Args:
-        meta: the checkpoint's ``model.json`` (:func:`trainer.train.inference_checkpoint.read_meta`).
+        meta: the checkpoint's ``model.json`` (:func:`trainer.checkpoint.inference.read_meta`).
         num_classes: C.
         threshold: ``--threshold``: one value for every class (None: the saved ``thresholds``, else 0.5).
 
@@ -131,7 +131,7 @@ def multilabel_thresholds(meta: dict, num_classes: int, threshold: float | None)
     """
     from trainer.config.fields import ConfigError
     from trainer.reporting.multilabel import DEFAULT_THRESHOLD
-    from trainer.train.checkpoint import CheckpointError
+    from trainer.checkpoint.state import CheckpointError
     from trainer.train.evaluation import checkpoint_task
 
     multilabel, saved = checkpoint_task(meta)
@@ -160,7 +160,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
 
     Args:
         checkpoint: the inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run
-            folder, or a ``best.pt`` / ``last.pt`` (see ``trainer.train.inference_checkpoint.resolve``).
+            folder, or a ``best.pt`` / ``last.pt`` (see ``trainer.checkpoint.inference.resolve``).
         images: an image folder (recursive; class-named parent folders give labels), an image file, a CSV
             list of files, or shards.
         out: CSV file to write (streamed row by row into a temp file, renamed when complete).

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from trainer.train import checkpoint as ck
-from trainer.train.checkpoint_files import latest_checkpoint
+from trainer.checkpoint import state as ck
+from trainer.checkpoint.files import latest_checkpoint
 
 
 def _model_and_opt(order):
@@ -81,7 +81,7 @@ def test_checkpoint_with_code_payload_is_refused_and_never_runs(tmp_path, how):
     import pickle
     import sys
 
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     marker = tmp_path / "payload_ran"
     path = tmp_path / "best.pt"
@@ -137,7 +137,7 @@ def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
 def test_inference_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeypatch):
     import json
 
-    from trainer.train import inference_checkpoint as ic
+    from trainer.checkpoint import inference as ic
 
     state = {"w": torch.randn(3, 4).t(), "b": torch.tensor([1.0, float("nan")])}  # non-contiguous + NaN
     kw = dict(class_names=["a", "b"], backbone="x", drop_rate=0.0, preprocessing={"input_size": 8},
@@ -151,7 +151,7 @@ def test_inference_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeyp
         assert ic.resolve(p) == folder
     first_id = meta["write_id"]
     # a kill between the two files: new weights, old JSON
-    import trainer.train.inference_checkpoint as mod
+    import trainer.checkpoint.inference as mod
 
     real_write = mod.atomic_write
 
@@ -175,7 +175,7 @@ def test_inference_checkpoint_round_trip_and_interrupted_write(tmp_path, monkeyp
 
 
 def test_older_run_folders_and_plain_weights_files_say_what_to_do(tmp_path):
-    from trainer.train import inference_checkpoint as ic
+    from trainer.checkpoint import inference as ic
 
     run = tmp_path / "run"
     old = {"format_version": 1, "model": {"w": torch.zeros(2)}, "class_names": ["a", "b"], "backbone": "x"}
@@ -194,7 +194,7 @@ def test_older_run_folders_and_plain_weights_files_say_what_to_do(tmp_path):
     with pytest.raises(ck.CheckpointError) as e:
         ic.load_state(plain)
     msg = str(e.value)
-    assert "plain weights (class_names, state_dict)" in msg and "inference_checkpoint.save(" in msg and "\n" not in msg
+    assert "plain weights (class_names, state_dict)" in msg and "checkpoint.inference.save(" in msg and "\n" not in msg
     newer = tmp_path / "newer.pt"
     torch.save({"format_version": 9}, newer)
     with pytest.raises(ck.CheckpointError, match="newer trainer version .*update the trainer"):
@@ -204,7 +204,7 @@ def test_older_run_folders_and_plain_weights_files_say_what_to_do(tmp_path):
 def _best_folder(tmp_path):
     """A real ``checkpoints/best/`` of a 3-class resnet18 (random weights) and its model."""
     from trainer.models.build import build_model
-    from trainer.train import inference_checkpoint as ic
+    from trainer.checkpoint import inference as ic
 
     torch.manual_seed(0)
     model, pre = build_model("resnet18", 3, "none")
@@ -223,7 +223,7 @@ def _edit_model_json(folder, edit):
 
 def test_older_model_json_with_fields_no_longer_read_still_loads(tmp_path):
     """Fields an older version wrote that this loader does not read (top level or in preprocessing) are ignored."""
-    from trainer.train import inference_checkpoint as ic
+    from trainer.checkpoint import inference as ic
 
     folder, model = _best_folder(tmp_path)
 
@@ -241,7 +241,7 @@ def test_older_model_json_with_fields_no_longer_read_still_loads(tmp_path):
 
 @pytest.mark.parametrize("missing", [("preprocessing",), ("backbone", "class_names"), ("preprocessing.crop_pct",)])
 def test_model_json_missing_fields_fails_with_one_line_saying_how_to_convert(tmp_path, missing):
-    from trainer.train import inference_checkpoint as ic
+    from trainer.checkpoint import inference as ic
 
     folder, _ = _best_folder(tmp_path)
 

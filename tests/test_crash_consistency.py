@@ -24,7 +24,7 @@ import pytest
 from helpers.launch_util import REPO, child_env
 from PIL import Image
 
-from trainer.train.run_folder import CURVES
+from trainer.checkpoint.run_folder import CURVES
 
 SERVER = textwrap.dedent("""
     import json, os, sys, traceback

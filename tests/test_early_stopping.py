@@ -9,9 +9,9 @@ from helpers.realdata import HYMENOPTERA, run_metrics, subset_folder
 
 from trainer.config.loading import load_config
 from trainer.config.schema import ConfigError
-from trainer.train import checkpoint as ckpt_lib
+from trainer.checkpoint import state as ckpt_lib
 from trainer.train.early_stopping import EarlyStopping
-from trainer.train.inference_checkpoint import read_meta
+from trainer.checkpoint.inference import read_meta
 
 
 def feed(es, values, key="val/top1"):

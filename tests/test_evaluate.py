@@ -30,7 +30,7 @@ def expected_top1(ckpt, files_and_labels):
     """Top-1 computed image by image with the checkpoint's own eval preprocessing (the reference)."""
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     model, pre, _ = load_for_inference(ckpt)
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)

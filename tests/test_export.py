@@ -29,7 +29,7 @@ def test_torchscript_and_onnx_match_pytorch_on_real_images(tmp_path):
     from torchvision.transforms import v2
 
     from trainer.data.transforms import build_transforms
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     ckpt = make_checkpoint(tmp_path / "run/checkpoints/best")
     result = export(str(ckpt))  # default out_dir: <run>/export

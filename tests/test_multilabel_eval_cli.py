@@ -180,7 +180,7 @@ def test_run_writes_the_multilabel_reports_of_the_best_val_and_of_test(run):
 
 def test_thresholds_chosen_on_val_are_stable_and_those_saved_by_the_run(run):
     from trainer.train.evaluation import evaluate_model
-    from trainer.train.inference_checkpoint import load_for_inference, read_meta
+    from trainer.checkpoint.inference import load_for_inference, read_meta
 
     model, pre, names = load_for_inference(run["best"])
     assert names == CLASSES
@@ -196,7 +196,7 @@ def test_evaluate_cli_on_a_multilabel_manifest_prints_and_writes_every_metric(ru
     from launch.evaluate import main
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.train.inference_checkpoint import load_for_inference, read_meta
+    from trainer.checkpoint.inference import load_for_inference, read_meta
 
     out = tmp_path / "eval"
     record = main(str(run["best"]), str(run["manifest"]), split="test", out_dir=str(out), num_workers=0)

@@ -56,7 +56,7 @@ def _read(path) -> list[dict]:
 
 def _save(path, model, pre: dict, thresholds, **data) -> str:
     from trainer.config.schema import Config
-    from trainer.train import inference_checkpoint
+    from trainer.checkpoint import inference as inference_checkpoint
 
     cfg = Config().to_dict()
     cfg["model"]["backbone"] = "timm:test_efficientnet"
@@ -70,7 +70,7 @@ def reference(ckpt: str, files) -> torch.Tensor:
     """(N, C) float32 sigmoid probabilities image by image with the checkpoint's eval preprocessing."""
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     model, pre, _ = load_for_inference(ckpt)
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
@@ -193,7 +193,7 @@ def test_thresholds_saved_or_overridden_and_sets_are_binarized_probabilities(ml,
     main(ml["ckpt"], ml["csv"], out=str(tmp_path / "tta.csv"), num_workers=0, device="cpu", precision="fp32", tta=True)
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     model, pre, _ = load_for_inference(ml["ckpt"])
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
@@ -209,7 +209,7 @@ def test_export_outputs_sigmoid_probabilities(ml, tmp_path):
     import onnxruntime as ort
 
     from launch.export import export
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     result = export(ml["ckpt"], out_dir=str(tmp_path / "export"))
     assert max(result["max_abs_diff"].values()) < 1e-4

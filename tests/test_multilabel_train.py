@@ -312,11 +312,11 @@ def _multi_hot_batches(n_batches: int, c: int, bs: int = 8, offset: int = 0) -> 
 def test_training_step_and_validation_with_multi_hot_targets(tmp_path):
     from trainer.reporting.reporter import Reporter
     from trainer.reporting.tracking import Tracker
-    from trainer.train.checkpoint import Progress
-    from trainer.train.checkpointer import Checkpointer
+    from trainer.checkpoint.state import Progress
+    from trainer.checkpoint.checkpointer import Checkpointer
     from trainer.train.early_stopping import EarlyStopping
     from trainer.train.evaluation import checkpoint_task, record_validation, validate
-    from trainer.train.inference_checkpoint import best_dir, read_meta
+    from trainer.checkpoint.inference import best_dir, read_meta
     from trainer.train.loop import train_step
 
     c, acc = 3, MainAccelerator()
@@ -371,7 +371,7 @@ def test_multilabel_run_end_to_end(tmp_path, strategy):
     from helpers.realdata import run_metrics
 
     from trainer.config.loading import load_config
-    from trainer.train.inference_checkpoint import read_meta
+    from trainer.checkpoint.inference import read_meta
     from trainer.train.start import run
 
     root = tmp_path / "data"

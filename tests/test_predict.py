@@ -38,7 +38,7 @@ def test_topk_columns_and_tta_average(setup):
 
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     root, ckpt = setup
     acc = main(str(ckpt), str(root / "images"), out=str(root / "plain.csv"), topk=2, precision="fp32")

@@ -28,7 +28,7 @@ def reference(ckpt, files: list[Path | bytes]) -> torch.Tensor:
     """(N, C) probabilities image by image with the checkpoint's eval preprocessing (what evaluation uses)."""
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.train.inference_checkpoint import load_for_inference
+    from trainer.checkpoint.inference import load_for_inference
 
     model, pre, _ = load_for_inference(ckpt)
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)

@@ -28,8 +28,8 @@ from helpers.launch_util import (
 )
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
 
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train.checkpoint_files import latest_checkpoint
+from trainer.checkpoint import state as ckpt_lib
+from trainer.checkpoint.files import latest_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_signal_to_one_rank_real_trainer(images, tmp_path, sig):
 
 WRITER = textwrap.dedent("""
     import sys, torch
-    from trainer.train import checkpoint as ckpt_lib
+    from trainer.checkpoint import state as ckpt_lib
     big = {"format_version": ckpt_lib.FORMAT_VERSION, "kind": "resume", "step": 2,
            "model": {f"w{i}": torch.randn(1024, 1024) for i in range(96)}}  # ~400 MB
     print("writing", flush=True)

@@ -261,7 +261,7 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.slow
 def test_linear_probe_strategy_writes_a_usable_best_checkpoint(tiny):
-    from trainer.train import inference_checkpoint as infer_ckpt
+    from trainer.checkpoint import inference as infer_ckpt
 
     res = _run(tiny, "lp", **{"finetune.strategy": "linear_probe", "train.epochs": 3})
     rows = _metrics(tiny / "lp")
@@ -278,8 +278,8 @@ def test_linear_probe_strategy_writes_a_usable_best_checkpoint(tiny):
 
 @pytest.mark.slow
 def test_lp_ft_with_every_augmentation_and_ema_resumes_the_ema(tiny):
-    from trainer.train import checkpoint as ckpt_lib
-    from trainer.train import inference_checkpoint as infer_ckpt
+    from trainer.checkpoint import state as ckpt_lib
+    from trainer.checkpoint import inference as infer_ckpt
 
     ov = {"finetune.strategy": "lp_ft", "finetune.freeze": "none", "train.ema_decay": 0.99,
           "data.augment": "standard", "data.auto_augment": "randaugment", "data.random_erasing": 0.5,

@@ -21,7 +21,7 @@ from helpers.realdata import (
 from PIL import Image
 
 from trainer.reporting import plots, predictions
-from trainer.train.inference_checkpoint import read_meta
+from trainer.checkpoint.inference import read_meta
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import pytest
 from helpers.launch_util import REPO, accelerate_cmd, child_env, read_metrics
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
 
-from trainer.train import checkpoint as ckpt_lib
+from trainer.checkpoint import state as ckpt_lib
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"needs {HYMENOPTERA}")]
 

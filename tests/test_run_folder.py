@@ -1,4 +1,4 @@
-"""Run folders with one meaning (trainer/train/run_folder.py) and start-up clean-up after kills.
+"""Run folders with one meaning (trainer/checkpoint/run_folder.py) and start-up clean-up after kills.
 
 The start plan is decided from the folder alone (fast tests on synthetic folders); the re-run
 scenario of a finished run and the random-kill test run real processes (slow).
@@ -19,9 +19,9 @@ import pytest
 
 from trainer.config.loading import save_config
 from trainer.config.schema import Config, ConfigError
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train import inference_checkpoint as infer_ckpt
-from trainer.train import run_folder as rf
+from trainer.checkpoint import state as ckpt_lib
+from trainer.checkpoint import inference as infer_ckpt
+from trainer.checkpoint import run_folder as rf
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """Evaluation and checkpoints by optimizer steps (issue 17 item 2): ``train.eval_every_steps``,
-``train.keep_checkpoints``, ``train.resume_from`` (trainer/train/checkpoint_files.py, run_folder.py, trainer.py).
+``train.keep_checkpoints``, ``train.resume_from`` (trainer/checkpoint/files.py, run_folder.py, trainer.py).
 
 Fast: the checkpoint files of a run folder (names, pruning, newest complete one, rewinding, the hard link
 and its copy fallback) and the config boundary. Slow: real runs on a few ants/bees images (evaluations at
@@ -20,10 +20,10 @@ from helpers.realdata import HYMENOPTERA, subset_folder, tiny_overrides
 
 from trainer.config.loading import load_config
 from trainer.config.schema import ConfigError
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train import checkpoint_files as files
-from trainer.train.inference_checkpoint import read_meta
-from trainer.train.run_folder import plan_start
+from trainer.checkpoint import state as ckpt_lib
+from trainer.checkpoint import files as files
+from trainer.checkpoint.inference import read_meta
+from trainer.checkpoint.run_folder import plan_start
 
 
 def fake_state(step: int) -> dict:
@@ -242,7 +242,7 @@ def _kept_run(out, cfg, steps=(2, 4, 6)):
 
 
 def test_corrupt_newest_checkpoint_is_set_aside_and_the_newest_intact_one_resumed(tmp_path, caplog):
-    from trainer.train.run_folder import prepare_folder
+    from trainer.checkpoint.run_folder import prepare_folder
 
     out = tmp_path / "run"
     cfg = load_config(None, {"train.output_dir": str(out)})
@@ -298,7 +298,7 @@ class Killed(BaseException):
 def _kill_at(monkeypatch, step: int, reason: str, writes: list):
     """Record every resume-checkpoint write as (step, reason); raise :class:`Killed` instead of the first write of
     (``step``, ``reason``)."""
-    from trainer.train import checkpointer
+    from trainer.checkpoint import checkpointer as checkpointer
 
     real = files.save_resume
 

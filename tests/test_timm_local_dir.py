@@ -1,5 +1,5 @@
 """``checkpoints/best/`` in timm's own format: ``timm.create_model("local-dir:<best>", pretrained=True)`` builds the
-trained model (trainer/models/timm_format.py, trainer/train/inference_checkpoint.py), and the model card beside it
+trained model (trainer/models/timm_format.py, trainer/checkpoint/inference.py), and the model card beside it
 (trainer/reporting/model_card.py)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers.realdata import HYMENOPTERA, subset_folder
 
-from trainer.train import inference_checkpoint as ic
-from trainer.train.checkpoint import CheckpointError
+from trainer.checkpoint import inference as ic
+from trainer.checkpoint.state import CheckpointError
 
 
 def _timm_model(folder: Path):

@@ -17,8 +17,8 @@ from helpers.realdata import (
     tiny_overrides,
 )
 
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train.inference_checkpoint import read_meta
+from trainer.checkpoint import state as ckpt_lib
+from trainer.checkpoint.inference import read_meta
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

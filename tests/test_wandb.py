@@ -29,7 +29,7 @@ from helpers.launch_util import (
 from helpers.realdata import HYMENOPTERA, free_port, subset_folder, tiny_overrides
 from helpers.wandb_offline import summary
 
-from trainer.train import checkpoint as ckpt_lib
+from trainer.checkpoint import state as ckpt_lib
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"needs {HYMENOPTERA}")]
 

@@ -2,8 +2,8 @@
 
     python tests/helpers/ckpt_writer.py <output_dir> <first_step>
 
-Each iteration writes ``last.pt`` (``trainer.train.checkpoint.atomic_save``) and the inference
-checkpoint ``checkpoints/best/`` (``trainer.train.inference_checkpoint.save``) with ~16 MB of tensors
+Each iteration writes ``last.pt`` (``trainer.checkpoint.state.atomic_save``) and the inference
+checkpoint ``checkpoints/best/`` (``trainer.checkpoint.inference.save``) with ~16 MB of tensors
 each, the way the Trainer does, then prints ``saved <step>`` (flushed) once both are complete.
 Prints ``ready`` before the first write.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train import inference_checkpoint as infer_ckpt
+from trainer.checkpoint import state as ckpt_lib
+from trainer.checkpoint import inference as infer_ckpt
 
 
 def main(out: str, first_step: int) -> None:

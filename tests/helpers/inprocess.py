@@ -31,7 +31,7 @@ def make_checkpoint(path: Path, class_names=("ants", "bees"), seed: int = 0) -> 
     offline ImageNet weights and a seeded random head (no training), for export / predict tests."""
     from trainer.config.schema import Config
     from trainer.models.build import build_model
-    from trainer.train import inference_checkpoint
+    from trainer.checkpoint import inference as inference_checkpoint
 
     torch.manual_seed(seed)
     cfg = Config()

@@ -19,7 +19,7 @@ training script does
   complement), without smoothing: the BCE / ASL loss smooths each label itself (smoothing and mixing commute).
 
 Random draws: timm's Mixup draws from NumPy's global RNG and RandomErasing from Python's ``random``
-and torch's global RNG; all three are saved per rank in ``last.pt`` (``trainer.train.checkpoint.rng_state``).
+and torch's global RNG; all three are saved per rank in ``last.pt`` (``trainer.checkpoint.state.rng_state``).
 """
 
 from __future__ import annotations

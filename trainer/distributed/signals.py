@@ -17,7 +17,7 @@ Design (who does what when a Slurm job is about to be stopped):
    (MAX) the local flag, so a signal that reached only one rank (or reached ranks at different
    steps) makes every rank stop after the same step, and no rank waits in a collective that the
    others never enter.
-4. The loop then writes one checkpoint (atomically, ``trainer/train/checkpoint.py``), waits for all
+4. The loop then writes one checkpoint (atomically, ``trainer/checkpoint/state.py``), waits for all
    ranks (``accelerator.wait_for_everyone()``, so no rank exits while rank 0 still writes) and
    the process exits with :data:`PREEMPTED_EXIT_CODE` (0): the checkpoint is complete, nothing
    failed, and the launcher's other workers are not torn down as "failed".

@@ -4,7 +4,7 @@ One optimizer holds every parameter of the model for the whole run, in the named
 ``trainer.finetune.param_groups`` (layer id x decay / no decay). Frozen parameters have no gradient and are
 skipped by ``optimizer.step()``; unfreezing therefore never rebuilds the optimizer, and the state
 of each parameter stays where it is, which keeps resume simple (state matched by name, see
-``trainer.train.checkpoint``). The learning rate of every group is set before each step by
+``trainer.checkpoint.state``). The learning rate of every group is set before each step by
 :func:`set_lrs` from the pure schedule in ``trainer.finetune.schedule``; its only state is the step counter.
 """
 

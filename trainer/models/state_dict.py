@@ -5,7 +5,7 @@ lists every mismatch.
 always ``weights_only=True`` on CPU, so a file holds tensors and plain data (dict, list, tuple, str, numbers,
 None) only and a crafted file cannot run code when it is read; anything else is refused with
 :class:`CheckpointError` (one line, naming the file and the refused object). Resume checkpoints
-(:mod:`trainer.train.checkpoint`), weights files and the feature caches all read through it.
+(:mod:`trainer.checkpoint.state`), weights files and the feature caches all read through it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class CheckpointError(RuntimeError):
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint file that cannot be read at all (truncated, damaged, not a torch file): a damaged file, not
-    one refused for its content. A run folder sets such a file aside (:mod:`trainer.train.checkpoint_files`)."""
+    one refused for its content. A run folder sets such a file aside (:mod:`trainer.checkpoint.files`)."""
 
 
 def _refusal(path: Path, err: Exception) -> str:

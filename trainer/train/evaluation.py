@@ -69,7 +69,7 @@ def evaluate_model(model: torch.nn.Module, pre, shards: Sequence[str], *, class_
 
 def checkpoint_task(meta: dict) -> tuple[bool, list[float] | None]:
     """``(multilabel, thresholds)`` of an inference checkpoint's ``model.json``
-    (:func:`trainer.train.inference_checkpoint.read_meta`): ``config.data.task`` and the saved per-class
+    (:func:`trainer.checkpoint.inference.read_meta`): ``config.data.task`` and the saved per-class
     ``thresholds`` (None if absent)."""
     data = (meta.get("config") or {}).get("data") or {}
     thresholds = meta.get("thresholds")
@@ -81,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
                         micro_batch_size: int = 64, num_workers: int = 2,
                         thresholds: float | Sequence[float] | None = None
                         ) -> tuple[EvalResult | MultiLabelResult, dict]:
-    """Load an inference checkpoint (``checkpoints/best/``, see :mod:`trainer.train.inference_checkpoint`) and
+    """Load an inference checkpoint (``checkpoints/best/``, see :mod:`trainer.checkpoint.inference`) and
     evaluate it on ``shards``.
 
     Args:
@@ -102,10 +102,10 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
         multi-label: loss, mAP, mAP_micro, f1_micro, f1_macro, exact_set_accuracy, hamming_loss).
 
     Raises:
-        trainer.train.checkpoint.CheckpointError: unreadable checkpoint.
+        trainer.checkpoint.state.CheckpointError: unreadable checkpoint.
     """
     from trainer.reporting.tracking import Tracker
-    from trainer.train.inference_checkpoint import load_for_inference, read_meta
+    from trainer.checkpoint.inference import load_for_inference, read_meta
 
     model, pre, class_names = load_for_inference(checkpoint, device=accelerator.device)
     multilabel, saved = checkpoint_task(read_meta(checkpoint))
@@ -174,7 +174,7 @@ def test_pending(out_dir: str | Path) -> bool:
     """True unless ``reports/test_metrics.json`` (written last by the test evaluation of :func:`test_best_checkpoint`)
     is at least as new as ``checkpoints/best/model.json``: the test evaluation of the current best model is not
     complete (not run yet, or a kill interrupted it: a ``test/`` record without its reports is then redone)."""
-    from trainer.train.inference_checkpoint import META_FILE, best_dir
+    from trainer.checkpoint.inference import META_FILE, best_dir
 
     done, meta = Path(out_dir) / "reports" / "test_metrics.json", best_dir(out_dir) / META_FILE
     return not (done.is_file() and meta.is_file() and done.stat().st_mtime_ns >= meta.stat().st_mtime_ns)
@@ -196,7 +196,7 @@ def test_best_checkpoint(out_dir: Path, best: Path, test_shards: Sequence[str] |
     Returns:
         the ``test/...`` record, or None when skipped.
     """
-    from trainer.train.inference_checkpoint import META_FILE
+    from trainer.checkpoint.inference import META_FILE
 
     if not test_shards or not (Path(best) / META_FILE).is_file() or not test_pending(out_dir):
         return None
@@ -210,7 +210,7 @@ def test_best_checkpoint(out_dir: Path, best: Path, test_shards: Sequence[str] |
         log.info("test split (checkpoints/best): test/loss %.4f test/top1 %.4f on %d samples", result.loss,
                  result.top1, result.num_samples)
     if accelerator.is_main_process:  # the model card of checkpoints/best/ names its test metrics too
-        from trainer.train.inference_checkpoint import write_model_card
+        from trainer.checkpoint.inference import write_model_card
 
         write_model_card(best, test_metrics=record)
     return record
@@ -285,8 +285,8 @@ def record_validation(v: Validation, progress, *, extra: dict, tracker, stopper,
     and the reports. Every rank calls it (all take the same decision from the same reduced metrics).
 
     Args:
-        progress: the run's :class:`trainer.train.checkpoint.Progress` (``best_top1`` updated in place).
-        checkpointer: the run's :class:`trainer.train.checkpointer.Checkpointer` (``save_best``).
+        progress: the run's :class:`trainer.checkpoint.state.Progress` (``best_top1`` updated in place).
+        checkpointer: the run's :class:`trainer.checkpoint.checkpointer.Checkpointer` (``save_best``).
 
     Returns:
         True if this evaluation improved the monitored metric (``checkpoints/best/`` was written).

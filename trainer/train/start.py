@@ -1,7 +1,7 @@
 """Starting a run: decide what to do with ``train.output_dir``, then train, resume or report it finished.
 
 :func:`run` is what ``trainer/main.py`` calls (and tests, benchmarks and library callers): the run folder's
-plan (:func:`trainer.train.run_folder.plan_start`: new run, resume, refusal, or "finished"), then
+plan (:func:`trainer.checkpoint.run_folder.plan_start`: new run, resume, refusal, or "finished"), then
 :class:`trainer.train.trainer.Trainer` built from it and :meth:`~trainer.train.trainer.Trainer.fit`.
 """
 
@@ -16,13 +16,13 @@ from trainer.config.run import ResolvedRun, resolve_run
 from trainer.config.schema import Config
 from trainer.planner.plan import apply_plan, read_plan
 from trainer.train.budgeted import needs_plan
-from trainer.train.run_folder import plan_start, set_aside_corrupt
+from trainer.checkpoint.run_folder import plan_start, set_aside_corrupt
 from trainer.train.trainer import RunResult, Trainer
 
 
 def run(cfg: Config, resolved: ResolvedRun | None = None) -> RunResult:
     """Train (or resume) the run described by ``cfg``: ``Trainer(cfg).fit()``, after deciding what to
-    do with ``train.output_dir`` (:func:`trainer.train.run_folder.plan_start`). A run that already
+    do with ``train.output_dir`` (:func:`trainer.checkpoint.run_folder.plan_start`). A run that already
     reached its end says so and returns its counters without touching any file.
 
     Args:
@@ -32,7 +32,7 @@ def run(cfg: Config, resolved: ResolvedRun | None = None) -> RunResult:
 
     Raises:
         ConfigError: config fields that do not fit the data, the launch or the run folder (names the field).
-        trainer.train.checkpoint.CheckpointError: a checkpoint that does not fit this run (names the file).
+        trainer.checkpoint.state.CheckpointError: a checkpoint that does not fit this run (names the file).
     """
     resolved = resolved or resolve_run(cfg)  # once per process: the entry point passes its own
     cfg = resolved.config

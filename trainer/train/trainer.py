@@ -1,6 +1,6 @@
 """One training run: wires config, data, model, freezing, optimizer, loop, checkpoints and tracking.
 
-:func:`trainer.train.start.run` decides what to do with ``train.output_dir`` (:mod:`trainer.train.run_folder`:
+:func:`trainer.train.start.run` decides what to do with ``train.output_dir`` (:mod:`trainer.checkpoint.run_folder`:
 new run, resume, refusal, or "finished"), builds a :class:`Trainer` and calls :meth:`Trainer.fit`. Every rank
 runs the same code; only the main process writes files or logs. The sequence:
 
@@ -18,7 +18,7 @@ runs the same code; only the main process writes files or logs. The sequence:
    ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate (raw and
    EMA weights), reports, ``checkpoints/best/`` when the monitored metric improves, early stopping
    (:mod:`trainer.train.evaluation`), ``last.pt`` (also written at the configured interval and on preemption;
-   :mod:`trainer.train.checkpointer`). ``finetune.strategy`` linear_probe / lp_ft first solves the head
+   :mod:`trainer.checkpoint.checkpointer`). ``finetune.strategy`` linear_probe / lp_ft first solves the head
    (:mod:`trainer.train.linear_probe`).
 5. When the data has a test split: ``checkpoints/best/`` evaluated on it once (``test/...`` in metrics.jsonl,
    ``reports/test_*``; :mod:`trainer.train.evaluation`).
@@ -56,16 +56,16 @@ from trainer.models.layers import layer_ids
 from trainer.reporting.reporter import Reporter
 from trainer.reporting.tracking import Tracker
 from trainer.reporting.train_meter import TrainMeter
-from trainer.train import inference_checkpoint as infer_ckpt
-from trainer.train.checkpoint import Progress
-from trainer.train.checkpointer import Checkpointer
+from trainer.checkpoint import inference as infer_ckpt
+from trainer.checkpoint.state import Progress
+from trainer.checkpoint.checkpointer import Checkpointer
 from trainer.train.early_stopping import EarlyStopping
 from trainer.train.ema import ModelEma
 from trainer.train.evaluation import Validation, record_validation, records_to_redo, test_best_checkpoint, validate
 from trainer.train.budgeted import BudgetKeeper, epochs_for, evals_between, plan_for_run, save_plan, with_steps
 from trainer.train.feature_cache import FeatureCache, feature_cache_budget
 from trainer.train.loop import train_step
-from trainer.train.run_folder import StartPlan, plan_start, prepare_folder
+from trainer.checkpoint.run_folder import StartPlan, plan_start, prepare_folder
 
 log = logging.getLogger("trainer")
 
@@ -89,7 +89,7 @@ class Trainer:
     Raises (from the constructor):
         ConfigError: config fields that do not fit the data, the launch or the checkpoint being
             resumed (names the field or file).
-        trainer.train.checkpoint.CheckpointError: an unreadable checkpoint (names the file).
+        trainer.checkpoint.state.CheckpointError: an unreadable checkpoint (names the file).
     """
 
     def __init__(self, cfg: Config, plan: StartPlan | None = None, resolved: ResolvedRun | None = None):

@@ -68,7 +68,7 @@ class TrainConfig(Section):
     """Seed for weights of the head, shuffling and augmentation."""
     output_dir: str = "runs/default"
     """Run directory: config, metrics.jsonl, checkpoints; it holds one run. An existing run there is
-    resumed if its config differs only in settings resuming may change (``trainer/train/run_folder.py``)."""
+    resumed if its config differs only in settings resuming may change (``trainer/checkpoint/run_folder.py``)."""
     resume: bool = True
     """Resume from the newest checkpoint in ``output_dir/checkpoints/`` if there is one. ``false`` into a
     folder holding a run is refused unless ``overwrite`` is set."""
@@ -86,7 +86,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = num(1, ge=1)
     """Resume checkpoints kept: 1 keeps ``checkpoints/last.pt`` only (replaced at every write), k > 1 the k newest
     ``checkpoints/step_<step>.pt`` (``last.pt`` is then a hard link to the newest). An older step file is deleted
-    only once a newer one is complete (``trainer/train/checkpoint_files.py``); ``checkpoints/best/`` is kept apart."""
+    only once a newer one is complete (``trainer/checkpoint/files.py``); ``checkpoints/best/`` is kept apart."""
     eval_every_steps: int = num(0, ge=0)
     """Also evaluate on the validation split every this many optimizer steps of the run (Lightning's
     ``val_check_interval`` as a step count); 0: only at epoch ends. Each evaluation is a ``metrics.jsonl``

@@ -28,7 +28,7 @@ name, so a later start with the same ``resume_from`` (a requeued job) continues 
 deleted, not even with ``train.overwrite``; choose another ``train.output_dir``.
 
 An unreadable (truncated, damaged) checkpoint never blocks a start: the newest one that loads is used
-(:func:`trainer.train.checkpoint_files.newest_intact`), and the start moves the damaged ones to
+(:func:`trainer.checkpoint.files.newest_intact`), and the start moves the damaged ones to
 ``checkpoints/corrupt/`` with a warning naming each; ``train.resume_from`` is honoured whatever the newest
 holds. Only when no checkpoint loads is the start refused, saying what to do. A run that reached its end but
 was killed during its end-of-run work (test evaluation, training curves: ``reports/training_curves.png`` older
@@ -49,8 +49,8 @@ import yaml
 
 from trainer.config.run import resolve_run
 from trainer.config.schema import Config, ConfigError
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train.checkpoint_files import newest_intact, rewind, set_aside
+from trainer.checkpoint import state as ckpt_lib
+from trainer.checkpoint.files import newest_intact, rewind, set_aside
 from trainer.utils.files import remove_stale_temp_files
 
 log = logging.getLogger("trainer")
@@ -82,7 +82,7 @@ class StartPlan:
             (``train.overwrite``). changes: allowed differences ``key: old -> new`` (logged).
         state: the loaded ``last.pt`` (``finished`` only: its counters for the result).
         rewind: ``last`` is a ``train.resume_from`` checkpoint not yet gone back to: the newer step files go
-            (:func:`trainer.train.checkpoint_files.rewind`). resumed_from: the ``train.resume_from`` name the
+            (:func:`trainer.checkpoint.files.rewind`). resumed_from: the ``train.resume_from`` name the
             run continues (recorded in its next checkpoints), or None.
         corrupt: unreadable checkpoints passed over, as ``(path, reason)``: :func:`prepare_folder` sets them aside.
     """
@@ -172,7 +172,7 @@ def plan_start(cfg: Config) -> StartPlan:
         ConfigError: the folder holds a run of another config (the differing keys, ``old -> new``),
             a run while ``train.resume`` is false and ``train.overwrite`` is not set, or files that
             are not a run's. One line naming ``train.output_dir``.
-        trainer.train.checkpoint.CheckpointError: no resume checkpoint loads (what to do), an unreadable
+        trainer.checkpoint.state.CheckpointError: no resume checkpoint loads (what to do), an unreadable
             ``train.resume_from``, or a checkpoint refused for its content.
     """
     if cfg.train.mixed_precision == "auto":
@@ -229,7 +229,7 @@ def plan_start(cfg: Config) -> StartPlan:
             f"train.output_dir {out} holds a run of another config ({source.name}): {'; '.join(refused)}. "
             "A run folder holds one run: choose another train.output_dir (or train.resume: false with "
             "train.overwrite: true to replace it); keys resuming may change are listed in "
-            "trainer/train/run_folder.py RESUMABLE")
+            "trainer/checkpoint/run_folder.py RESUMABLE")
     if state is None:
         return StartPlan("restart", changes=allowed)
     if is_finished(state, cfg) and not end_of_run_pending(out, last):
@@ -253,7 +253,7 @@ def prepare_folder(plan: StartPlan, out: Path) -> None:
     """Main process, before anything reads the folder: delete its content (``plan.clear``), clean up after
     killed writers (:func:`clean_start`), set unreadable checkpoints aside (:func:`set_aside_corrupt`), go back to
     a ``train.resume_from`` checkpoint (``plan.rewind``:
-    :func:`trainer.train.checkpoint_files.rewind`), log the allowed config changes."""
+    :func:`trainer.checkpoint.files.rewind`), log the allowed config changes."""
     if plan.clear:
         clear_folder(out)
     set_aside_corrupt(plan)
@@ -305,7 +305,7 @@ def clean_start(out: Path) -> list[Path]:
     Returns:
         The temp files removed.
     """
-    from trainer.train import inference_checkpoint as infer_ckpt
+    from trainer.checkpoint import inference as infer_ckpt
 
     best = infer_ckpt.best_dir(out)
     if infer_ckpt.repair(best):

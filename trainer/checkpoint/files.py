@@ -8,7 +8,7 @@ k newest resume checkpoints + ``last.pt`` (the newest of them) + ``best/``.
 
 Each write is atomic (:func:`trainer.utils.files.atomic_write`: temp file, fsync, rename). A kill at any
 moment leaves every complete checkpoint readable and at worst a temp file, which the next start deletes
-(:func:`trainer.train.run_folder.clean_start`); :func:`latest_checkpoint` then picks the newest complete one
+(:func:`trainer.checkpoint.run_folder.clean_start`); :func:`latest_checkpoint` then picks the newest complete one
 (a step file written just before the kill, ahead of ``last.pt``, included).
 
 A checkpoint damaged otherwise (truncated by a full disk, a bad copy) never blocks a start: :func:`newest_intact`
@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from trainer.models.state_dict import CorruptCheckpointError, safe_torch_load
-from trainer.train.checkpoint import atomic_save, checkpoint_dir, load
+from trainer.checkpoint.state import atomic_save, checkpoint_dir, load
 from trainer.utils.files import atomic_link, fsync_dir
 
 log = logging.getLogger("trainer")
@@ -53,7 +53,7 @@ def checkpoint_step(path: str | Path) -> int:
     without reading the tensors).
 
     Raises:
-        trainer.train.checkpoint.CheckpointError: unreadable file (names it).
+        trainer.checkpoint.state.CheckpointError: unreadable file (names it).
     """
     m = _STEP_RE.match(Path(path).name)
     if m:
@@ -80,7 +80,7 @@ def newest_intact(output_dir: str | Path) -> tuple[Path | None, dict | None, lis
     """The newest resume checkpoint of a run folder that loads, skipping unreadable ones; only reads.
 
     Candidates in the order of :func:`latest_checkpoint` (a step file newer than ``last.pt``, ``last.pt``, then
-    the older step files). A file whose loading raises :class:`trainer.train.checkpoint.CorruptCheckpointError`
+    the older step files). A file whose loading raises :class:`trainer.checkpoint.state.CorruptCheckpointError`
     (truncated, damaged) is skipped; ``last.pt``'s hard-linked step file with it.
 
     Returns:
@@ -88,7 +88,7 @@ def newest_intact(output_dir: str | Path) -> tuple[Path | None, dict | None, lis
         ``(path, reason)``, newest first.
 
     Raises:
-        trainer.train.checkpoint.CheckpointError: a checkpoint that loads but is refused (code payload) or not
+        trainer.checkpoint.state.CheckpointError: a checkpoint that loads but is refused (code payload) or not
             one of this trainer: not damaged, so not skipped.
     """
     last = checkpoint_dir(output_dir) / LAST

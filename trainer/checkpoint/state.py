@@ -3,13 +3,13 @@
 Files in ``<output_dir>/checkpoints/``:
 
 * ``last.pt`` (and with ``train.keep_checkpoints`` > 1 the step files ``step_<step>.pt``, kept and chosen by
-  :mod:`trainer.train.checkpoint_files`) - everything needed to continue: model, optimizer state matched by parameter *name*,
+  :mod:`trainer.checkpoint.files`) - everything needed to continue: model, optimizer state matched by parameter *name*,
   grad scaler, RNG states of every rank, epoch / step / samples_seen, class map, W&B run id,
   early-stopping state and the resolved config. Built by :func:`resume_state`, read back by
   :func:`restore_resume_state` (the only two places that know its keys).
   RNG states are tensors and plain numbers.
 * ``best/`` - the inference checkpoint (``model.safetensors`` + ``model.json``), written and read by
-  :mod:`trainer.train.inference_checkpoint`.
+  :mod:`trainer.checkpoint.inference`.
 
 Loading is always :func:`trainer.models.state_dict.safe_torch_load` (``torch.load(weights_only=True)``, the
 only call of ``torch.load`` in the trainer): a file holds tensors and plain data (dict, list, tuple, str,
@@ -88,7 +88,7 @@ def not_a_checkpoint(path: Path, obj: Any) -> str:
         keys = ", ".join(sorted(map(str, obj))[:4]) + (", ..." if len(obj) > 4 else "")
         return (f"{path} holds plain weights ({keys}), not a checkpoint of this trainer: it names no backbone or "
                 "preprocessing to rebuild the model from; write it as an inference checkpoint folder with "
-                "trainer.train.inference_checkpoint.save(folder, state_dict, class_names=..., backbone=..., "
+                "trainer.checkpoint.inference.save(folder, state_dict, class_names=..., backbone=..., "
                 "preprocessing=..., ...) and pass that folder")
     return (f"{path} is not a checkpoint of this trainer (a dict with format_version "
             f"{' or '.join(map(str, READABLE_VERSIONS))} expected, found {type(obj).__name__}): pass a run's "
@@ -131,7 +131,7 @@ def resume_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, pa
         reason: why it was written (``"epoch"``, ``"interval"``, ``"preempted (signal 15)"``), for people.
         ema: the run's :class:`trainer.train.ema.ModelEma` or None (stored under ``"ema"``).
         resumed_from: the checkpoint name this run went back to with ``train.resume_from`` (or None), kept
-            in every later checkpoint of the run (:func:`trainer.train.run_folder.plan_start` reads it).
+            in every later checkpoint of the run (:func:`trainer.checkpoint.run_folder.plan_start` reads it).
     """
     return {
         "format_version": FORMAT_VERSION, "kind": "resume",

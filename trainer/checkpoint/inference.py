@@ -52,7 +52,7 @@ import torch
 
 from trainer.models.timm_format import CONFIG_FILE, from_timm_keys, timm_config, timm_layout, to_timm_keys
 from trainer.reporting.model_card import model_card
-from trainer.train.checkpoint import CheckpointError, checkpoint_dir, load
+from trainer.checkpoint.state import CheckpointError, checkpoint_dir, load
 from trainer.utils.files import atomic_write
 
 FORMAT = "finetune-trainer.inference"
@@ -244,7 +244,7 @@ def read_meta(path: str | Path) -> dict:
     """The description of a checkpoint without its weights (``model.json``, or a ``.pt``'s fields).
 
     Raises:
-        CheckpointError: missing, unreadable, refused (:func:`trainer.train.checkpoint.load`) or not
+        CheckpointError: missing, unreadable, refused (:func:`trainer.checkpoint.state.load`) or not
             an inference checkpoint of this trainer.
     """
     src = resolve(path)

@@ -1,10 +1,10 @@
 """The run's checkpoint writes: the resume checkpoint (``last.pt``, or step files with
-``train.keep_checkpoints`` > 1: :mod:`trainer.train.checkpoint_files`) and when it is due, the inference
+``train.keep_checkpoints`` > 1: :mod:`trainer.checkpoint.files`) and when it is due, the inference
 checkpoint ``checkpoints/best/``, and restoring a resume checkpoint into the run's objects.
 
 :class:`Checkpointer` holds the objects a checkpoint is built from (model, optimizer, EMA, early stopping, ...)
-as constructor state; the file formats are :mod:`trainer.train.checkpoint` (``last.pt``) and
-:mod:`trainer.train.inference_checkpoint` (``best/``).
+as constructor state; the file formats are :mod:`trainer.checkpoint.state` (``last.pt``) and
+:mod:`trainer.checkpoint.inference` (``best/``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 
 from trainer.config.schema import Config
 from trainer.distributed.accelerator import unwrap
-from trainer.train import checkpoint as ckpt_lib
-from trainer.train import inference_checkpoint as infer_ckpt
-from trainer.train.checkpoint import Progress
-from trainer.train.checkpoint_files import save_resume
+from trainer.checkpoint import state as ckpt_lib
+from trainer.checkpoint import inference as infer_ckpt
+from trainer.checkpoint.state import Progress
+from trainer.checkpoint.files import save_resume
 
 log = logging.getLogger("trainer")
 
@@ -50,7 +50,7 @@ class Checkpointer:
 
     def restore(self, path: Path) -> tuple[Progress, str | None]:
         """Load a resume checkpoint into the model, optimizer, scaler, early stopping, EMA and RNG (see
-        :func:`trainer.train.checkpoint.restore_resume_state`); return (progress, W&B run id)."""
+        :func:`trainer.checkpoint.state.restore_resume_state`); return (progress, W&B run id)."""
         cfg, acc = self.cfg, self.accelerator
         return ckpt_lib.restore_resume_state(
             path, model=unwrap(self.model), optimizer=self.optimizer.optimizer, param_names=self.param_names,
@@ -85,7 +85,7 @@ class Checkpointer:
     def save_best(self, progress: Progress, metrics: dict, weights: str = "raw",
                   thresholds: list[float] | None = None) -> None:
         """Write the inference checkpoint ``checkpoints/best/`` (main process) for the current weights and
-        their evaluation ``metrics`` (:mod:`trainer.train.inference_checkpoint`).
+        their evaluation ``metrics`` (:mod:`trainer.checkpoint.inference`).
 
         Args:
             weights: ``raw`` (the trained weights) or ``ema`` (the EMA copy, ``train.ema_decay``); recorded
