@@ -15,10 +15,9 @@
 * an image folder: ``root/{train,val,test}/<class>/<image>`` (the ``--split`` folder; classes from
   ``train/``), or ``root/<class>/<image>`` (every image; classes = the class folders).
 
-Folders and manifests are listed and written into shards by the trainer's data layer
-(:func:`trainer.data.shard_writer.write_listing`, unreadable files skipped and counted) into
-``<out_dir>/.shards-<split>``, removed afterwards, or into ``--shard_dir`` (kept, and reused while the
-source is unchanged).
+``--data`` is resolved by the data layer (:func:`trainer.data.split_source.shards_for_split`): folders and
+manifests are written into shards (unreadable files skipped and counted) into ``<out_dir>/.shards-<split>``,
+removed afterwards, or into ``--shard_dir`` (kept, and reused while the source is unchanged).
 The class names of the data (in label order) must equal the checkpoint's ``class_names``; otherwise one
 line naming both files and exit status 2.
 
@@ -49,15 +48,12 @@ confusion), ``<split>_ap_per_class.png``, ``<split>_pr_curves.png`` and ``<split
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from trainer.cli.errors import run_cli
-from trainer.data.listing import DataError, Listing
+from trainer.data.listing import DataError
 
-log = logging.getLogger("evaluate")
 SPLITS = ("train", "val", "test")
-MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 
 
 def _short(names: list[str], n: int = 6) -> str:
@@ -120,62 +116,6 @@ def print_multilabel(result, split: str, class_names: list[str], thresholds_from
               f"{float(result.thresholds[i]):9.4f}  {int(result.fp[i]):>7}  {int(result.fn[i]):>7}")
 
 
-def data_listing(data: Path, split: str, *, path_column=None, label_column=None, split_column=None,
-                 label_map=None, multilabel: dict | None = None) -> tuple[Listing, str]:
-    """A folder or manifest -> (:class:`Listing` holding only ``split``, where its classes come from).
-
-    Args:
-        multilabel: for a multi-label checkpoint, the ``task``, ``label_delimiter`` and ``label_columns`` its
-            manifests are read with (:func:`trainer.data.manifest.list_manifest`); None: single-label.
-
-    Raises:
-        DataError: no such split, an unreadable source (from the data layer, named), an image folder for a
-            multi-label checkpoint (folders carry one label per image, not label sets).
-    """
-    from trainer.data.listing import list_class_folders, list_split_folders, split_folder
-    from trainer.data.manifest import has_split_column, list_manifest
-
-    if multilabel is not None and not data.is_file():
-        raise DataError(f"--data: {data} is an image folder, and folders carry no label sets (one class per image); "
-                        "the checkpoint is a multi-label model (data.task: multilabel): evaluate it on a manifest "
-                        "(CSV/JSONL with label sets) or multi-label shards")
-    if data.is_file():
-        cols = {"path_column": path_column, "label_column": label_column, "label_map": label_map,
-                **(multilabel or {})}
-        if has_split_column(data, split_column):
-            full = list_manifest(str(data), split_column=split_column, **cols)
-        else:  # every row is the split: the same file as train (class map) and val (the rows)
-            full = list_manifest({"train": str(data), "val": str(data)}, **cols)
-            full.splits = {split: full.splits["val"]}
-        where = label_map if label_map else str(data)
-    elif (data / "train").is_dir():
-        if split_folder(data, split) is None:
-            raise DataError(f"--split: {data} has no {split}/ folder")
-        full, where = list_split_folders(data, splits=[split]), str(data / "train")
-    else:  # root/<class>/<image>: every image (the stratified split's val part at fraction 1)
-        full = list_class_folders(data, val_fraction=1.0)
-        full.splits = {split: full.splits["val"]}
-        where = str(data)
-    if split not in full.splits or not full.splits[split]:
-        raise DataError(f"--split: {data} has no {split} rows or images (splits: {sorted(full.splits)})")
-    source = {**full.source, "params": {**full.source["params"], "evaluate_split": split}}
-    return Listing(classes=full.classes, splits={split: full.splits[split]}, source=source,
-                   key_prefix=full.key_prefix, task=full.task), where
-
-
-def _write_or_reuse(listing: Listing, shard_dir: Path, num_workers: int) -> None:
-    from trainer.config.fields import ConfigError
-    from trainer.data import staging
-    from trainer.data.prepare import write_or_reuse
-
-    with staging.shard_lock(shard_dir):  # another evaluation writing this folder: wait, then reuse or refuse
-        staging.recover(shard_dir)
-        try:
-            write_or_reuse(listing, shard_dir, max_samples_per_shard=256, num_workers=max(1, num_workers))
-        except ConfigError as e:  # the data.* fields are this command's options
-            raise ConfigError(str(e).replace("data.shard_dir", "--shard_dir").replace("data.", "--")) from None
-
-
 def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = None, meta: str | None = None,
          shard_dir: str | None = None, path_column: int | str | None = None,
          label_column: int | str | None = None, split_column: int | str | None = None, label_map: str | None = None,
@@ -210,10 +150,8 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
             for a multi-label checkpoint, no such split; one line.
     """
     from trainer.config.fields import ConfigError
-    from trainer.data.meta import META_NAME, read_meta
-    from trainer.data.sources import resolve_shards
+    from trainer.data.split_source import shards_for_split
     from trainer.distributed.accelerator import make_accelerator
-    from trainer.distributed.wait import main_first
     from trainer.train.evaluation import checkpoint_task, evaluate_checkpoint
     from trainer.checkpoint.inference import META_FILE, read_meta as read_ckpt_meta, resolve
 
@@ -233,68 +171,36 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     if threshold is not None and not multilabel:
         raise ConfigError(f"--threshold: {ckpt_file} is a single-label model (the top class is predicted); "
                           "--threshold applies to multi-label models (data.task: multilabel) only")
-    ml_params = manifest_params(ckpt_meta) if multilabel else None
     if out_dir is None:
         run = src.parent.parent if src.parent.name == "checkpoints" else Path(".")  # best/, best.pt, last.pt
         out_dir = str(run / f"eval-{split}")
-    path = Path(data)
     accelerator = make_accelerator()
-    tmp = None
-    try:
-        if meta is not None or (path / META_NAME).is_file() or path.name == META_NAME:
-            meta_path = Path(meta) if meta is not None else (path if path.name == META_NAME else path / META_NAME)
-            if not meta_path.is_file():
-                raise ConfigError(f"--meta: dataset metadata not found: {meta_path}")
-            dmeta = read_meta(meta_path)
-            check_task(dmeta.task, str(meta_path), multilabel, ckpt_file)
-            check_classes(dmeta.classes, str(meta_path), ckpt_classes, ckpt_file)
-            if meta is not None:
-                shards = resolve_shards(data)
-            elif split in dmeta.splits and dmeta.splits[split].num_samples:
-                shards = dmeta.shard_urls(split)
-            else:
-                raise DataError(f"--split: {meta_path} has no {split} samples (splits: {sorted(dmeta.splits)})")
-            skipped = dmeta.splits[split].num_skipped if split in dmeta.splits else 0
-        else:
-            if not path.exists():
-                raise FileNotFoundError(f"--data: no such file or folder: {path}")
-            if path.is_file() and path.suffix.lower() not in MANIFEST_SUFFIXES:
-                raise DataError(f"--data: {path} is not a manifest ({', '.join(MANIFEST_SUFFIXES)}), a folder or "
-                                f"a {META_NAME}")
-            listing, where = data_listing(path, split, path_column=path_column, label_column=label_column,
-                                          split_column=split_column, label_map=label_map, multilabel=ml_params)
-            check_classes(listing.classes, where, ckpt_classes, ckpt_file)
-            if shard_dir is None:  # one folder for all ranks, beside the reports; removed at the end
-                tmp = Path(out_dir) / f".shards-{split}"
-            target = Path(shard_dir) if shard_dir is not None else tmp
 
-            def write():
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted evaluation
-                _write_or_reuse(listing, target, num_workers)
-            main_first(write, accelerator, what="writing shards", errors=(ConfigError, DataError))
-            dmeta = read_meta(target)
-            shards, skipped = dmeta.shard_urls(split), dmeta.splits[split].num_skipped
-        result, record = evaluate_checkpoint(src, shards, accelerator=accelerator, split=split, out_dir=out_dir,
+    def check(data_classes: list[str], where: str, data_task: str) -> None:
+        check_task(data_task, where, multilabel, ckpt_file)
+        check_classes(data_classes, where, ckpt_classes, ckpt_file)
+
+    found = shards_for_split(data, split, meta=meta, shard_dir=shard_dir, tmp_dir=Path(out_dir) / f".shards-{split}",
+                             path_column=path_column, label_column=label_column, split_column=split_column,
+                             label_map=label_map, **(manifest_params(ckpt_meta) if multilabel else {}),
+                             num_workers=num_workers, accelerator=accelerator, check=check)
+    try:
+        result, record = evaluate_checkpoint(src, found.urls, accelerator=accelerator, split=split, out_dir=out_dir,
                                              micro_batch_size=batch_size, num_workers=num_workers, thresholds=threshold)
     finally:
-        if tmp is not None:
-            if accelerator.num_processes > 1:
-                accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-    if accelerator.is_main_process and multilabel:
-        print(f"{split}: {result.num_samples} samples from {data}"
-              + (f" ({skipped} unreadable file(s) not evaluated)" if skipped else ""))
+        found.remove_tmp(accelerator)
+    if not accelerator.is_main_process:
+        return record
+    print(f"{split}: {result.num_samples} samples from {data}"
+          + (f" ({found.num_skipped} unreadable file(s) not evaluated)" if found.num_skipped else ""))
+    if multilabel:
         where = (f"--threshold {threshold:g} for every class" if threshold is not None else
                  f"per class, saved in {ckpt_file}" if saved_thresholds is not None else
                  f"0.5 ({ckpt_file} saves none)")
         print_multilabel(result, split, ckpt_classes, where)
         print(f"reports in {Path(out_dir) / 'reports'} ({split}_metrics.json, {split}_per_class.csv, "
               f"{split}_ap_per_class.png, {split}_pr_curves.png, {split}_mistakes.png)")
-    elif accelerator.is_main_process:
-        print(f"{split}: {result.num_samples} samples from {data}"
-              + (f" ({skipped} unreadable file(s) not evaluated)" if skipped else ""))
+    else:
         print(f"{split}/top1 {result.top1:.4f}  {split}/loss {result.loss:.4f}  "
               f"{split}/balanced_acc {result.balanced_accuracy:.4f}")
         width = max(len(c) for c in ckpt_classes)

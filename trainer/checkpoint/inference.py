@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from trainer.models.timm_format import CONFIG_FILE, from_timm_keys, timm_config, timm_layout, to_timm_keys
-from trainer.reporting.model_card import model_card
+from trainer.checkpoint.card import write_card
 from trainer.checkpoint.state import CheckpointError, checkpoint_dir, load
 from trainer.utils.files import atomic_write
 
@@ -59,7 +59,6 @@ FORMAT = "finetune-trainer.inference"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-CARD_FILE = "README.md"
 BEST_DIR = "best"
 INFERENCE_FIELDS = ("class_names", "backbone", "preprocessing")
 """Fields of ``model.json`` (or a ``.pt``) that :func:`load_for_inference` needs."""
@@ -133,38 +132,12 @@ def save(folder: str | Path, model_state: dict[str, torch.Tensor], *, class_name
 
 def _write_companions(folder: Path, meta: dict, config_text: str | None) -> None:
     """timm's ``config.json`` (``config_text``; None: remove a stale one, the weights are not in timm's names)
-    and the model card (:func:`write_model_card`)."""
+    and the model card (:func:`trainer.checkpoint.card.write_card`)."""
     if config_text:
         atomic_write(folder / CONFIG_FILE, config_text)
     else:
         (folder / CONFIG_FILE).unlink(missing_ok=True)
-    _write_card(folder, meta, config_text)
-
-
-def _write_card(folder: Path, meta: dict, config_text: str | None, test_metrics: dict | None = None) -> bool:
-    cfg = meta.get("config")
-    if not (isinstance(cfg, dict) and isinstance(cfg.get("data"), dict) and isinstance(cfg.get("model"), dict)):
-        return False  # not a run's config: nothing to describe the data and recipe with
-    lic = (json.loads(config_text).get("pretrained_cfg") or {}).get("license") if config_text else None
-    card = model_card(meta, timm_loadable=bool(config_text), timm_reason=meta.get("timm_unavailable") or "",
-                      split_sizes=_split_sizes(cfg["data"]), test_metrics=test_metrics, weights_license=lic)
-    atomic_write(folder / CARD_FILE, card)
-    return True
-
-
-def _split_sizes(data: dict) -> dict[str, int] | None:
-    """Images per split from the run's ``dataset.json`` (``data.meta``, else the one in ``data.shard_dir``);
-    None when it cannot be read (e.g. the checkpoint was copied to another machine)."""
-    from trainer.data import meta as dataset_meta
-
-    where = data.get("meta") or data.get("shard_dir")
-    if not where:
-        return None
-    try:
-        found = dataset_meta.read_meta(where)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return {name: split.num_samples for name, split in found.splits.items()}
+    write_card(folder, meta, config_text)
 
 
 def write_model_card(path: str | Path, test_metrics: dict | None = None) -> bool:
@@ -183,7 +156,7 @@ def write_model_card(path: str | Path, test_metrics: dict | None = None) -> bool
     meta = _read_json(src / META_FILE)
     config = src / CONFIG_FILE
     text = config.read_text() if meta.get("weights_keys") == "timm" and config.is_file() else None
-    return _write_card(src, meta, text, test_metrics)
+    return write_card(src, meta, text, test_metrics)
 
 
 def resolve(path: str | Path) -> Path:

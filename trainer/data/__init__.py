@@ -10,7 +10,9 @@
 - ``survey``: the configured data before anything is written (classes, split sizes, image sizes, shards to
   write), read by the planner and the dry run;
 - ``image_source``: the images ``finetune predict`` reads (folder, file, CSV list, shards) with their true labels
-  or label sets, decoded in loader workers.
+  or label sets, decoded in loader workers;
+- ``split_source``: one split of any source (shards, manifest, image folder) -> its shards, written once and
+  reused while the source is unchanged (``finetune-evaluate``'s ``--data``).
 
 May import ``trainer.config``, ``trainer.utils`` and ``trainer.distributed.wait`` (the main process writes
 while the other ranks wait).

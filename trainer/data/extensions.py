@@ -1,6 +1,6 @@
 """The one list of image file extensions of the project (as timm's ``img_extensions.py``).
 
-Every place that recognises an image by its name imports it from here: ``launch/predict.py`` (which
+Every place that recognises an image by its name imports it from here: :mod:`trainer.data.image_source` (which
 files of a folder are images) and :mod:`trainer.data.stream` (which field of a WebDataset sample holds
 the encoded image). The decoders read more formats than this (any PIL format, see
 :mod:`trainer.data.decode`); the list says which names count as images when nothing else does.
