@@ -265,7 +265,7 @@ def _train(shards: str, out: str, steps: int) -> None:
     import dataclasses
     import logging
 
-    import trainer.train.trainer as tt
+    import trainer.train.components as tt  # where the Trainer's model is built
     from trainer.train.start import run
     from trainer.config.loading import load_config
 

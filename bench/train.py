@@ -315,7 +315,7 @@ def run_plain(mode: str, args) -> StepTimer:
 def run_trainer(mode: str, args, *, extra: dict | None = None, full_val: bool = False) -> tuple[StepTimer, object]:
     """``trainer.train.start.run`` on the shards of the same images, instrumented from outside."""
     import trainer.train.evaluation as eval_mod
-    import trainer.train.trainer as run_mod
+    import trainer.train.epoch as run_mod  # where the Trainer's epochs call train_step
     from trainer.train.start import run
     from trainer.config.loading import load_config
 

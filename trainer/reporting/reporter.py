@@ -54,7 +54,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[list]) -> Path:
 
 
 class Reporter:
-    """What ``trainer/train/trainer.py`` calls: per-class tables at each evaluation, full reports for the best model.
+    """What the run (``trainer/train/``) calls: per-class tables at each evaluation, full reports for the best model.
 
     Files (main process), for the record prefix ``val/`` (``test/``, ``val_ema/`` alike, stem ``test``,
     ``val_ema``):

@@ -137,7 +137,7 @@ def select_backbones(cfg: Config, opts: SelectionOptions, accelerator) -> Select
         t0 = time.perf_counter()
         torch.manual_seed(opts.seed)  # the head (and a randomly initialised backbone) equal on every rank
         model, prep = build_model(backbone, meta.num_classes, weights, channels_last=cfg.model.channels_last)
-        if cfg.data.image_size:  # the size the run will train at, as in trainer.train.trainer
+        if cfg.data.image_size:  # the size the run will train at, as in trainer.train.components
             prep = dataclasses.replace(prep, input_size=cfg.data.image_size)
         path = cache_path(opts.cache_dir, backbone, weights, prep, precision, fingerprint, subset_id, meta.task)
         splits = load_cached(path, meta.task) if main else None

@@ -1,8 +1,10 @@
-"""The run: ``start`` (``run``: the run folder's plan, then the Trainer), ``trainer`` (the Trainer: set-up,
-phases, epochs), ``loop`` (train step with gradient accumulation, evaluation), ``evaluation`` (validation with
-raw + EMA weights and what follows it, the test split), ``budgeted`` (the planned run's step count kept to its
-budget), ``ema``, ``linear_probe``, ``early_stopping``, ``feature_cache`` / ``spill`` (head-only epochs on cached
-backbone features). Checkpoints and the run folder are :mod:`trainer.checkpoint`.
+"""The run: ``start`` (``run``: the run folder's plan, then the Trainer), ``components`` (the parts of a run,
+built before the Trainer: launch, data, length, model parts, loaders, logging), ``trainer`` (the Trainer: their
+composition; phases, epochs), ``epoch`` (one epoch's optimizer steps), ``loop`` (train step with gradient
+accumulation, evaluation), ``evaluation`` (validation with raw + EMA weights and what follows it, the test split),
+``budgeted`` (the planned run's step count kept to its budget), ``ema``, ``linear_probe``, ``early_stopping``,
+``feature_cache`` / ``spill`` (head-only epochs on cached backbone features).
+Checkpoints and the run folder are :mod:`trainer.checkpoint`.
 
 The only subpackage that wires the others together; nothing else imports it.
 

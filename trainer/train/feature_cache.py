@@ -119,7 +119,7 @@ class FeatureCache:
             rest goes to memory-mapped files in ``spill_dir`` (``trainer.train.spill``); None: no limit.
         budget_note: how ``max_ram_bytes`` was derived, for the spill log line.
 
-    Use (``trainer/train/trainer.py``)::
+    Use (``trainer/train/epoch.py``)::
 
         cache = FeatureCache(seed=cfg.train.seed, rank=rank, micro_batch_size=cfg.train.micro_batch_size)
         batches = cache.train_batches(model, train_loader.epoch(e, n), epoch=e, num_batches=n)
