@@ -5,7 +5,7 @@ eval mode over the train, val (and test, when there are shards for it) splits wi
 transform at S (resize the short side to ``S / crop_pct``, centre-crop S: small images such as
 EuroSAT's 64x64 are upsampled), then :func:`trainer.finetune.linear_probe.fit_linear_probe` solves the head
 with the L2 strength chosen on val. The same code paths as ``finetune.strategy: linear_probe``
-(:func:`trainer.train.linear_probe.extract_features`); only the loader set-up is local.
+(:func:`trainer.train.probe_stage.extract_features`); only the loader set-up is local.
 
 Printed per size: images/s of the feature pass, its seconds, fit seconds, chosen L2, val and test
 top-1. Wall-clock figures on a shared machine: the 1-minute load average is printed beside them.
@@ -39,7 +39,7 @@ from trainer.data.transforms import build_transforms  # noqa: E402
 from trainer.models.build import build_model  # noqa: E402
 from trainer.selection.measure import measure_cost  # noqa: E402
 from trainer.finetune.linear_probe import fit_linear_probe  # noqa: E402
-from trainer.train.linear_probe import extract_features  # noqa: E402
+from trainer.train.probe_stage import extract_features  # noqa: E402
 
 
 class _Cpu:

@@ -153,7 +153,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     from trainer.data.split_source import shards_for_split
     from trainer.distributed.accelerator import make_accelerator
     from trainer.train.evaluation import checkpoint_task, evaluate_checkpoint
-    from trainer.checkpoint.inference import META_FILE, read_meta as read_ckpt_meta, resolve
+    from trainer.checkpoint.inference import META_FILE, read_model_meta, resolve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if split not in SPLITS:
@@ -165,7 +165,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
                           "when its probability >= threshold)")
     src = resolve(checkpoint)
     ckpt_file = str(src / META_FILE if src.is_dir() else src)
-    ckpt_meta = read_ckpt_meta(src)
+    ckpt_meta = read_model_meta(src)
     ckpt_classes = list(ckpt_meta["class_names"])
     multilabel, saved_thresholds = checkpoint_task(ckpt_meta)
     if threshold is not None and not multilabel:

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint.inference import load_for_inference, read_meta, resolve
-from trainer.utils.files import atomic_write
+from trainer.checkpoint.inference import load_for_inference, read_model_meta, resolve
+from trainer.files.atomic import atomic_write
 
 FORMATS = ("torchscript", "onnx")
 FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx", "preprocessing": "preprocessing.json"}
@@ -185,7 +185,7 @@ def export(checkpoint: str, out_dir: str | None = None, formats: str | list[str]
     out = Path(out_dir) if out_dir else ckpt_path.resolve().parent.parent / "export"
     out.mkdir(parents=True, exist_ok=True)
     model, pre, class_names = load_for_inference(ckpt_path, "cpu")
-    meta = read_meta(ckpt_path)
+    meta = read_model_meta(ckpt_path)
     multilabel = _multilabel_fields(meta, len(class_names))
     model = LogitsModule(model.to(memory_format=torch.contiguous_format), sigmoid=multilabel is not None).eval()
     what = "logit" if multilabel is None else "probability"

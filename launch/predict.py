@@ -53,8 +53,8 @@ from trainer.cli.errors import run_cli
 from trainer.data.image_source import ImageSource
 from trainer.data.listing import escape_name, printable
 from trainer.data.transforms import build_transforms
-from trainer.checkpoint.inference import load_for_inference, read_meta
-from trainer.utils.files import atomic_write
+from trainer.checkpoint.inference import load_for_inference, read_model_meta
+from trainer.files.atomic import atomic_write
 
 
 @torch.inference_mode()
@@ -118,7 +118,7 @@ def multilabel_thresholds(meta: dict, num_classes: int, threshold: float | None)
     """The per-class thresholds predict applies to a checkpoint, or None for a single-label one.
 
     Args:
-        meta: the checkpoint's ``model.json`` (:func:`trainer.checkpoint.inference.read_meta`).
+        meta: the checkpoint's ``model.json`` (:func:`trainer.checkpoint.inference.read_model_meta`).
         num_classes: C.
         threshold: ``--threshold``: one value for every class (None: the saved ``thresholds``, else 0.5).
 
@@ -195,7 +195,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = resolve_precision(precision, device) == "bf16"
     workers = default_workers() if num_workers is None else num_workers
-    meta = read_meta(checkpoint)
+    meta = read_model_meta(checkpoint)
     model, pre, classes = load_for_inference(checkpoint, device)
     thresholds = multilabel_thresholds(meta, len(classes), threshold)
     model = model.to(memory_format=torch.channels_last)  # faster convolutions (CPU and GPU); same values

@@ -182,7 +182,7 @@ def test_older_run_folders_and_plain_weights_files_say_what_to_do(tmp_path):
     ck.atomic_save(old, run / "checkpoints" / "best.pt")  # a run of an older trainer version: best.pt only
     for p in (run, run / "checkpoints"):
         assert ic.resolve(p) == run / "checkpoints" / "best.pt"
-    assert ic.read_meta(run)["class_names"] == ["a", "b"]
+    assert ic.read_model_meta(run)["class_names"] == ["a", "b"]
     only_last = tmp_path / "young"
     ck.atomic_save({"format_version": 2}, only_last / "checkpoints" / "last.pt")
     with pytest.raises(ck.CheckpointError, match=r"no checkpoints/best .*: pass .*young/checkpoints/last.pt"):

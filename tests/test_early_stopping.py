@@ -11,7 +11,7 @@ from trainer.config.loading import load_config
 from trainer.config.schema import ConfigError
 from trainer.checkpoint import state as ckpt_lib
 from trainer.train.early_stopping import EarlyStopping
-from trainer.checkpoint.inference import read_meta
+from trainer.checkpoint.inference import read_model_meta
 
 
 def feed(es, values, key="val/top1"):
@@ -105,7 +105,7 @@ def test_run_stops_early_and_keeps_the_best_checkpoint(tiny):
     res = run_in_process(tiny / "images", tiny / "shards", out, **NO_IMPROVEMENT)
     assert res.early_stopped and res.epoch == 3 and res.step == 6  # 2 steps per epoch
     assert [r["epoch"] for r in val_records(out)] == [1, 2, 3]
-    best = read_meta(out / "checkpoints/best")
+    best = read_model_meta(out / "checkpoints/best")
     assert best["metrics"]["epoch"] == 1 and best["metrics"]["val/loss"] == val_records(out)[0]["val/loss"]
     last = ckpt_lib.load(out / "checkpoints/last.pt")
     assert last["early_stopping"]["wait"] == 2 and last["early_stopping"]["best_epoch"] == 1

@@ -264,8 +264,8 @@ def test_the_layout_checker_reports_each_violation(tmp_path):
 def test_every_import_keeps_its_subpackages_rule():
     rules = {name: import_rule(ast.get_docstring(ast.parse(path.read_text())) or "", "trainer")
              for name, path in MODULES.items() if name.count(".") == 1 and path.name == "__init__.py"}
-    assert {"trainer.config", "trainer.data", "trainer.train", "trainer.utils"} <= set(rules)
-    assert rules["trainer.utils"].may_import == frozenset()
+    assert {"trainer.config", "trainer.data", "trainer.train", "trainer.files"} <= set(rules)
+    assert rules["trainer.files"].may_import == frozenset()
     assert rules["trainer.selection"].imported_by == {"trainer.planner"}
     assert layout_violations(PKG) == []
 

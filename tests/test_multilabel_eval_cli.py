@@ -180,7 +180,7 @@ def test_run_writes_the_multilabel_reports_of_the_best_val_and_of_test(run):
 
 def test_thresholds_chosen_on_val_are_stable_and_those_saved_by_the_run(run):
     from trainer.train.evaluation import evaluate_model
-    from trainer.checkpoint.inference import load_for_inference, read_meta
+    from trainer.checkpoint.inference import load_for_inference, read_model_meta
 
     model, pre, names = load_for_inference(run["best"])
     assert names == CLASSES
@@ -189,14 +189,14 @@ def test_thresholds_chosen_on_val_are_stable_and_those_saved_by_the_run(run):
                                     micro_batch_size=bs, multilabel=True, thresholds=None) for bs in (8, 5))
     assert first.thresholds_chosen and first.num_samples == 24
     assert first.thresholds.tolist() == second.thresholds.tolist()
-    assert first.thresholds.tolist() == read_meta(run["best"])["thresholds"]
+    assert first.thresholds.tolist() == read_model_meta(run["best"])["thresholds"]
 
 
 def test_evaluate_cli_on_a_multilabel_manifest_prints_and_writes_every_metric(run, tmp_path, capsys):
     from launch.evaluate import main
     from trainer.data.decode import decode_image_bytes
     from trainer.data.transforms import build_transforms
-    from trainer.checkpoint.inference import load_for_inference, read_meta
+    from trainer.checkpoint.inference import load_for_inference, read_model_meta
 
     out = tmp_path / "eval"
     record = main(str(run["best"]), str(run["manifest"]), split="test", out_dir=str(out), num_workers=0)
@@ -216,7 +216,7 @@ def test_evaluate_cli_on_a_multilabel_manifest_prints_and_writes_every_metric(ru
 
     # the reference: each test image through the checkpoint one by one, thresholded at the saved thresholds
     model, pre, _ = load_for_inference(run["best"])
-    thresholds = torch.tensor(read_meta(run["best"])["thresholds"], dtype=torch.float32)
+    thresholds = torch.tensor(read_model_meta(run["best"])["thresholds"], dtype=torch.float32)
     tf = build_transforms(pre.input_size, train=False, crop_pct=pre.crop_pct, interpolation=pre.interpolation)
     test = [i for i in range(64, 80)]
     with torch.inference_mode():

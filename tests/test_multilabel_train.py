@@ -316,7 +316,7 @@ def test_training_step_and_validation_with_multi_hot_targets(tmp_path):
     from trainer.checkpoint.checkpointer import Checkpointer
     from trainer.train.early_stopping import EarlyStopping
     from trainer.train.evaluation import checkpoint_task, record_validation, validate
-    from trainer.checkpoint.inference import best_dir, read_meta
+    from trainer.checkpoint.inference import best_dir, read_model_meta
     from trainer.train.loop import train_step
 
     c, acc = 3, MainAccelerator()
@@ -350,7 +350,7 @@ def test_training_step_and_validation_with_multi_hot_targets(tmp_path):
     improved = record_validation(v, progress, extra={"epoch": 0}, tracker=Tracker.disabled(), stopper=stopper,
                                  checkpointer=ckpt, reporter=reporter, is_main=True)
     assert improved
-    meta = read_meta(best_dir(tmp_path))
+    meta = read_model_meta(best_dir(tmp_path))
     assert meta["thresholds"] == pytest.approx(v.result.thresholds.tolist())
     assert checkpoint_task(meta)[1] == meta["thresholds"]
     assert meta["metrics"]["val/mAP"] == pytest.approx(v.raw["val/mAP"])
@@ -371,7 +371,7 @@ def test_multilabel_run_end_to_end(tmp_path, strategy):
     from helpers.realdata import run_metrics
 
     from trainer.config.loading import load_config
-    from trainer.checkpoint.inference import read_meta
+    from trainer.checkpoint.inference import read_model_meta
     from trainer.train.start import run
 
     root = tmp_path / "data"
@@ -399,7 +399,7 @@ def test_multilabel_run_end_to_end(tmp_path, strategy):
     val = [r for r in records if "val/mAP" in r]
     assert val and all(0.0 <= r["val/mAP"] <= 1.0 and 0.0 <= r["val/exact_set_accuracy"] <= 1.0 for r in val)
     assert not any("val/top1" in r for r in records)
-    meta = read_meta(out / "checkpoints" / "best")
+    meta = read_model_meta(out / "checkpoints" / "best")
     assert len(meta["thresholds"]) == 3 and all(0.0 <= t <= 1.0 for t in meta["thresholds"])
     assert meta["metrics"]["val/mAP"] == max(r["val/mAP"] for r in val)
     test = [r for r in records if "test/mAP" in r]
@@ -425,7 +425,7 @@ def test_every_strategy_trains_a_multilabel_model(tmp_path, strategy):
     from helpers.data_synth import jpeg_bytes
     from helpers.realdata import run_metrics
 
-    from trainer.checkpoint.inference import read_meta
+    from trainer.checkpoint.inference import read_model_meta
     from trainer.checkpoint.state import load
     from trainer.config.loading import load_config
     from trainer.models.build import build_model
@@ -454,7 +454,7 @@ def test_every_strategy_trains_a_multilabel_model(tmp_path, strategy):
     val = [r for r in run_metrics(out) if "val/mAP" in r]
     assert len(val) >= 2 and all(0.0 <= r["val/mAP"] <= 1.0 for r in val)
     best = out / "checkpoints" / "best"
-    assert len(read_meta(best)["thresholds"]) == 3
+    assert len(read_model_meta(best)["thresholds"]) == 3
     torch.manual_seed(cfg.train.seed)  # the run builds its model right after seeding: the same initial weights
     model = build_model(cfg.model.backbone, 3, "none")[0]
     params = {n for n, _ in model.named_parameters() if n.startswith("backbone.")}

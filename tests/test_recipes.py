@@ -293,7 +293,7 @@ def test_lp_ft_with_every_augmentation_and_ema_resumes_the_ema(tiny):
     assert [r["step"] for r in ev] == [0, ev[1]["step"]] and ev[1]["step"] > 0
     assert ev[0]["val_ema/top1"] == ev[0]["val/top1"]  # the EMA starts as the probe's weights
     assert "val_ema/top1" in ev[1] and "val_ema/loss" in ev[1]
-    best = infer_ckpt.read_meta(infer_ckpt.best_dir(tiny / "lpft"))
+    best = infer_ckpt.read_model_meta(infer_ckpt.best_dir(tiny / "lpft"))
     assert best["metrics"]["weights"] in ("raw", "ema")
     last = ckpt_lib.load(tiny / "lpft/checkpoints/last.pt")
     assert last["ema"] is not None and set(last["ema"]) == set(last["model"])

@@ -21,7 +21,7 @@ from helpers.realdata import (
 from PIL import Image
 
 from trainer.reporting import plots, predictions
-from trainer.checkpoint.inference import read_meta
+from trainer.checkpoint.inference import read_model_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,7 @@ def check_reports(out: Path, keys: list[str]):
         png_size(rep / name)
     rows = list(csv.DictReader((rep / "val_predictions.csv").open()))
     assert [r["key"] for r in rows] == keys  # every val sample exactly once, sorted
-    best = read_meta(out / "checkpoints/best")
+    best = read_model_meta(out / "checkpoints/best")
     acc = sum(r["true"] == r["pred"] for r in rows) / len(rows)
     assert acc == pytest.approx(best["metrics"]["val/top1"], abs=1e-6)  # the CSV describes checkpoints/best
     for r in rows:

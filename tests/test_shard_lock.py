@@ -165,7 +165,7 @@ def test_a_waiting_run_with_another_source_refuses_in_one_line(tmp_path):
 
 
 def test_other_hosts_locks_stale_only_without_heartbeat(tmp_path, caplog):
-    from trainer.utils.file_lock import HostLock, stale_reason
+    from trainer.files.lock import HostLock, stale_reason
 
     path = tmp_path / ".x.lock"
     path.write_text(_lock_record(4242, host="otherhost"))  # a live pid elsewhere cannot be checked from here
@@ -183,7 +183,7 @@ def test_other_hosts_locks_stale_only_without_heartbeat(tmp_path, caplog):
 
 
 def test_the_holder_heartbeats_and_a_lock_that_stops_beating_is_taken_over(tmp_path):
-    from trainer.utils.file_lock import HostLock
+    from trainer.files.lock import HostLock
 
     path = tmp_path / ".x.lock"
     first = HostLock(path, heartbeat_s=0.05)
@@ -206,7 +206,7 @@ def test_the_holder_heartbeats_and_a_lock_that_stops_beating_is_taken_over(tmp_p
 
 def test_a_writer_whose_lock_was_taken_over_commits_nothing(tmp_path):
     from trainer.data import staging
-    from trainer.utils.file_lock import LockLost
+    from trainer.files.lock import LockLost
 
     root, out = tmp_path / "imgs", tmp_path / "shards"
     write_class_tree(root / "train", {"a": 3})
@@ -276,7 +276,7 @@ def test_a_reader_never_sees_the_folder_missing_while_a_dataset_is_replaced(tmp_
 
 
 def test_shards_in_a_read_only_folder_are_reused_without_a_lock(tmp_path, monkeypatch):
-    from trainer.utils.file_lock import HostLock
+    from trainer.files.lock import HostLock
 
     root, out = tmp_path / "imgs", tmp_path / "shards"
     write_class_tree(root, {"a": 6, "b": 4})

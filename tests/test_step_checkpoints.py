@@ -22,7 +22,7 @@ from trainer.config.loading import load_config
 from trainer.config.schema import ConfigError
 from trainer.checkpoint import state as ckpt_lib
 from trainer.checkpoint import files as files
-from trainer.checkpoint.inference import read_meta
+from trainer.checkpoint.inference import read_model_meta
 from trainer.checkpoint.run_folder import plan_start
 
 
@@ -69,7 +69,7 @@ def test_rewind_deletes_the_newer_step_files_and_repoints_last(tmp_path):
 
 
 def test_atomic_link_copies_where_hard_links_are_refused(tmp_path, monkeypatch):
-    from trainer.utils.files import atomic_link
+    from trainer.files.atomic import atomic_link
 
     src, dst = tmp_path / "a.pt", tmp_path / "b.pt"
     src.write_bytes(b"new")
@@ -146,7 +146,7 @@ def test_eval_every_steps_evaluates_at_those_steps_and_epoch_ends(tiny):
     assert [r["step"] for r in rows] == [3, 4, 6, 8]  # every 3 steps, plus each epoch end (4, 8) once
     assert [r["samples_seen"] for r in rows] == [6, 8, 12, 16]
     assert [r["epoch"] for r in rows] == [0, 1, 1, 2]  # completed epochs at that step
-    assert read_meta(out / "checkpoints/best")["metrics"]["step"] in (3, 4, 6, 8)
+    assert read_model_meta(out / "checkpoints/best")["metrics"]["step"] in (3, 4, 6, 8)
 
 
 @pytest.mark.slow
@@ -158,7 +158,7 @@ def test_early_stopping_counts_step_evaluations(tiny):
                             "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 1e9})
     assert res.early_stopped and res.step == 2 and res.epoch == 0  # mid-epoch, no end-of-epoch evaluation
     assert val_steps(out) == [1, 2]
-    assert read_meta(out / "checkpoints/best")["metrics"]["step"] == 1
+    assert read_model_meta(out / "checkpoints/best")["metrics"]["step"] == 1
     last = ckpt_lib.load(out / "checkpoints/last.pt")
     assert last["step"] == 2 and last["early_stopping"]["stopped"] and last["reason"] == "early stopping"
     again = run(tiny, out, **{"train.epochs": 3, "train.eval_every_steps": 1,

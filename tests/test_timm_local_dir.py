@@ -172,7 +172,7 @@ def test_timm_local_dir_gives_the_top1_of_finetune_predict(trained):
     assert len(rows) == 8
     m = _timm_model(best)
     cfg = timm.data.resolve_data_config({}, model=m)
-    pre = ic.read_meta(best)["preprocessing"]
+    pre = ic.read_model_meta(best)["preprocessing"]
     assert tuple(cfg["input_size"]) == (3, 96, 96) == (3, pre["input_size"], pre["input_size"])
     assert (cfg["crop_pct"], cfg["interpolation"], list(cfg["mean"]), list(cfg["std"])) == \
         (pre["crop_pct"], pre["interpolation"], pre["mean"], pre["std"])
@@ -188,7 +188,7 @@ def test_timm_local_dir_gives_the_top1_of_finetune_predict(trained):
     expected = torch.tensor([[float(r[f"p_{c}"]) for c in names] for r in rows])
     torch.testing.assert_close(probs, expected, atol=0.03, rtol=0)
     card = (best / "README.md").read_text()
-    top1 = ic.read_meta(best)["metrics"]["val/top1"]
+    top1 = ic.read_model_meta(best)["metrics"]["val/top1"]
     assert "library_name: timm" in card and "`ants`, `bees`" in card
     assert "images per split: train 16, val 8, test 4" in card
     assert f"| val/top1 | {top1:.4f}".rstrip("0").rstrip(".") in card and "strategy `" in card

@@ -18,7 +18,7 @@ from helpers.realdata import (
 )
 
 from trainer.checkpoint import state as ckpt_lib
-from trainer.checkpoint.inference import read_meta
+from trainer.checkpoint.inference import read_model_meta
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -56,7 +56,7 @@ def test_single_process_run_on_real_images_then_predict(data):
     assert evals[-1]["val/top1"] >= 0.8  # frozen ImageNet Lite0 features separate ants from bees
     assert any("train/images_per_s" in r for r in rows)
     assert (out / "config.yaml").is_file()
-    best = read_meta(out / "checkpoints/best")
+    best = read_model_meta(out / "checkpoints/best")
     assert best["class_names"] == ["ants", "bees"] and best["backbone"] == "timm:tf_efficientnet_lite0"
     assert best["preprocessing"]["mean"] == [0.5, 0.5, 0.5] or tuple(best["preprocessing"]["mean"]) == (0.5,) * 3
 

@@ -9,7 +9,7 @@ The subpackages follow the data flow; each may import only the ones listed in it
 - ``train``     -- the Trainer, the step loop, checkpoints, early stopping, feature cache.
 - ``distributed`` -- Accelerate set-up, DDP wrapping, preemption signals.
 - ``reporting`` -- metrics, ``metrics.jsonl`` / W&B tracking, plots and error analysis.
-- ``utils``     -- atomic file writes, checksums, string seeds (standard library only).
+- ``files``     -- atomic file writes, checksums, string seeds (standard library only).
 
 ``trainer/main.py`` is the command-line entry (``accelerate launch trainer/main.py``).
 """

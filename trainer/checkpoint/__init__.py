@@ -10,6 +10,6 @@
   timm's ``config.json``), read by predict, evaluate and export; ``card``: its model card ``README.md``;
 - ``run_folder``: the run-folder contract (start, resume or refuse; what may differ on resume; no stale files).
 
-May import: trainer.config, trainer.data, trainer.distributed, trainer.models, trainer.reporting, trainer.utils.
+May import: trainer.config, trainer.data, trainer.distributed, trainer.models, trainer.reporting, trainer.files.
 Imported only by: trainer.train.
 """

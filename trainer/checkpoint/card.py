@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from trainer.reporting.model_card import model_card
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 CARD_FILE = "README.md"
 

@@ -6,7 +6,7 @@ re-pointed to it as a hard link (no second copy; a copy where the file system ha
 step files beyond the k newest are deleted only after the new one is complete, so the folder holds the
 k newest resume checkpoints + ``last.pt`` (the newest of them) + ``best/``.
 
-Each write is atomic (:func:`trainer.utils.files.atomic_write`: temp file, fsync, rename). A kill at any
+Each write is atomic (:func:`trainer.files.atomic.atomic_write`: temp file, fsync, rename). A kill at any
 moment leaves every complete checkpoint readable and at worst a temp file, which the next start deletes
 (:func:`trainer.checkpoint.run_folder.clean_start`); :func:`latest_checkpoint` then picks the newest complete one
 (a step file written just before the kill, ahead of ``last.pt``, included).
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from trainer.models.state_dict import CorruptCheckpointError, safe_torch_load
 from trainer.checkpoint.state import atomic_save, checkpoint_dir, load
-from trainer.utils.files import atomic_link, fsync_dir
+from trainer.files.atomic import atomic_link, fsync_dir
 
 log = logging.getLogger("trainer")
 

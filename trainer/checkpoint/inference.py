@@ -24,7 +24,7 @@ eval preprocessing; ``huggingface_hub.upload_folder`` uploads it as it is.
   ``classifier``) or ``timm_unavailable``, plus any fields the caller adds (``extra``).
 
 Writing (:func:`save`): the weights, ``config.json``, ``README.md``, then ``model.json`` (the commit), each with
-:func:`trainer.utils.files.atomic_write` (temp file, fsync, rename). A kill before the last leaves weights and
+:func:`trainer.files.atomic.atomic_write` (temp file, fsync, rename). A kill before the last leaves weights and
 JSON of different writes: readers detect that by ``write_id`` and refuse with one line, and the next start of
 the run (:func:`repair`) rewrites ``model.json``, ``config.json`` and ``README.md`` from the weights' header.
 A folder of an earlier version (no ``weights_keys``, no ``config.json``) loads as before; :func:`convert` writes
@@ -53,7 +53,7 @@ import torch
 from trainer.models.timm_format import CONFIG_FILE, from_timm_keys, timm_config, timm_layout, to_timm_keys
 from trainer.checkpoint.card import write_card
 from trainer.checkpoint.state import CheckpointError, checkpoint_dir, load
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 FORMAT = "finetune-trainer.inference"
 FORMAT_VERSION = 1
@@ -213,7 +213,7 @@ def _weights_header(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
-def read_meta(path: str | Path) -> dict:
+def read_model_meta(path: str | Path) -> dict:
     """The description of a checkpoint without its weights (``model.json``, or a ``.pt``'s fields).
 
     Raises:
@@ -230,7 +230,7 @@ def load_state(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(meta, state_dict)`` of a checkpoint (see :func:`resolve` for what ``path`` may be).
 
     Raises:
-        CheckpointError: as :func:`read_meta`, or weights and JSON from different writes (an
+        CheckpointError: as :func:`read_model_meta`, or weights and JSON from different writes (an
             interrupted write; the run's next start repairs it).
     """
     from safetensors.torch import load_file

@@ -51,7 +51,7 @@ from trainer.config.run import resolve_run
 from trainer.config.schema import Config, ConfigError
 from trainer.checkpoint import state as ckpt_lib
 from trainer.checkpoint.files import newest_intact, rewind, set_aside
-from trainer.utils.files import remove_stale_temp_files
+from trainer.files.atomic import remove_stale_temp_files
 
 log = logging.getLogger("trainer")
 
@@ -298,7 +298,7 @@ def clear_folder(out: Path) -> None:
 def clean_start(out: Path) -> list[Path]:
     """Start-up clean-up of a run folder (main process, before anything reads the checkpoints):
     complete an inference-checkpoint write that a kill interrupted, then delete the temp files of dead
-    writers (:func:`trainer.utils.files.remove_stale_temp_files`: only its ``.<name>.tmp-<pid>`` names, only of
+    writers (:func:`trainer.files.atomic.remove_stale_temp_files`: only its ``.<name>.tmp-<pid>`` names, only of
     pids no longer alive) anywhere under the folder: checkpoints, ``best/``, reports, ``metrics.jsonl``,
     ``config.yaml``, ...
 

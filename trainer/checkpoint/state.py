@@ -18,7 +18,7 @@ numbers, None) only, so a crafted checkpoint cannot run code when it is read; an
 ``CorruptCheckpointError`` and ``safe_torch_load`` live in :mod:`trainer.models.state_dict` and are
 re-exported here.
 
-Every write goes through :func:`trainer.utils.files.atomic_write` (temp file, fsync, rename), so a
+Every write goes through :func:`trainer.files.atomic.atomic_write` (temp file, fsync, rename), so a
 crash or ``kill -9`` in the middle of a write leaves the previous checkpoint intact and never a
 half-written file under the real name.
 """
@@ -40,7 +40,7 @@ from trainer.models.state_dict import (  # noqa: F401 (re-exported)
     CorruptCheckpointError,
     safe_torch_load,
 )
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 log = logging.getLogger("trainer")
 
@@ -55,7 +55,7 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` via :func:`trainer.utils.files.atomic_write` (never a partial file)."""
+    """``torch.save`` to ``path`` via :func:`trainer.files.atomic.atomic_write` (never a partial file)."""
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)

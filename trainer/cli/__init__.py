@@ -8,6 +8,6 @@ May import ``trainer.config`` and, lazily, the other subpackages but ``trainer.t
 ``errors.set_log_dir``); nothing else imports ``trainer.cli`` except the entry points.
 
 May import: trainer.config, trainer.data, trainer.distributed, trainer.finetune, trainer.models, trainer.planner,
-trainer.reporting, trainer.selection, trainer.utils.
+trainer.reporting, trainer.selection, trainer.files.
 Imported only by: trainer.train.
 """

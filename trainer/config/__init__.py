@@ -4,7 +4,7 @@ sections; it re-exports every section class), ``launcher`` (values a launcher ma
 (YAML + ``--section.key=value`` overrides -> a checked ``Config``) and ``run`` (``resolve_run``: the
 config with its launcher and machine settings resolved once per process, a frozen ``ResolvedRun``).
 
-Imports only ``trainer.utils`` from ``trainer``.
+Imports only ``trainer.files`` from ``trainer``.
 
-May import: trainer.utils.
+May import: trainer.files.
 """

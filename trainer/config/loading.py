@@ -9,7 +9,7 @@ import yaml
 
 from trainer.config.fields import from_dict
 from trainer.config.schema import Config, ConfigError
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # YAML as a user means it

@@ -12,10 +12,11 @@
 - ``image_source``: the images ``finetune predict`` reads (folder, file, CSV list, shards) with their true labels
   or label sets, decoded in loader workers;
 - ``split_source``: one split of any source (shards, manifest, image folder) -> its shards, written once and
-  reused while the source is unchanged (``finetune-evaluate``'s ``--data``).
+  reused while the source is unchanged (``finetune-evaluate``'s ``--data``);
+- ``seeds``: ``seed_int``, a stable integer seed from a string (augmentation and eval streams, the feature cache).
 
-May import ``trainer.config``, ``trainer.utils`` and ``trainer.distributed.wait`` (the main process writes
+May import ``trainer.config``, ``trainer.files`` and ``trainer.distributed.wait`` (the main process writes
 while the other ranks wait).
 
-May import: trainer.config, trainer.utils, trainer.distributed.wait.
+May import: trainer.config, trainer.files, trainer.distributed.wait.
 """

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.data.sources import _URL_RE
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 FORMAT_VERSION = 2
 """Version written into every ``dataset.json``; files of version 1 .. FORMAT_VERSION are read."""
@@ -189,7 +189,7 @@ def build_meta(classes: list[str], splits: dict, *, source: dict | None = None, 
 
 
 def write_meta(path: str | os.PathLike, obj: dict) -> None:
-    """Write a metadata dict as JSON atomically (:func:`trainer.utils.files.atomic_write`).
+    """Write a metadata dict as JSON atomically (:func:`trainer.files.atomic.atomic_write`).
 
     Non-UTF-8 path names (surrogate escapes) are written as ``\\udcxx`` escapes (``ensure_ascii``).
     """

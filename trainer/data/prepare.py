@@ -38,7 +38,7 @@ from trainer.data import staging
 from trainer.data.listing import DataError, Listing, list_class_folders, list_split_folders, split_folder
 from trainer.data.meta import DatasetMeta, read_meta
 from trainer.data.sources import resolve_shards
-from trainer.utils.files import atomic_write, sha256_file
+from trainer.files.atomic import atomic_write, sha256_file
 
 log = logging.getLogger("trainer")
 

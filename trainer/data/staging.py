@@ -1,7 +1,7 @@
 """One writer per shard folder; a reader sees a complete dataset or none, and never a missing folder.
 
 Lock. Every write, reuse decision and commit of ``<parent>/<name>`` happens holding the lock file
-``<parent>/.<name>.lock`` (:func:`shard_lock`, :mod:`trainer.utils.file_lock`: host, pid, start time,
+``<parent>/.<name>.lock`` (:func:`shard_lock`, :mod:`trainer.files.lock`: host, pid, start time,
 heartbeat; a stale lock of a dead process is taken over with a warning, a waiter logs who holds it). So
 two runs started together on one empty ``data.shard_dir`` do not both write: the second waits, then
 finds the first one's ``dataset.json`` and reuses it (or refuses in one line if its source differs).
@@ -47,8 +47,8 @@ from pathlib import Path
 
 from trainer.data.listing import DataError
 from trainer.data.meta import META_NAME, load_json, write_meta
-from trainer.utils import file_lock
-from trainer.utils.files import fsync_dir, pid_alive  # the same liveness test and folder flush as atomic_write
+from trainer.files import lock as file_lock
+from trainer.files.atomic import fsync_dir, pid_alive  # the same liveness test and folder flush as atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def lock_path(out: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def shard_lock(out: str | os.PathLike, what: str = "writing shards", **kw) -> Iterator[file_lock.HostLock | None]:
-    """Hold ``out``'s lock for the ``with`` block (re-entrant; ``kw``: :class:`trainer.utils.file_lock.HostLock`).
+    """Hold ``out``'s lock for the ``with`` block (re-entrant; ``kw``: :class:`trainer.files.lock.HostLock`).
 
     A read-only parent folder (no lock file can be made) that holds a complete dataset yields None: such
     shards can only be read, which needs no lock.
@@ -176,7 +176,7 @@ def commit(staging: Path, out: Path) -> dict:
 
     Raises:
         FileNotFoundError: ``staging`` is gone (another writer committed it first).
-        trainer.utils.file_lock.LockLost: another process took this writer's lock over; nothing changed.
+        trainer.files.lock.LockLost: another process took this writer's lock over; nothing changed.
     """
     if not staging.is_dir():
         raise FileNotFoundError(f"staging folder {staging} is gone (committed by another writer)")

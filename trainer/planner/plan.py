@@ -24,7 +24,7 @@ from trainer.planner import rules
 from trainer.planner.budget import Budget
 from trainer.planner.rates import Rate, rates_for
 from trainer.data.survey import DataSurvey, survey_data
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 PLAN_FILE = "plan.json"
 VERSION = 1

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 log = logging.getLogger("trainer")
 

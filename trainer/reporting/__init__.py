@@ -6,7 +6,7 @@ training record: mean loss, images/s), ``multilabel`` (multi-label metrics and t
 ``multilabel_plots`` (multi-label reports: per-class AP bars, precision-recall curves, the worst-predicted images),
 ``model_card`` (the ``README.md`` beside ``checkpoints/best/``).
 
-May import ``trainer.config`` and ``trainer.utils``.
+May import ``trainer.config`` and ``trainer.files``.
 
-May import: trainer.config, trainer.utils.
+May import: trainer.config, trainer.files.
 """

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.reporting.multilabel import DEFAULT_THRESHOLD, MIN_POSITIVES
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 __all__ = ["BIN_EDGES", "NUM_BINS", "MultiLabelAccumulator", "MultiLabelResult", "binned_average_precision",
            "choose_threshold_bins", "score_bins", "write_per_class_csv"]

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 log = logging.getLogger("trainer")
 
@@ -74,7 +74,7 @@ def shorten(name: str, n: int = 24) -> str:
 
 def save_png(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG (``DPI``, tight bounding box, white background) to ``path`` atomically
-    (:func:`trainer.utils.files.atomic_write`; the folder is created); returns ``path``."""
+    (:func:`trainer.files.atomic.atomic_write`; the folder is created); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight",

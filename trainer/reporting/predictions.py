@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 
 from trainer.reporting.plots import DPI, save_png, shorten
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # predictions and mistakes

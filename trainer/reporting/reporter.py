@@ -32,7 +32,7 @@ from trainer.reporting.predictions import (
     plot_mistakes,
     write_predictions_csv,
 )
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 log = logging.getLogger("trainer")
 
@@ -41,7 +41,7 @@ PAIRS_COLUMNS = ["true", "pred", "count", "fraction_of_true"]
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[list]) -> Path:
-    """Write a CSV atomically (``trainer.utils.files.atomic_write``); floats with 6 significant digits, NaN empty."""
+    """Write a CSV atomically (``trainer.files.atomic.atomic_write``); floats with 6 significant digits, NaN empty."""
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(columns)

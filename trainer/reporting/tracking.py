@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 log = logging.getLogger("trainer")
 

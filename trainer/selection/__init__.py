@@ -16,8 +16,8 @@
 
 The linear probe itself is :mod:`trainer.finetune.linear_probe`. May import ``trainer.config``,
 ``trainer.data``, ``trainer.models``, ``trainer.finetune``, ``trainer.reporting`` (the PNG writer, mAP)
-and ``trainer.utils``; only ``trainer.planner`` (its measure) imports it.
+and ``trainer.files``; only ``trainer.planner`` (its measure) imports it.
 
-May import: trainer.config, trainer.data, trainer.finetune, trainer.models, trainer.reporting, trainer.utils.
+May import: trainer.config, trainer.data, trainer.finetune, trainer.models, trainer.reporting, trainer.files.
 Imported only by: trainer.planner.
 """

@@ -34,7 +34,7 @@ from trainer.data.transforms import build_transforms
 from trainer.models.classifier import ImageClassifier, Preprocessing
 from trainer.models.state_dict import safe_torch_load
 from trainer.selection.subset import SubsetSample
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 log = logging.getLogger("trainer")
 
@@ -87,7 +87,7 @@ def load_cached(path: Path, task: str = "multiclass") -> dict[str, SplitFeatures
 
 
 def save_cached(path: Path, splits: dict[str, SplitFeatures], task: str = "multiclass") -> None:
-    """Write atomically (:func:`trainer.utils.files.atomic_write`); a ``task`` other than ``multiclass`` is
+    """Write atomically (:func:`trainer.files.atomic.atomic_write`); a ``task`` other than ``multiclass`` is
     recorded in the file."""
     obj = {s: {"x": f.x, "y": f.y, "keys": f.keys} for s, f in splits.items()}
     if task != "multiclass":

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from trainer.config.loading import save_config
 from trainer.config.schema import Config
 from trainer.reporting.plots import save_png
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from trainer.reporting.metrics import EvalResult
 from trainer.reporting.multilabel_eval import MultiLabelResult
 from trainer.reporting.reporter import Reporter
 from trainer.train.loop import evaluate
-from trainer.utils.files import atomic_write
+from trainer.files.atomic import atomic_write
 
 log = logging.getLogger("trainer")
 
@@ -69,7 +69,7 @@ def evaluate_model(model: torch.nn.Module, pre, shards: Sequence[str], *, class_
 
 def checkpoint_task(meta: dict) -> tuple[bool, list[float] | None]:
     """``(multilabel, thresholds)`` of an inference checkpoint's ``model.json``
-    (:func:`trainer.checkpoint.inference.read_meta`): ``config.data.task`` and the saved per-class
+    (:func:`trainer.checkpoint.inference.read_model_meta`): ``config.data.task`` and the saved per-class
     ``thresholds`` (None if absent)."""
     data = (meta.get("config") or {}).get("data") or {}
     thresholds = meta.get("thresholds")
@@ -105,10 +105,10 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
         trainer.checkpoint.state.CheckpointError: unreadable checkpoint.
     """
     from trainer.reporting.tracking import Tracker
-    from trainer.checkpoint.inference import load_for_inference, read_meta
+    from trainer.checkpoint.inference import load_for_inference, read_model_meta
 
     model, pre, class_names = load_for_inference(checkpoint, device=accelerator.device)
-    multilabel, saved = checkpoint_task(read_meta(checkpoint))
+    multilabel, saved = checkpoint_task(read_model_meta(checkpoint))
     reporter = Reporter(out_dir or ".", class_names, accelerator, tracker or Tracker.disabled())
     if multilabel:
         return _evaluate_multilabel_checkpoint(model, pre, shards, class_names, checkpoint=checkpoint,

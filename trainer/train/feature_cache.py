@@ -54,7 +54,7 @@ from torch import nn
 
 from trainer.finetune.freezing import frozen_entirely
 from trainer.train.spill import RamBudget, RowStore, fmt_bytes, host_ram_bytes
-from trainer.utils.seeds import seed_int
+from trainer.data.seeds import seed_int
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ runs the same code; only the main process writes files or logs. The sequence:
    ``train.preempt_check_every_steps`` steps. After each epoch (:meth:`Trainer.end_epoch`): evaluate (raw and
    EMA weights), reports, ``checkpoints/best/`` when the monitored metric improves, early stopping
    (:mod:`trainer.train.evaluation`), ``last.pt`` (also written at the configured interval and on preemption).
-   ``finetune.strategy`` linear_probe / lp_ft first solves the head (:mod:`trainer.train.linear_probe`).
+   ``finetune.strategy`` linear_probe / lp_ft first solves the head (:mod:`trainer.train.probe_stage`).
 5. When the data has a test split: ``checkpoints/best/`` evaluated on it once (``test/...`` in metrics.jsonl,
    ``reports/test_*``; :mod:`trainer.train.evaluation`).
 """
@@ -139,8 +139,8 @@ class Trainer:
 
     def linear_probe(self) -> int:
         """``finetune.strategy`` linear_probe / lp_ft: the head solved on frozen features
-        (:func:`trainer.train.linear_probe.probe_for_run`); returns bad samples skipped (this rank)."""
-        from trainer.train.linear_probe import probe_for_run
+        (:func:`trainer.train.probe_stage.probe_for_run`); returns bad samples skipped (this rank)."""
+        from trainer.train.probe_stage import probe_for_run
 
         ld = self.loaders
         return probe_for_run(unwrap(self.model), train_shards=self.dataset.train_shards, val_loader=ld.eval,

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.utils.files import pid_alive
+from trainer.files.atomic import pid_alive
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""trainer.utils: the atomic writer, stale temp-file clean-up, checksums, string seeds."""
+"""trainer.files (the atomic writer, stale temp-file clean-up, checksums) and trainer.data.seeds (string seeds)."""
 
 import hashlib
 import os
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from trainer.utils.files import atomic_write, remove_stale_temp_files, sha256_file, temp_path
-from trainer.utils.seeds import seed_int
+from trainer.files.atomic import atomic_write, remove_stale_temp_files, sha256_file, temp_path
+from trainer.data.seeds import seed_int
 
 
 def test_atomic_write_bytes_text_and_writer(tmp_path):
@@ -63,7 +63,7 @@ def test_seed_int_is_stable_and_in_range():
     expected = int.from_bytes(hashlib.sha256(b"augment/0").digest()[:8], "little") >> 1
     assert seed_int("augment/0") == expected
     assert seed_int("augment/0") != seed_int("augment/1")
-    out = subprocess.run([sys.executable, "-c", "from trainer.utils.seeds import seed_int; print(seed_int('augment/0'))"],
+    out = subprocess.run([sys.executable, "-c", "from trainer.data.seeds import seed_int; print(seed_int('augment/0'))"],
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
     assert int(out.stdout) == expected
     assert 0 <= expected < 2 ** 63
