@@ -150,6 +150,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
             for a multi-label checkpoint, no such split; one line.
     """
     from trainer.config.fields import ConfigError
+    from trainer.config.launcher import resolve_mixed_precision
     from trainer.data.split_source import shards_for_split
     from trainer.distributed.accelerator import make_accelerator
     from trainer.train.evaluation import checkpoint_task, evaluate_checkpoint
@@ -174,7 +175,9 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     if out_dir is None:
         run = src.parent.parent if src.parent.name == "checkpoints" else Path(".")  # best/, best.pt, last.pt
         out_dir = str(run / f"eval-{split}")
-    accelerator = make_accelerator()
+    # resolved once for this process, as a fine-tuning run resolves it (bf16 on a GPU, float32 on a CPU), so the
+    # figures are the ones the run itself reports on the same data
+    accelerator = make_accelerator(resolve_mixed_precision("auto")[0])
 
     def check(data_classes: list[str], where: str, data_task: str) -> None:
         check_task(data_task, where, multilabel, ckpt_file)

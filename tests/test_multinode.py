@@ -130,7 +130,7 @@ def test_launch_env_checks_name_the_variable(change, needle):
 def test_unreachable_master_is_named(tmp_path):
     """A worker whose rendezvous address does not answer fails with MASTER_ADDR:MASTER_PORT named."""
     code = ("from trainer.distributed.accelerator import make_accelerator\n"
-            "make_accelerator(timeout_s=5)\n")
+            "make_accelerator('no', timeout_s=5)\n")
     port = free_port()
     env = child_env(WORLD_SIZE="2", RANK="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=str(port), TORCH_DIST_INIT_BARRIER="0")

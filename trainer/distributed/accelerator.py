@@ -37,7 +37,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from trainer.config.launcher import resolve_mixed_precision
 
 
 class DistributedSetupError(RuntimeError):
@@ -230,24 +229,27 @@ def describe_threads(num_workers: int, worker_threads: int, worker_nice: int) ->
             f"{worker_threads} thread at nice +{worker_nice}")
 
 
-def make_accelerator(mixed_precision: str = "auto", *, timeout_s: int = 600) -> Accelerator:
+def make_accelerator(mixed_precision: str, *, timeout_s: int = 600) -> Accelerator:
     """Build the Accelerator for this process.
 
     Args:
-        mixed_precision: ``auto``, ``no``, ``bf16`` or ``fp16`` (``train.mixed_precision``; ``auto``:
-            ``trainer.config.launcher.resolve_mixed_precision``). ``accelerator.mixed_precision`` holds the value used.
+        mixed_precision: ``no``, ``bf16`` or ``fp16``: the value the entry point resolved once
+            (:func:`trainer.config.run.resolve_run`, or for inference commands
+            :func:`trainer.config.launcher.resolve_mixed_precision`); ``accelerator.mixed_precision`` holds it.
         timeout_s: timeout of collective operations, seconds.
 
     Returns:
         An ``accelerate.Accelerator`` (gloo on CPU, NCCL on GPU).
 
     Raises:
-        DistributedSetupError: the world size inside differs from ``WORLD_SIZE`` (the run would
+        ValueError: an unresolved precision (``auto``). DistributedSetupError: the world size inside differs from ``WORLD_SIZE`` (the run would
             silently train independent copies), fp16 is asked for without a GPU, inconsistent
             launcher variables (:func:`check_launch_env`), an unreachable ``MASTER_ADDR:MASTER_PORT``,
             or two processes with the same machine + local rank (:func:`check_topology`).
     """
-    mixed_precision, _ = resolve_mixed_precision(mixed_precision)
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"make_accelerator: mixed_precision must be resolved before (no, bf16 or fp16), got "
+                         f"{mixed_precision!r}")
     use_cpu = _use_cpu()
     if use_cpu and mixed_precision == "fp16":
         raise DistributedSetupError(
