@@ -127,7 +127,8 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
         checkpoint: inference checkpoint folder (``<run>/checkpoints/best``), a file in it, the run folder,
             or a ``.pt``.
         data: shards (folder with dataset.json, or a spec with --meta), a CSV/JSONL manifest, or an image folder.
-        split: which split of ``data`` (train, val or test); names the metrics and report files.
+        split: which split of ``data`` (train, val or test; ``validation`` and ``valid`` mean val); names the
+            metrics and report files.
         out_dir: reports go to ``out_dir/reports``; default ``<run>/eval-<split>`` (or ``./eval-<split>``).
         meta: the ``dataset.json`` of a shard spec given as ``data``.
         shard_dir: keep the shards written from a folder or manifest here (reused while the source is unchanged).
@@ -157,6 +158,7 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     from trainer.checkpoint.inference import META_FILE, read_model_meta, resolve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    split = {"validation": "val", "valid": "val"}.get(split, split)  # the folder names read as val
     if split not in SPLITS:
         raise ConfigError(f"--split: {split!r} is not one of {list(SPLITS)}")
     if batch_size < 1 or num_workers < 0:

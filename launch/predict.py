@@ -212,6 +212,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
     if multilabel:
         how = (f"--threshold {threshold:g}" if threshold is not None else "the checkpoint's per-class thresholds"
                if meta.get("thresholds") is not None else "threshold 0.5 (the checkpoint saved none)")
+        how += f", {'bf16' if bf16 else 'fp32'} on {device}"
         return write_multilabel(run, out, classes, thresholds, delimiter, how=how)
     topk = min(topk, len(classes))
     header = (["path", "true", "pred", "prob"] + [f"top{i + 1}" for i in range(topk)]
@@ -251,6 +252,7 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
               f"{'; '.join(bad_examples)}", file=sys.stderr)
     print(f"wrote {counts['rows']} predictions to {out}"
           + (f"; top-1 {acc:.4f} on {counts['labelled']} labelled readable images" if acc is not None else "")
+          + f" ({'bf16' if bf16 else 'fp32'} on {device})"
           + (f" ({counts['bad']} unreadable)" if counts["bad"] else ""))
     return acc
 

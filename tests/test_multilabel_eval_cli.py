@@ -307,3 +307,22 @@ def test_metrics_exact_across_ranks(run, tmp_path):
         _check_png(tmp_path / "two" / "reports" / f"val_{name}")
     assert a["val/mAP"] == pytest.approx(json.loads((run["best"] / "model.json").read_text())["metrics"]["val/mAP"],
                                          abs=1e-9)
+
+
+def test_training_curves_of_a_multilabel_run_plot_map(tmp_path, monkeypatch):
+    """The curves' middle panel of a multi-label run draws val mAP, micro F1 and exact-set accuracy (a single-label
+    run's draws top-1): no panel says "no data yet" when the run recorded its metrics."""
+
+    from trainer.reporting import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: figs.append(fig) or Path(path))
+    recs = [{"step": s, "train/loss": 1.0 / s, "lr/head": 0.1} for s in (1, 2, 3)]
+    recs += [{"step": s, "val/loss": 0.5, "val/mAP": m, "val/f1_micro": 0.4, "val/exact_set_accuracy": 0.2}
+             for s, m in ((2, 0.6), (3, 0.7))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    plots.plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "c.png")
+    middle = figs[0].axes[1]
+    labels = [ln.get_label() for ln in middle.get_lines()]
+    assert labels[:3] == ["val mAP", "val micro F1", "val exact-set accuracy"] and "highest mAP 0.700" in labels[3]
+    assert not any(t.get_text() == "no data yet" for ax in figs[0].axes for t in ax.texts)

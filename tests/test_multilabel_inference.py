@@ -284,3 +284,18 @@ def test_single_label_checkpoint_refuses_threshold(ml, tmp_path, capfd):
     code, err = _cli(["--checkpoint", ckpt, "--images", ml["csv"], "--out", tmp_path / "x.csv", "--threshold", "0.5",
                       "--num_workers", "0"], capfd)
     assert code == 2 and len(err) == 1 and "--threshold" in err[0] and "single-label" in err[0], err
+
+
+def test_model_card_snippet_prints_a_label_set(ml, capsys):
+    """The model card's timm snippet of a multi-label model runs as written (paths filled in) and prints the label
+    set at the saved thresholds, not the single arg-max class."""
+    import re
+    from pathlib import Path
+
+    card = (Path(ml["ckpt"]) / "README.md").read_text()
+    assert "library_name: timm" in card and "argmax" not in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = code.replace("PATH/TO/THIS/FOLDER", str(ml["ckpt"])).replace("image.jpg", str(ml["files"][0]))
+    exec(compile(code, "model_card_snippet", "exec"), {})
+    printed = eval(capsys.readouterr().out.strip())
+    assert isinstance(printed, list) and set(printed) <= set(CLASSES)

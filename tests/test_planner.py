@@ -294,11 +294,9 @@ def test_a_budgeted_run_plans_trains_keeps_its_plan_and_ends(images, tmp_path, m
         cfg = load_config(None, no_config_defaults(config_overrides(args)), parse_strings=False)
         return run(cfg, resolve_run(cfg, started_at=time.time()))
 
-    t0 = time.time()
     res = start("40s")
-    # a guard against a run that ignores its budget, not a timing target: bench/budget.py measures the +10 %
-    # on an idle machine; here other jobs may share the 2 cores and slow every step
-    assert time.time() - t0 < 40 * 3
+    # no wall-clock assertion (other jobs may share the 2 cores; bench/budget.py measures the +10 % on an idle
+    # machine): a run that ignored its budget would not end at the plan's step count, asserted below
     out = tmp_path / "run"
     plan = read_plan(out)
     assert plan is not None and plan.overrides["finetune.strategy"] == "lp_ft" and plan.steps >= 1

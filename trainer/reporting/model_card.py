@@ -68,6 +68,8 @@ def model_card(meta: Mapping[str, Any], *, timm_loadable: bool, timm_reason: str
     front += (["- timm"] if timm_loadable else []) + ["- finetune-trainer", "pipeline_tag: image-classification"]
     front += ([f"license: {weights_license}"] if weights_license else []) + ["---", ""]
     title = cfg.get("name") or "classifier"
+    if title == "run" and train.get("output_dir"):  # the default name: the run folder's says more
+        title = str(train["output_dir"]).rstrip("/").rsplit("/", 1)[-1]
     out = front + [f"# {title}", "",
                    f"An image classifier for {len(classes)} classes ({task}), fine-tuned from `{backbone}` "
                    f"(weights `{model.get('weights', 'n/a')}`) with finetune-trainer.", "", "## Use", ""]
@@ -78,8 +80,15 @@ def model_card(meta: Mapping[str, Any], *, timm_loadable: bool, timm_reason: str
                 'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()',
                 "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))",
                 "with torch.no_grad():",
-                f'    probs = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)).{act}',
-                'print(model.pretrained_cfg["label_names"][probs.argmax().item()])', "```", ""]
+                f'    probs = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0)).{act}']
+        if task == "multilabel":  # the label set: every class at or above its threshold (model.json)
+            out[-7] = "import json, timm, torch"
+            out += ['thresholds = json.load(open("PATH/TO/THIS/FOLDER/model.json")).get("thresholds") '
+                    "or [0.5] * probs.shape[-1]",
+                    'print([name for name, p, t in zip(model.pretrained_cfg["label_names"], probs[0].tolist(), '
+                    "thresholds) if p >= t])", "```", ""]
+        else:
+            out += ['print(model.pretrained_cfg["label_names"][probs.argmax().item()])', "```", ""]
     else:
         out += [f"Not loadable with `timm.create_model`: {timm_reason or 'not a timm model'}.", ""]
     out += ["With the trainer: `finetune predict --checkpoint PATH/TO/THIS/FOLDER --images DIR --out predictions.csv` "
@@ -109,8 +118,10 @@ def model_card(meta: Mapping[str, Any], *, timm_loadable: bool, timm_reason: str
             f"training augmentation `{data.get('augment', 'n/a')}`",
             f"- optimizer `{optim.get('name', 'n/a')}`, lr {_fmt(optim.get('lr'))}, weight decay "
             f"{_fmt(optim.get('weight_decay'))}, warmup steps {_fmt(optim.get('warmup_steps'))}",
-            f"- global batch size {_fmt(train.get('global_batch_size'))}, epochs {_fmt(train.get('epochs'))}, "
-            f"max steps {_fmt(train.get('max_steps'))}; this checkpoint after {_fmt(metrics.get('step'))} steps",
+            f"- global batch size {_fmt(train.get('global_batch_size'))}, "
+            + (f"{_fmt(train.get('steps'))} optimizer steps" if train.get("steps")
+               else f"epochs {_fmt(train.get('epochs'))}, max steps {_fmt(train.get('max_steps'))}")
+            + f"; this checkpoint after {_fmt(metrics.get('step'))} steps",
             f"- mixed precision `{train.get('mixed_precision', 'n/a')}`, seed {_fmt(train.get('seed'))}", ""]
     out_dir = train.get("output_dir") or "RUN_FOLDER"
     out += ["## Command", "",

@@ -284,11 +284,12 @@ def read_metrics(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def plot_training_curves(metrics_path: str | Path, path: str | Path, *, title: str = "") -> Path:
-    """Write train/val loss, val top-1 and the lr of every param group over optimizer steps as a PNG.
+    """Write train/val loss, val top-1 (multi-label runs: val mAP, micro F1 and exact-set accuracy) and the lr of
+    every param group over optimizer steps as a PNG.
 
     Args:
         metrics_path: the run's ``metrics.jsonl`` (keys ``train/loss``, ``val/loss``, ``val/top1``,
-            ``val/balanced_acc``, ``lr/<group>`` per step).
+            ``val/balanced_acc`` or ``val/mAP``, ``val/f1_micro``, ``val/exact_set_accuracy``, ``lr/<group>``).
         path: PNG to write.
 
     Returns:
@@ -309,19 +310,28 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path, *, title: s
         return False
 
     any_loss = line(ax_loss, "train/loss", "train loss (training criterion)", color="tab:blue", lw=1.2)
-    any_loss |= line(ax_loss, "val/loss", "val loss (cross-entropy)", color="tab:orange", marker="o", ms=4)
+    multilabel = "val/mAP" in m  # a multi-label run: sigmoid per class, monitored by mAP
+    val_loss = "val loss (binary cross-entropy)" if multilabel else "val loss (cross-entropy)"
+    any_loss |= line(ax_loss, "val/loss", val_loss, color="tab:orange", marker="o", ms=4)
     ax_loss.set_title("Loss")
     ax_loss.set_ylabel("loss per sample")
-    any_acc = line(ax_acc, "val/top1", "val top-1", color="tab:green", marker="o", ms=4)
-    any_acc |= line(ax_acc, "val/balanced_acc", "val balanced accuracy", color="tab:purple", marker="s", ms=3,
-                    ls="--")
-    if "val/top1" in m:
-        steps, vals = m["val/top1"]
+    if multilabel:
+        any_acc = line(ax_acc, "val/mAP", "val mAP", color="tab:green", marker="o", ms=4)
+        any_acc |= line(ax_acc, "val/f1_micro", "val micro F1", color="tab:purple", marker="s", ms=3, ls="--")
+        any_acc |= line(ax_acc, "val/exact_set_accuracy", "val exact-set accuracy", color="tab:red", marker="^",
+                        ms=3, ls=":")
+    else:
+        any_acc = line(ax_acc, "val/top1", "val top-1", color="tab:green", marker="o", ms=4)
+        any_acc |= line(ax_acc, "val/balanced_acc", "val balanced accuracy", color="tab:purple", marker="s", ms=3,
+                        ls="--")
+    key = "val/mAP" if multilabel else "val/top1"
+    if key in m:
+        steps, vals = m[key]
         best = int(np.argmax(vals))
         ax_acc.plot([steps[best]], [vals[best]], marker="*", ms=13, color="gold", mec="k", ls="none",
-                    label=f"highest top-1 {vals[best]:.3f} (step {steps[best]})")
-    ax_acc.set_title("Validation accuracy")
-    ax_acc.set_ylabel("accuracy")
+                    label=f"highest {key.removeprefix('val/')} {vals[best]:.3f} (step {steps[best]})")
+    ax_acc.set_title("Validation mAP, F1 and exact-set accuracy" if multilabel else "Validation accuracy")
+    ax_acc.set_ylabel("score" if multilabel else "accuracy")
     lr_keys = sorted(k for k in m if k.startswith("lr/"))
     lr_sets = _same_series(m, lr_keys)  # groups with identical lr curves share one line
     for i, keys in enumerate(lr_sets):

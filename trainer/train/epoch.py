@@ -71,6 +71,9 @@ def train_epoch(tr: Trainer, ddp_model: torch.nn.Module, progress_bar=None) -> t
         p.step += 1
         if keeper is not None and (steps := keeper.after_step(p.step, tr.length.total_steps)):
             tr.set_length(steps)
+            if progress_bar is not None:  # the bar counts to the new end
+                progress_bar.total = tr.length.total_steps
+                progress_bar.refresh()
         if m.ema is not None:
             m.ema.update(unwrap(m.model), p.step)
         p.samples_seen += cfg.train.global_batch_size
