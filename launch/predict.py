@@ -217,44 +217,60 @@ def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size:
     topk = min(topk, len(classes))
     header = (["path", "true", "pred", "prob"] + [f"top{i + 1}" for i in range(topk)]
               + [f"prob{i + 1}" for i in range(topk)] + [f"p_{c}" for c in classes] + ["error"])
-    counts = {"rows": 0, "labelled": 0, "correct": 0, "bad": 0}
+    counts = {"labelled": 0, "correct": 0}
+
+    def row(true: str, p: torch.Tensor) -> list:
+        tp, ti = p.topk(topk)
+        pred = classes[ti[0]]
+        if true:
+            counts["labelled"] += 1
+            counts["correct"] += int(true == pred)
+        return ([true, pred, f"{tp[0]:.6f}"] + [classes[i] for i in ti] + [f"{v:.6f}" for v in tp]
+                + [f"{v:.6f}" for v in p] + [""])
+
+    rows, bad = write_rows(run, out, header, row)
+    acc = counts["correct"] / counts["labelled"] if counts["labelled"] else None
+    print(f"wrote {rows} predictions to {out}"
+          + (f"; top-1 {acc:.4f} on {counts['labelled']} labelled readable images" if acc is not None else "")
+          + f" ({'bf16' if bf16 else 'fp32'} on {device})" + (f" ({bad} unreadable)" if bad else ""))
+    return acc
+
+
+def write_rows(run, out: str, header: list[str], row, true_text=str) -> tuple[int, int]:
+    """Stream ``run`` (:func:`_forward_batches`) into the CSV ``out`` (a temp file renamed when complete): ``header``,
+    then one line per image: its escaped path and ``row(true, p)`` for a readable image (``p``: its (C,)
+    probabilities), or ``true_text(true)``, empty cells and the reason in ``error`` for an unreadable one (a warning
+    on stderr names up to 3).
+
+    Returns:
+        ``(lines written, unreadable images)``.
+    """
+    counts = {"rows": 0, "bad": 0}
     bad_examples: list[str] = []
+    blank = [""] * (len(header) - 3)  # every column but path, true and error
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
             for batch, probs in run:
-                if probs is not None:
-                    top_p, top_i = probs.topk(topk, dim=1)
                 j = 0
                 for name, true, ok, err in zip(batch["name"], batch["true"], batch["ok"], batch["error"]):
                     if not ok:
                         counts["bad"] += 1
                         if len(bad_examples) < 3:
                             bad_examples.append(f"{printable(name)}: {err}")
-                        w.writerow([escape_name(name), true, "", ""] + [""] * (2 * topk + len(classes)) + [err])
+                        w.writerow([escape_name(name), true_text(true)] + blank + [err])
                         continue
-                    p, tp, ti = probs[j], top_p[j], top_i[j]
+                    w.writerow([escape_name(name)] + row(true, probs[j]))
                     j += 1
-                    pred = classes[ti[0]]
-                    if true:
-                        counts["labelled"] += 1
-                        counts["correct"] += int(true == pred)
-                    w.writerow([escape_name(name), true, pred, f"{tp[0]:.6f}"] + [classes[i] for i in ti]
-                               + [f"{v:.6f}" for v in tp] + [f"{v:.6f}" for v in p] + [""])
                 counts["rows"] += len(batch["name"])
 
     atomic_write(out, write)
-    acc = counts["correct"] / counts["labelled"] if counts["labelled"] else None
     if counts["bad"]:
         print(f"warning: {counts['bad']} unreadable image(s), listed in {out} with their error, e.g. "
               f"{'; '.join(bad_examples)}", file=sys.stderr)
-    print(f"wrote {counts['rows']} predictions to {out}"
-          + (f"; top-1 {acc:.4f} on {counts['labelled']} labelled readable images" if acc is not None else "")
-          + f" ({'bf16' if bf16 else 'fp32'} on {device})"
-          + (f" ({counts['bad']} unreadable)" if counts["bad"] else ""))
-    return acc
+    return counts["rows"], counts["bad"]
 
 
 def _forward_batches(loader, model, device: str, *, tta: bool, bf16: bool, multilabel: bool):
@@ -284,50 +300,30 @@ def write_multilabel(run, out: str, classes: list[str], thresholds: list[float],
     from trainer.reporting.multilabel import binarize
 
     header = ["path", "true", "pred", "num_pred"] + [f"p_{c}" for c in classes] + ["error"]
-    counts = {"rows": 0, "labelled": 0, "exact": 0, "bad": 0, "tp": 0, "fp": 0, "fn": 0}
-    bad_examples: list[str] = []
+    counts = {"labelled": 0, "exact": 0, "tp": 0, "fp": 0, "fn": 0}
 
     def text(indices) -> str:
         return "" if indices is None else delimiter.join(classes[i] for i in sorted(indices))
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for batch, probs in run:
-                preds = binarize(probs, thresholds) if probs is not None else None
-                j = 0
-                for name, true, ok, err in zip(batch["name"], batch["true"], batch["ok"], batch["error"]):
-                    if not ok:
-                        counts["bad"] += 1
-                        if len(bad_examples) < 3:
-                            bad_examples.append(f"{printable(name)}: {err}")
-                        w.writerow([escape_name(name), text(true), "", ""] + [""] * len(classes) + [err])
-                        continue
-                    p, pred = probs[j], {int(i) for i in torch.nonzero(preds[j]).flatten()}
-                    j += 1
-                    if true is not None:
-                        counts["labelled"] += 1
-                        counts["exact"] += int(pred == set(true))
-                        counts["tp"] += len(pred & set(true))
-                        counts["fp"] += len(pred - set(true))
-                        counts["fn"] += len(set(true) - pred)
-                    w.writerow([escape_name(name), text(true), text(pred), len(pred)] + [f"{v:.6f}" for v in p]
-                               + [""])
-                counts["rows"] += len(batch["name"])
+    def row(true, p: torch.Tensor) -> list:
+        pred = {int(i) for i in torch.nonzero(binarize(p[None], thresholds)[0]).flatten()}
+        if true is not None:
+            counts["labelled"] += 1
+            counts["exact"] += int(pred == set(true))
+            counts["tp"] += len(pred & set(true))
+            counts["fp"] += len(pred - set(true))
+            counts["fn"] += len(set(true) - pred)
+        return [text(true), text(pred), len(pred)] + [f"{v:.6f}" for v in p] + [""]
 
-    atomic_write(out, write)
+    rows, bad = write_rows(run, out, header, row, true_text=text)
     n = counts["labelled"]
     acc = counts["exact"] / n if n else None
     f1_den = 2 * counts["tp"] + counts["fp"] + counts["fn"]
     micro_f1 = 2 * counts["tp"] / f1_den if f1_den else 0.0
-    if counts["bad"]:
-        print(f"warning: {counts['bad']} unreadable image(s), listed in {out} with their error, e.g. "
-              f"{'; '.join(bad_examples)}", file=sys.stderr)
-    print(f"wrote {counts['rows']} predictions to {out}"
+    print(f"wrote {rows} predictions to {out}"
           + (f"; exact-set accuracy {acc:.4f}, micro F1 {micro_f1:.4f} on {n} labelled readable images at {how}"
              if acc is not None else "")
-          + (f" ({counts['bad']} unreadable)" if counts["bad"] else ""))
+          + (f" ({bad} unreadable)" if bad else ""))
     return acc
 
 

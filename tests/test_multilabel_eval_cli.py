@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.data_synth import colour_label_set, write_colour_manifest
 from helpers.fake_accelerator import CpuAccelerator
 
 from trainer.reporting.multilabel_eval import BIN_EDGES, MultiLabelAccumulator
@@ -30,31 +31,16 @@ class MainAccelerator(CpuAccelerator):
     process_index = 0
 
 
-def _label_set(i: int) -> list[str]:
-    """The label set of image ``i``: the colour channels above 127 of ``helpers.data_synth.jpeg_bytes(i)``."""
-    base = np.random.default_rng(i).integers(0, 256, 3)
-    return sorted(n for n, v in zip(("red", "green", "blue"), base) if v > 127)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One epoch of a tiny timm model (``timm:test_efficientnet``, no pretrained weights) on a multi-label manifest
     of 32 px uniform JPEGs (label set = the colour channels above 127): 40 train, 24 val, 16 test rows."""
-    from helpers.data_synth import jpeg_bytes
-
     from trainer.config.loading import load_config
     from trainer.train.start import run as start_run
 
     tmp = tmp_path_factory.mktemp("mlrun")
     root = tmp / "data"
-    (root / "img").mkdir(parents=True)
-    rows = [["path", "labels", "split"]]
-    for i in range(80):
-        rel = f"img/{i:03d}.jpg"
-        (root / rel).write_bytes(jpeg_bytes(i, size=(32, 32)))
-        rows.append([rel, "|".join(_label_set(i)), "train" if i < 40 else "val" if i < 64 else "test"])
-    with open(root / "all.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+    write_colour_manifest(root, ["train"] * 40 + ["val"] * 24 + ["test"] * 16)
     out = tmp / "run"
     cfg = load_config(None, {
         "data.manifest": str(root / "all.csv"), "data.task": "multilabel", "data.shard_dir": str(tmp / "shards"),
@@ -222,7 +208,7 @@ def test_evaluate_cli_on_a_multilabel_manifest_prints_and_writes_every_metric(ru
     with torch.inference_mode():
         probs = torch.sigmoid(model(torch.stack([tf(decode_image_bytes(
             (run["root"] / f"img/{i:03d}.jpg").read_bytes())) for i in test])).float())
-    y = torch.tensor([[n in _label_set(i) for n in CLASSES] for i in test])
+    y = torch.tensor([[n in colour_label_set(i) for n in CLASSES] for i in test])
     pred = probs >= thresholds
     rows = _per_class(out / "reports" / "test_per_class.csv")
     assert [int(r["fp"]) for r in rows] == (pred & ~y).sum(0).tolist()

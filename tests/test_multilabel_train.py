@@ -367,27 +367,17 @@ def test_multilabel_run_end_to_end(tmp_path, strategy):
     """A whole run on a multi-label manifest (label sets = the colour channels above 127 of small uniform
     JPEGs): val/mAP recorded and monitored, thresholds in checkpoints/best/model.json, the test split evaluated
     at them, per-class tables in reports/."""
-    from helpers.data_synth import jpeg_bytes
+    from helpers.data_synth import write_colour_manifest
     from helpers.realdata import run_metrics
 
     from trainer.config.loading import load_config
     from trainer.checkpoint.inference import read_model_meta
     from trainer.train.start import run
 
-    root = tmp_path / "data"
-    (root / "img").mkdir(parents=True)
-    rows = [["path", "labels", "split"]]
-    for i in range(48):
-        rel = f"img/{i:03d}.jpg"
-        (root / rel).write_bytes(jpeg_bytes(i, size=(32, 32)))
-        base = np.random.default_rng(i).integers(0, 256, 3)  # the image's colour (helpers.data_synth)
-        labels = "|".join(n for n, v in zip(("red", "green", "blue"), base) if v > 127)
-        rows.append([rel, labels, "train" if i < 32 else "val" if i < 40 else "test"])
-    with open(root / "all.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+    manifest = write_colour_manifest(tmp_path / "data", ["train"] * 32 + ["val"] * 8 + ["test"] * 8)
     out = tmp_path / "run"
     cfg = load_config(None, {
-        "data.manifest": str(root / "all.csv"), "data.task": "multilabel", "data.shard_dir": str(tmp_path / "shards"),
+        "data.manifest": str(manifest), "data.task": "multilabel", "data.shard_dir": str(tmp_path / "shards"),
         "data.num_workers": 1, "data.augment": "none", "data.image_size": 64,
         "model.backbone": "timm:tf_efficientnet_lite0", "model.weights": "package:efficientnet-lite0",
         "finetune.strategy": strategy, "optim.pos_weight": "auto", "optim.lr": 3e-3, "train.epochs": 2,
@@ -422,7 +412,7 @@ def test_every_strategy_trains_a_multilabel_model(tmp_path, strategy):
     """Fine-tuning, partial and gradual unfreezing and LP-FT on label sets: at the end of the run (``last.pt``) the
     backbone layers the strategy unfreezes have moved, the stem of the partial / gradual runs stays as built, val/mAP is recorded for every
     epoch and thresholds are saved (a tiny random-weight timm model, 2 epochs)."""
-    from helpers.data_synth import jpeg_bytes
+    from helpers.data_synth import write_colour_manifest
     from helpers.realdata import run_metrics
 
     from trainer.checkpoint.inference import read_model_meta
@@ -431,20 +421,10 @@ def test_every_strategy_trains_a_multilabel_model(tmp_path, strategy):
     from trainer.models.build import build_model
     from trainer.train.start import run
 
-    root = tmp_path / "data"
-    (root / "img").mkdir(parents=True)
-    rows = [["path", "labels", "split"]]
-    for i in range(40):
-        rel = f"img/{i:03d}.jpg"
-        (root / rel).write_bytes(jpeg_bytes(i, size=(32, 32)))
-        base = np.random.default_rng(i).integers(0, 256, 3)
-        rows.append([rel, "|".join(n for n, v in zip(("red", "green", "blue"), base) if v > 127),
-                     "train" if i < 32 else "val"])
-    with open(root / "all.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
+    manifest = write_colour_manifest(tmp_path / "data", ["train"] * 32 + ["val"] * 8)
     out = tmp_path / "run"
     cfg = load_config(None, {
-        "data.manifest": str(root / "all.csv"), "data.task": "multilabel", "data.shard_dir": str(tmp_path / "s"),
+        "data.manifest": str(manifest), "data.task": "multilabel", "data.shard_dir": str(tmp_path / "s"),
         "data.num_workers": 0, "data.augment": "none", "data.image_size": 32,
         "model.backbone": "timm:test_efficientnet", "model.weights": "none", "optim.lr": 0.02,
         "optim.warmup_steps": 0, "train.epochs": 2, "train.global_batch_size": 8, "train.micro_batch_size": 8,

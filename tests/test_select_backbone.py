@@ -1,7 +1,6 @@
 """Backbone selection (trainer/selection/, launch/select_backbone.py) and the linear probe, on tiny data."""
 
 import csv
-import threading
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from trainer.selection.select import SelectionOptions, select_backbones
 from trainer.selection.subset import read_subset, stratified_quotas
 
 from tests.helpers.data_synth import write_tar_shards
+from tests.helpers.fake_accelerator import run_two_ranks
 
 TINY = [("timm:test_efficientnet", "none"), ("timm:test_resnet", "none")]
 
@@ -59,20 +59,8 @@ def test_subset_same_for_any_number_of_ranks(tmp_path):
     one, _ = read_subset(shards, counts, 12, seed=1, rank=0, world_size=1)
     assert [sum(s.label == c for s in one) for c in range(3)] == stratified_quotas(counts, 12)
     # two ranks (threads) exchanging (score, key, class) through a gather_object stand-in
-    barrier, box, out = threading.Barrier(2), {}, {}
-
-    def gather(obj, rank):
-        box[rank] = obj
-        barrier.wait()
-        return box[0] + box[1]
-
-    def run(rank):
-        out[rank] = read_subset(shards, counts, 12, seed=1, rank=rank, world_size=2,
-                                gather_object=lambda o: gather(o, rank))[0]
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    out, _ = run_two_ranks(lambda rank, gather: read_subset(shards, counts, 12, seed=1, rank=rank, world_size=2,
+                                                            gather_object=gather)[0])
     k0, k1 = {s.key for s in out[0]}, {s.key for s in out[1]}
     assert not k0 & k1 and k0 and k1
     assert sorted(k0 | k1) == [s.key for s in one]

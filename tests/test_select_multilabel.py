@@ -7,13 +7,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from tests.helpers.data_synth import jpeg_bytes, shard_keys_and_paths, write_samples
+from tests.helpers.fake_accelerator import run_two_ranks
 from trainer.config.loading import load_config
 from trainer.data.multilabel import dumps_labels
 from trainer.models.classifier import Preprocessing
@@ -82,21 +82,8 @@ def test_subset_keeps_every_class_follows_the_rule_and_is_rank_independent(tmp_p
     assert [s.key for s in whole] == sorted(by_key)
     # two ranks (threads) exchanging their candidates through a gather_object stand-in: one exchange each
     one, _ = read_subset_multilabel(shards, counts, 10, seed=3, rank=0, world_size=1)
-    barrier, box, out, calls = threading.Barrier(2), {}, {}, []
-
-    def gather(obj, rank):
-        calls.append(rank)
-        box[rank] = obj
-        barrier.wait()
-        return box[0] + box[1]
-
-    def run(rank):
-        out[rank] = read_subset_multilabel(shards, counts, 10, seed=3, rank=rank, world_size=2,
-                                           gather_object=lambda o: gather(o, rank))[0]
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    out, calls = run_two_ranks(lambda rank, gather: read_subset_multilabel(
+        shards, counts, 10, seed=3, rank=rank, world_size=2, gather_object=gather)[0])
     k0, k1 = {s.key for s in out[0]}, {s.key for s in out[1]}
     assert sorted(calls) == [0, 1] and not k0 & k1 and k0 and k1
     assert sorted(k0 | k1) == [s.key for s in one]

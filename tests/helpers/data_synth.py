@@ -75,3 +75,30 @@ def shard_keys_and_paths(shards: list[str]) -> dict[str, bytes]:
                 if m.name.endswith(".path.txt"):
                     out[m.name[: -len(".path.txt")]] = tf.extractfile(m).read()
     return out
+
+
+COLOURS = ("blue", "green", "red")
+"""The classes of :func:`write_colour_manifest`."""
+
+
+def colour_label_set(seed: int) -> list[str]:
+    """The label set :func:`jpeg_bytes` ``(seed)`` shows: the colour channels above 127, sorted."""
+    base = np.random.default_rng(seed).integers(0, 256, 3)
+    return sorted(n for n, v in zip(("red", "green", "blue"), base) if v > 127)
+
+
+def write_colour_manifest(root: Path, splits: list[str], size: tuple[int, int] = (32, 32)) -> Path:
+    """A multi-label manifest ``root/all.csv`` (``path,labels,split``; labels joined with ``|``) of the uniform JPEGs
+    ``root/img/<i>.jpg`` = :func:`jpeg_bytes` ``(i)``, image ``i`` in split ``splits[i]`` with the label set
+    :func:`colour_label_set` ``(i)`` (an empty set: a negative). Returns the manifest's path."""
+    import csv
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = [["path", "labels", "split"]]
+    for i, split in enumerate(splits):
+        rel = f"img/{i:03d}.jpg"
+        (root / rel).write_bytes(jpeg_bytes(i, size=size))
+        rows.append([rel, "|".join(colour_label_set(i)), split])
+    with open(root / "all.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return root / "all.csv"

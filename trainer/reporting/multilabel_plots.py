@@ -48,8 +48,10 @@ from trainer.reporting.plots import (
     DPI,
     MAX_MATRIX_CLASSES,
     WORST_CLASSES,
+    image_grid,
     save_png,
     shorten,
+    show_image,
 )
 
 NUM_MISTAKES = 16
@@ -336,24 +338,12 @@ def plot_label_set_mistakes(mistakes: Sequence[LabelSetMistake], class_names: Se
         ``path``; a red frame marks a wrong label set, a green one a right set (kept for its error only).
     """
     n = len(mistakes)
-    rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(3.4 * min(max(n, 1), cols) + 0.2, 4.2 * rows + 0.8), dpi=DPI, layout="constrained")
     t = np.asarray(thresholds, dtype=np.float32)
-    if n == 0:
-        ax = fig.add_subplot()
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"no {split} samples", ha="center", va="center", fontsize=14)
-    for i, m in enumerate(mistakes):
-        ax = fig.add_subplot(rows, min(n, cols), i + 1)
-        if m.image is not None:
-            ax.imshow(np.ascontiguousarray(np.transpose(m.image, (1, 2, 0))))
-        ax.set_xticks([])
-        ax.set_yticks([])
+    fig, axes = image_grid(n, cols, (3.4, 4.2), 0.8, f"no {split} samples")
+    for ax, m in zip(axes, mistakes):
         pred = m.pred(t)
         wrong = len(set(m.true) ^ set(pred))
-        for s in ax.spines.values():
-            s.set_edgecolor("tab:red" if wrong else "tab:green")
-            s.set_linewidth(2)
+        show_image(ax, m.image, "tab:red" if wrong else "tab:green")
         missed, extra = len(set(m.true) - set(pred)), len(set(pred) - set(m.true))
         ax.set_title(f"true: {label_set_text(m.true, class_names)}\npred: {label_set_text(pred, class_names)}\n"
                      f"{wrong} wrong ({missed} missed, {extra} extra), sum |y-p| {m.err:.2f}", fontsize=8)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -83,6 +84,30 @@ def save_png(fig: Figure, path: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # confusion matrix, per-class accuracy
+
+
+def image_grid(n: int, cols: int, cell: tuple[float, float], title_h: float, empty: str) -> tuple[Figure, list]:
+    """A figure of ``n`` image axes in rows of ``cols`` (``cell``: width, height in inches per image; ``title_h``:
+    inches for the title), or with ``n == 0`` one blank axis saying ``empty``. Returns ``(figure, the n axes)``."""
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(cell[0] * min(max(n, 1), cols) + 0.2, cell[1] * rows + title_h), dpi=DPI,
+                 layout="constrained")
+    if n == 0:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=14)
+    return fig, [fig.add_subplot(rows, min(n, cols), i + 1) for i in range(n)]
+
+
+def show_image(ax, image: np.ndarray | None, frame: str) -> None:
+    """Draw a ``(3, H, W) uint8`` image (nothing when None) on ``ax`` without ticks, framed in colour ``frame``."""
+    if image is not None:
+        ax.imshow(np.ascontiguousarray(np.transpose(image, (1, 2, 0))))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_edgecolor(frame)
+        s.set_linewidth(2)
 
 
 def top_confused_pairs(confused, support, k: int = TOP_PAIRS) -> list[tuple[int, int, int, float]]:

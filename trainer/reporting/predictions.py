@@ -5,16 +5,14 @@ from __future__ import annotations
 import csv
 import heapq
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 
-from trainer.reporting.plots import DPI, save_png, shorten
+from trainer.reporting.plots import image_grid, save_png, show_image, shorten
 from trainer.files.atomic import atomic_write
 
 # ---------------------------------------------------------------------------------------------
@@ -216,24 +214,12 @@ def plot_mistakes(mistakes: Sequence[Mistake], class_names: Sequence[str], path:
         ``path`` (a figure saying "no mistakes" when there are none).
     """
     n = len(mistakes)
-    rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(3.0 * min(max(n, 1), cols) + 0.2, 3.4 * rows + 0.7), dpi=DPI, layout="constrained")
     head = (title + "\n") if title else ""
     total = f"{num_wrong} " if num_wrong is not None else ""
     on = f" on {num_samples} val samples" if num_samples is not None else ""
-    if n == 0:
-        ax = fig.add_subplot()
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"no mistakes{on}", ha="center", va="center", fontsize=14)
-    for i, m in enumerate(mistakes):
-        ax = fig.add_subplot(rows, min(n, cols), i + 1)
-        if m.image is not None:
-            ax.imshow(np.ascontiguousarray(np.transpose(m.image, (1, 2, 0))))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        for s in ax.spines.values():
-            s.set_edgecolor("tab:red")
-            s.set_linewidth(2)
+    fig, axes = image_grid(n, cols, (3.0, 3.4), 0.7, f"no mistakes{on}")
+    for ax, m in zip(axes, mistakes):
+        show_image(ax, m.image, "tab:red")
         ax.set_title(f"true: {shorten(class_names[m.true])} (p={m.true_prob:.2f})\n"
                      f"pred: {shorten(class_names[m.pred])} (p={m.prob:.2f})", fontsize=9)
         ax.set_xlabel(shorten(m.key, 40), fontsize=7)
