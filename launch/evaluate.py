@@ -154,7 +154,8 @@ def main(checkpoint: str, data: str, split: str = "test", out_dir: str | None = 
     from trainer.config.launcher import resolve_mixed_precision
     from trainer.data.split_source import shards_for_split
     from trainer.distributed.accelerator import make_accelerator
-    from trainer.train.evaluation import checkpoint_task, evaluate_checkpoint
+    from trainer.checkpoint.labels import checkpoint_task
+    from trainer.train.evaluation import evaluate_checkpoint
     from trainer.checkpoint.inference import META_FILE, read_model_meta, resolve
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

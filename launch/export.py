@@ -230,9 +230,9 @@ def _multilabel_fields(meta: dict, num_classes: int) -> dict | None:
     """``{"thresholds", "label_delimiter"}`` of a multi-label checkpoint's ``model.json`` (thresholds: the saved
     ones, else 0.5 each: what ``finetune predict`` applies), None for a single-label one. Raises CheckpointError
     for bad saved thresholds."""
-    from launch.predict import multilabel_thresholds
+    from trainer.checkpoint.labels import decision_thresholds
 
-    thresholds = multilabel_thresholds(meta, num_classes, None)
+    thresholds = decision_thresholds(meta, num_classes)
     if thresholds is None:
         return None
     data = (meta.get("config") or {}).get("data") or {}

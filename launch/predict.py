@@ -129,26 +129,14 @@ def multilabel_thresholds(meta: dict, num_classes: int, threshold: float | None)
         ConfigError: ``--threshold`` given for a single-label checkpoint.
         CheckpointError: saved thresholds that are not C numbers in [0, 1].
     """
+    from trainer.checkpoint.labels import decision_thresholds
     from trainer.config.fields import ConfigError
-    from trainer.reporting.multilabel import DEFAULT_THRESHOLD
-    from trainer.checkpoint.state import CheckpointError
-    from trainer.train.evaluation import checkpoint_task
 
-    multilabel, saved = checkpoint_task(meta)
-    if not multilabel:
-        if threshold is not None:
-            raise ConfigError(f"--threshold: {threshold} is for multi-label checkpoints (data.task: multilabel); "
-                              "this one is single-label (its prediction is the top-1 class)")
-        return None
-    if threshold is not None:
-        return [float(threshold)] * num_classes
-    if saved is None:
-        return [DEFAULT_THRESHOLD] * num_classes
-    ok = len(saved) == num_classes and all(isinstance(t, (int, float)) and 0.0 <= t <= 1.0 for t in saved)
-    if not ok:
-        raise CheckpointError(f"model.json: thresholds must be {num_classes} numbers in [0, 1] (one per class), "
-                              f"got {str(saved)[:80]}")
-    return [float(t) for t in saved]
+    thresholds = decision_thresholds(meta, num_classes, threshold)
+    if thresholds is None and threshold is not None:
+        raise ConfigError(f"--threshold: {threshold} is for multi-label checkpoints (data.task: multilabel); "
+                          "this one is single-label (its prediction is the top-1 class)")
+    return thresholds
 
 
 def main(checkpoint: str, images: str, out: str = "predictions.csv", batch_size: int = 32, topk: int = 1,

@@ -315,7 +315,8 @@ def test_training_step_and_validation_with_multi_hot_targets(tmp_path):
     from trainer.checkpoint.state import Progress
     from trainer.checkpoint.checkpointer import Checkpointer
     from trainer.train.early_stopping import EarlyStopping
-    from trainer.train.evaluation import checkpoint_task, record_validation, validate
+    from trainer.checkpoint.labels import checkpoint_task
+    from trainer.train.evaluation import record_validation, validate
     from trainer.checkpoint.inference import best_dir, read_model_meta
     from trainer.train.loop import train_step
 
@@ -410,8 +411,8 @@ STRATEGIES = {
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_trains_a_multilabel_model(tmp_path, strategy):
     """Fine-tuning, partial and gradual unfreezing and LP-FT on label sets: at the end of the run (``last.pt``) the
-    backbone layers the strategy unfreezes have moved, the stem of the partial / gradual runs stays as built, val/mAP is recorded for every
-    epoch and thresholds are saved (a tiny random-weight timm model, 2 epochs)."""
+    backbone layers the strategy unfreezes have moved, the stem of the partial / gradual runs stays as built,
+    val/mAP is recorded for every epoch and thresholds are saved (a tiny random-weight timm model, 2 epochs)."""
     from helpers.data_synth import write_colour_manifest
     from helpers.realdata import run_metrics
 

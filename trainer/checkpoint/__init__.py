@@ -8,6 +8,8 @@
 - ``checkpointer``: when and what a run writes and restores (``last.pt``, ``checkpoints/best/``);
 - ``inference``: the inference checkpoint ``checkpoints/best/`` (``model.safetensors`` + ``model.json``,
   timm's ``config.json``), read by predict, evaluate and export; ``card``: its model card ``README.md``;
+  ``labels``: the task and the multi-label decision thresholds it records, one rule for predict, evaluate and
+  export;
 - ``run_folder``: the run-folder contract (start, resume or refuse; what may differ on resume; no stale files).
 
 May import: trainer.config, trainer.data, trainer.distributed, trainer.models, trainer.reporting, trainer.files.

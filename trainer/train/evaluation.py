@@ -67,15 +67,6 @@ def evaluate_model(model: torch.nn.Module, pre, shards: Sequence[str], *, class_
     return result
 
 
-def checkpoint_task(meta: dict) -> tuple[bool, list[float] | None]:
-    """``(multilabel, thresholds)`` of an inference checkpoint's ``model.json``
-    (:func:`trainer.checkpoint.inference.read_model_meta`): ``config.data.task`` and the saved per-class
-    ``thresholds`` (None if absent)."""
-    data = (meta.get("config") or {}).get("data") or {}
-    thresholds = meta.get("thresholds")
-    return data.get("task", "multiclass") == "multilabel", None if thresholds is None else list(thresholds)
-
-
 def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accelerator, split: str = "test",
                         out_dir: str | Path | None = None, tracker=None, step: int = 0,
                         micro_batch_size: int = 64, num_workers: int = 2,
@@ -106,16 +97,17 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
     """
     from trainer.reporting.tracking import Tracker
     from trainer.checkpoint.inference import load_for_inference, read_model_meta
+    from trainer.checkpoint.labels import decision_thresholds
 
     model, pre, class_names = load_for_inference(checkpoint, device=accelerator.device)
-    multilabel, saved = checkpoint_task(read_model_meta(checkpoint))
+    thresholds = decision_thresholds(read_model_meta(checkpoint), len(class_names), thresholds)
     reporter = Reporter(out_dir or ".", class_names, accelerator, tracker or Tracker.disabled())
-    if multilabel:
+    if thresholds is not None:  # a multi-label checkpoint
         return _evaluate_multilabel_checkpoint(model, pre, shards, class_names, checkpoint=checkpoint,
                                                accelerator=accelerator, split=split, out_dir=out_dir, tracker=tracker,
                                                reporter=reporter, step=step, micro_batch_size=micro_batch_size,
                                                num_workers=num_workers,
-                                               thresholds=_thresholds(thresholds, saved, len(class_names)))
+                                               thresholds=thresholds)
     collector = reporter.collector()
     result = evaluate_model(model, pre, shards, class_names=class_names, accelerator=accelerator,
                             micro_batch_size=micro_batch_size, num_workers=num_workers, on_batch=collector)
@@ -133,20 +125,6 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: Sequence[str], *, accele
         atomic_write(reporter.dir / f"{split}_metrics.json",
                      json.dumps({"checkpoint": str(checkpoint), "step": step, **record}, indent=1) + "\n")
     return result, record
-
-
-def _thresholds(override, saved, num_classes: int) -> list[float]:
-    """The thresholds a multi-label checkpoint is evaluated at: ``override`` (one value or C), else ``saved``,
-    else 0.5. Raises ValueError for a list of another length."""
-    from trainer.reporting.multilabel import DEFAULT_THRESHOLD
-
-    chosen = saved if override is None else override
-    if chosen is None:
-        return [DEFAULT_THRESHOLD] * num_classes
-    values = [float(chosen)] * num_classes if isinstance(chosen, (int, float)) else [float(v) for v in chosen]
-    if len(values) != num_classes:
-        raise ValueError(f"thresholds: expected 1 or {num_classes} values (one per class), got {len(values)}")
-    return values
 
 
 def _evaluate_multilabel_checkpoint(model, pre, shards, class_names, *, checkpoint, accelerator, split, out_dir,
